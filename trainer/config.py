@@ -1,0 +1,305 @@
+"""The typed configuration tree: one pydantic model, the single source of truth for a job.
+
+Every field carries a docstring; the README's configuration reference is generated from them
+(`python -m trainer.docs`). Sources and their precedence live in `config_sources.py`; checks that
+span several sections live in `config_checks.py`. Nothing here imports torch: the orchestration
+side must start in a fraction of a second on a login node.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+"""Job, sweep and profile names: they become directory names and SLURM job names."""
+
+# Values that go onto `#SBATCH` lines verbatim must be plain words: sbatch does its own
+# (incomplete) quote handling there, so anything needing quotes is rejected up front.
+SBATCH_WORD = r"^[A-Za-z0-9_@%+=:,./\[\]-]+$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL|PRIVATE_KEY", re.IGNORECASE)
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+SbatchWord = Annotated[str, Field(pattern=SBATCH_WORD)]
+EnvName = Annotated[str, Field(pattern=ENV_NAME)]
+
+
+def walltime_seconds(value: str) -> int | None:
+    """Seconds in a SLURM time string, None for an unlimited one. Raises ValueError if malformed.
+
+    Accepted like sbatch: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, UNLIMITED/INFINITE.
+    """
+    text = value.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not match:
+        raise ValueError("not a SLURM time (expected e.g. 30, 02:00:00 or 1-12:00:00)")
+    days, a, b, c = match.groups()
+    nums = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = (nums + [0, 0])[:3]
+        total = int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
+    elif len(nums) == 1:  # MM
+        total = nums[0] * 60
+    elif len(nums) == 2:  # MM:SS
+        total = nums[0] * 60 + nums[1]
+    else:  # HH:MM:SS
+        total = nums[0] * 3600 + nums[1] * 60 + nums[2]
+    if total <= 0:
+        raise ValueError("must be a positive time")
+    return total
+
+
+def format_walltime(seconds: int | None) -> str:
+    if seconds is None:
+        return "UNLIMITED"
+    days, rest = divmod(seconds, 86400)
+    hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{hms}" if days else hms
+
+
+def _normalise_walltime(value: str) -> str:
+    return format_walltime(walltime_seconds(value))
+
+
+Walltime = Annotated[str, AfterValidator(_normalise_walltime)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class JobConfig(Section):
+    name: Name
+    """Job name: the directory `jobs/<name>/` and the SLURM job name. Letters, digits, `.`, `_`, `-`."""
+    description: str = ""
+    """Free text kept in config.json for your own records."""
+    max_restarts: int = Field(default=3, ge=0, le=1000)
+    """Requeues allowed per SLURM job (preemption, time limit); past it the job is marked FAILED."""
+    retry_on_failure: bool = False
+    """Also requeue (within `max_restarts`) when the trainer crashes, e.g. on flaky nodes."""
+    signal_lead: int = Field(default=300, ge=10, le=86400)
+    """Seconds before the time limit at which SLURM sends USR2 so the trainer can checkpoint and requeue."""
+
+
+class PartitionLimits(Section):
+    max_time: Walltime = "UNLIMITED"
+    """The partition's time limit."""
+    max_nodes: int | None = Field(default=None, ge=1)
+    """The most nodes one job may use there (None: no limit)."""
+
+
+class ContainerConfig(Section):
+    image: str = Field(min_length=1)
+    """Path to the Singularity/Apptainer image the job runs in."""
+    runtime: Literal["singularity", "apptainer"] = "singularity"
+    """Container runtime command."""
+    binds: list[str] = []
+    """Bind mounts (`src[:dst[:opts]]`); the job and code directories are always bound."""
+    flags: list[str] = []
+    """Extra flags for `<runtime> exec`, e.g. `--nv` on NVIDIA or `--rocm`."""
+
+
+class ClusterConfig(Section):
+    """Where and how the job runs. A cluster profile (`templates/clusters/<profile>.yaml`) provides the
+    defaults of this section; the YAML file, environment and command line override them."""
+
+    profile: str = "local"
+    """Cluster profile: a name in `templates/clusters/` or a path to a profile YAML file."""
+    launcher: Literal["torchrun", "srun"] = "torchrun"
+    """`torchrun`: one task per node starts the ranks; `srun`: one task per device, ranks from SLURM."""
+    device: Literal["cpu", "cuda", "rocm"] = "cpu"
+    """Accelerator type (decides the process-group backend, GPU requests and cache variables)."""
+    nodes: int = Field(default=1, ge=1, le=100_000)
+    """Nodes to allocate."""
+    devices_per_node: int = Field(default=1, ge=1, le=1024)
+    """Ranks per node: GPUs (GCDs on LUMI) per node, or processes per node on CPU."""
+    cores_per_node: int = Field(default=2, ge=1, le=100_000)
+    """CPU cores a job may use per node (LUMI-G: 56 of 64)."""
+    partition: SbatchWord | None = None
+    """SLURM partition (None: the cluster's default)."""
+    partitions: dict[str, PartitionLimits] = {}
+    """Known partitions and their limits; `partition` must be one of them when this is not empty."""
+    account: SbatchWord | None = None
+    """SLURM account / project to charge."""
+    account_required: bool = False
+    """Refuse to submit without `account` (clusters that reject jobs without one)."""
+    qos: SbatchWord | None = None
+    """SLURM quality of service."""
+    time: Walltime = "01:00:00"
+    """Time limit per attempt; a preempted or timed-out job is requeued and resumes."""
+    exclusive: bool = False
+    """Ask for whole nodes (`--exclusive`), needed for CPU binding and stable performance."""
+    mem: Annotated[str, Field(pattern=r"^\d+[KMGT]?$")] | None = None
+    """`--mem` per node (`0` = all of it; e.g. `480G`)."""
+    gpu_request: Literal["gpus-per-node", "gres", "none"] = "none"
+    """How GPUs are requested: `--gpus-per-node=N`, `--gres=gpu:N`, or not at all."""
+    cpu_bind: SbatchWord | None = None
+    """`srun --cpu-bind` value, e.g. LUMI's per-GCD `mask_cpu:...` (srun launcher, full nodes)."""
+    sbatch_extra: dict[Annotated[str, Field(pattern=r"^[a-z][a-z-]*$")], SbatchWord] = {}
+    """Further `#SBATCH --key=value` options, e.g. `{constraint: a100}`."""
+    modules: list[str] = []
+    """Environment modules to `module load`, in order."""
+    module_use: list[str] = []
+    """Module paths to `module use` before loading."""
+    container: ContainerConfig | None = None
+    """Run the ranks inside this container (None: on the host)."""
+    venv: str | None = None
+    """A virtual environment to activate before launching (on the host, or inside the container)."""
+    python: str = "python3"
+    """Python interpreter that runs the trainer."""
+    env: dict[EnvName, str] = {}
+    """Environment variables exported to every rank (never secrets: those stay in your environment)."""
+    torchrun_args: list[str] = []
+    """Extra torchrun arguments, e.g. `--numa-binding=exclusive`."""
+    node_local_dir: str = "/tmp"
+    """Node-local scratch for compile caches (Triton, Inductor, MIOpen): shared filesystems race."""
+    mfu_peak_tflops: float | None = Field(default=None, gt=0)
+    """Peak bf16 TFLOPS per device, for MFU (H100 SXM: 989; MI250X GCD: 191.5)."""
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets(cls, env: dict[str, str]) -> dict[str, str]:
+        secret = sorted(name for name in env if SECRET_NAME.search(name))
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)} look(s) like a secret; secrets never go into the job directory. "
+                "Export it in the shell you submit from instead (sbatch passes your environment on)"
+            )
+        return env
+
+
+class ModelConfig(Section):
+    dim: int = Field(default=256, ge=8)
+    """Hidden size (model width)."""
+    n_layers: int = Field(default=4, ge=1)
+    """Transformer blocks."""
+    n_heads: int = Field(default=4, ge=1)
+    """Attention heads."""
+    n_kv_heads: int | None = Field(default=None, ge=1)
+    """Key/value heads for grouped-query attention (None: same as `n_heads`)."""
+    vocab_size: int = Field(default=8192, ge=2)
+    """Vocabulary size (must cover the tokenizer's)."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+
+
+class ParallelConfig(Section):
+    dp_replicate: int = Field(default=1, ge=1)
+    """Data-parallel replicas (HSDP's replicate dimension; plain DDP-style across groups)."""
+    dp_shard: int = Field(default=-1, ge=-1)
+    """FSDP shard group size; -1 uses every rank left after `dp_replicate` and `tp`."""
+    tp: int = Field(default=1, ge=1)
+    """Tensor-parallel degree (within a node)."""
+
+    @field_validator("dp_shard")
+    @classmethod
+    def _not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be a positive size or -1 (all remaining ranks)")
+        return value
+
+
+class OptimConfig(Section):
+    lr: float = Field(default=3e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Linear warm-up steps."""
+
+
+class TrainConfig(Section):
+    steps: int = Field(default=1000, ge=1)
+    """Optimizer steps to train for."""
+    global_batch_size: int = Field(default=8, ge=1)
+    """Sequences per optimizer step, summed over data-parallel ranks and micro-batches."""
+    micro_batch_size: int = Field(default=1, ge=1)
+    """Sequences per data-parallel rank per forward/backward; gradient accumulation makes up the rest."""
+    seed: int = 0
+    """Random seed for initialisation and data order."""
+
+
+class DatasetSpec(Section):
+    path: str = Field(min_length=1)
+    """Directory of Parquet files, or a glob such as `data/web/*.parquet`."""
+    weight: float = Field(default=1.0, gt=0)
+    """Mixing weight (normalised over all datasets)."""
+    text_column: str = "text"
+    """Column holding the raw text."""
+
+
+class DataConfig(Section):
+    datasets: list[DatasetSpec] = []
+    """Training datasets and their mixing weights."""
+    tokenizer: str | None = None
+    """Path to a Hugging Face `tokenizer.json`."""
+    seq_len: int = Field(default=512, ge=8)
+    """Tokens per training sequence."""
+
+
+class CheckpointConfig(Section):
+    interval: int = Field(default=500, ge=1)
+    """Save every this many steps (and always on preemption and at the end)."""
+    keep: int = Field(default=3, ge=1)
+    """Complete checkpoints to keep; older ones are deleted."""
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    """Log to Weights & Biases (the API key comes from `WANDB_API_KEY` in the environment)."""
+    project: str = "anvil"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    mode: Literal["online", "offline"] = "online"
+    """`offline` writes runs locally for a later `wandb sync`."""
+
+
+class MetricsConfig(Section):
+    log_every: int = Field(default=10, ge=1)
+    """Write a line to `metrics.jsonl` every this many steps."""
+    wandb: WandbConfig = WandbConfig()
+    """Weights & Biases logging."""
+
+
+class AnvilConfig(BaseSettings):
+    """The whole job. Sources, lowest to highest: defaults < cluster profile < YAML < `ANVIL_*` env < CLI."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ANVIL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        nested_model_default_partial_update=True,
+    )
+
+    job: JobConfig
+    """The job: its name and lifecycle."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Where it runs."""
+    model: ModelConfig = ModelConfig()
+    """The model's shape."""
+    parallel: ParallelConfig = ParallelConfig()
+    """How ranks split the work."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = TrainConfig()
+    """The training loop."""
+    data: DataConfig = DataConfig()
+    """What it trains on."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """When and what to save."""
+    metrics: MetricsConfig = MetricsConfig()
+    """What is logged, where."""
+
+
+SECTIONS = tuple(AnvilConfig.model_fields)

@@ -1,0 +1,134 @@
+"""Checks that span sections or touch the filesystem, run before anything is written.
+
+Each returns readable problems naming the fields to change; `submit.py` refuses to go on while
+any remain, so a job never reaches the queue only to fail on its first line.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from pathlib import Path
+
+from trainer.config import AnvilConfig, format_walltime, walltime_seconds
+
+
+def world_size(cfg: AnvilConfig) -> int:
+    return cfg.cluster.nodes * cfg.cluster.devices_per_node
+
+
+def dp_shard_degree(cfg: AnvilConfig) -> int:
+    """`parallel.dp_shard`, with -1 resolved to the ranks left after replication and TP."""
+    p = cfg.parallel
+    if p.dp_shard != -1:
+        return p.dp_shard
+    return max(world_size(cfg) // (p.dp_replicate * p.tp), 1)
+
+
+def parallel_problems(cfg: AnvilConfig) -> list[str]:
+    p, c, m, t = cfg.parallel, cfg.cluster, cfg.model, cfg.train
+    world = world_size(cfg)
+    problems = []
+    alloc = f"cluster.nodes × cluster.devices_per_node = {c.nodes} × {c.devices_per_node} = {world} ranks"
+    if p.dp_shard == -1:
+        if world % (p.dp_replicate * p.tp):
+            problems.append(
+                f"parallel: {alloc}, not divisible by parallel.dp_replicate × parallel.tp = "
+                f"{p.dp_replicate} × {p.tp}; change one of them"
+            )
+    elif p.dp_replicate * p.dp_shard * p.tp != world:
+        problems.append(
+            f"parallel: dp_replicate × dp_shard × tp = {p.dp_replicate} × {p.dp_shard} × {p.tp} = "
+            f"{p.dp_replicate * p.dp_shard * p.tp}, but {alloc}; make them equal (or set parallel.dp_shard=-1)"
+        )
+    kv_heads = m.n_kv_heads or m.n_heads
+    if m.n_heads % p.tp:
+        problems.append(f"model.n_heads: {m.n_heads} heads cannot be split over parallel.tp = {p.tp} ranks")
+    if kv_heads % p.tp:
+        problems.append(f"model.n_kv_heads: {kv_heads} key/value heads cannot be split over parallel.tp = {p.tp}")
+    if m.n_heads % kv_heads:
+        problems.append(f"model.n_kv_heads: {kv_heads} must divide model.n_heads = {m.n_heads}")
+    if m.dim % m.n_heads:
+        problems.append(f"model.dim: {m.dim} is not divisible by model.n_heads = {m.n_heads}")
+    if not problems:
+        dp = p.dp_replicate * dp_shard_degree(cfg)
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            fits = math.ceil(t.global_batch_size / per_step) * per_step
+            problems.append(
+                f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size × "
+                f"data-parallel ranks = {t.micro_batch_size} × {dp} = {per_step} (e.g. use {fits})"
+            )
+    return problems
+
+
+def cluster_problems(cfg: AnvilConfig) -> list[str]:
+    c, job = cfg.cluster, cfg.job
+    problems = []
+    if c.partitions:
+        if c.partition is None:
+            problems.append(f"cluster.partition: choose one of {', '.join(c.partitions)}")
+        elif c.partition not in c.partitions:
+            problems.append(
+                f"cluster.partition: '{c.partition}' is not a partition of profile {c.profile} "
+                f"(known: {', '.join(c.partitions)}; add it under cluster.partitions if it exists)"
+            )
+        else:
+            limits = c.partitions[c.partition]
+            limit, wanted = walltime_seconds(limits.max_time), walltime_seconds(c.time)
+            if limit is not None and (wanted is None or wanted > limit):
+                problems.append(
+                    f"cluster.time: {c.time} is over partition {c.partition}'s limit of "
+                    f"{format_walltime(limit)}; ask for less (the job requeues and resumes past it)"
+                )
+            if limits.max_nodes is not None and c.nodes > limits.max_nodes:
+                problems.append(
+                    f"cluster.nodes: {c.nodes} is over partition {c.partition}'s limit of {limits.max_nodes} nodes"
+                )
+    if c.account_required and not c.account:
+        problems.append(
+            f"cluster.account: profile {c.profile} requires a SLURM account (e.g. cluster.account=project_465000000)"
+        )
+    if c.launcher == "srun" and c.cores_per_node < c.devices_per_node:
+        problems.append(
+            f"cluster.cores_per_node: {c.cores_per_node} cores cannot give each of "
+            f"{c.devices_per_node} ranks a core; lower cluster.devices_per_node"
+        )
+    if c.device == "cpu" and c.gpu_request != "none":
+        problems.append("cluster.gpu_request: GPUs are requested but cluster.device is cpu")
+    limit = walltime_seconds(c.time)
+    if limit is not None and job.signal_lead >= limit:
+        problems.append(
+            f"job.signal_lead: {job.signal_lead} s must be shorter than cluster.time ({c.time}), "
+            "or the checkpoint signal arrives before the job starts working"
+        )
+    return problems
+
+
+def filesystem_problems(cfg: AnvilConfig) -> list[str]:
+    """Inputs that must exist when the job starts: checked on the login node, where they are visible too."""
+    problems = []
+    for i, ds in enumerate(cfg.data.datasets):
+        path = Path(ds.path)
+        if glob.has_magic(ds.path):
+            if not glob.glob(ds.path, recursive=True):
+                problems.append(f"data.datasets.{i}.path: no file matches '{ds.path}'")
+        elif not path.exists():
+            problems.append(
+                f"data.datasets.{i}.path: '{ds.path}' does not exist (expected a directory or Parquet file)"
+            )
+        elif path.is_dir() and not any(path.rglob("*.parquet")):
+            problems.append(f"data.datasets.{i}.path: directory '{ds.path}' holds no .parquet file")
+    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_file():
+        problems.append(f"data.tokenizer: '{cfg.data.tokenizer}' is not a file (expected a tokenizer.json)")
+    container = cfg.cluster.container
+    if container is not None and not Path(container.image).is_file():
+        problems.append(f"cluster.container.image: '{container.image}' does not exist on this machine")
+    if cfg.cluster.venv is not None and not (Path(cfg.cluster.venv) / "bin" / "activate").is_file():
+        problems.append(f"cluster.venv: '{cfg.cluster.venv}' has no bin/activate (expected a virtual environment)")
+    return problems
+
+
+def all_problems(cfg: AnvilConfig, filesystem: bool = True) -> list[str]:
+    problems = parallel_problems(cfg) + cluster_problems(cfg)
+    return problems + (filesystem_problems(cfg) if filesystem else [])
