@@ -150,7 +150,7 @@ class ClusterConfig(Section):
     container: ContainerConfig | None = None
     """Run the ranks inside this container (None: on the host)."""
     venv: str | None = None
-    """A virtual environment to activate before launching (on the host, or inside the container)."""
+    """A virtual environment whose python runs the trainer (on the host, or inside the container)."""
     python: str = "python3"
     """Python interpreter that runs the trainer."""
     env: dict[EnvName, str] = {}

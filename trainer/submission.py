@@ -51,6 +51,11 @@ def _split_items(items: list[str]) -> tuple[Path | None, list[str]]:
             overrides.append(item)
         elif i == 0:
             config_file = Path(item)
+            if not config_file.exists() and config_file.suffix not in (".yaml", ".yml"):
+                raise ConfigError(
+                    [f"'{item}' is neither a YAML config file nor an override (overrides look like section.field=value)"],
+                    "invalid arguments",
+                )
         else:
             raise ConfigError(
                 [f"'{item}': only the first argument may be a config file; overrides look like section.field=value"],

@@ -1,0 +1,70 @@
+"""Shared fixtures: isolated job directories, the submit CLI in-process, and the real SLURM cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from trainer.jobdir import REPO_ROOT
+from trainer.submission import main as submit_main
+
+CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "local_slurm.sh"
+
+
+@pytest.fixture
+def jobs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh jobs/ root per test (via ANVIL_JOBS_DIR, as a user could set it)."""
+    root = tmp_path / "jobs"
+    root.mkdir()
+    monkeypatch.setenv("ANVIL_JOBS_DIR", str(root))
+    return root
+
+
+@pytest.fixture
+def submit(jobs_dir: Path, capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str, str]]:
+    """Run submit.py's main in-process; returns (exit code, stdout, stderr). An exception fails the test."""
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = submit_main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    states = out.stdout.split()
+    return out.returncode == 0 and bool(states) and all(s in ("idle", "mixed", "allocated") for s in states)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """The local multi-node cluster (scripts/local_slurm.sh). CI sets ANVIL_REQUIRE_SLURM=1: fail, never skip."""
+    if _cluster_up():
+        return
+    if shutil.which("slurmctld") is not None and os.geteuid() == 0:
+        subprocess.run([str(CLUSTER_SCRIPT), "start"], check=True, timeout=180)
+        if _cluster_up():
+            return
+    if os.environ.get("ANVIL_REQUIRE_SLURM") == "1":
+        pytest.fail("the local SLURM cluster is not up: scripts/local_slurm.sh install && scripts/local_slurm.sh start")
+    pytest.skip("no SLURM cluster here (as root: scripts/local_slurm.sh install && scripts/local_slurm.sh start)")

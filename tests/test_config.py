@@ -1,0 +1,210 @@
+"""Config sources, precedence, and refusal of bad input with one readable message per problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config import walltime_seconds
+from trainer.config_sources import ConfigError, load_config
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_precedence_defaults_profile_yaml_env_cli(tmp_path: Path) -> None:
+    cfg_file = write(tmp_path / "c.yaml", "job: {name: p}\noptim: {lr: 0.1, weight_decay: 0.2, warmup_steps: 7}\n"
+                                          "cluster: {time: '02:00:00', env: {A: yaml, B: yaml}}\n")
+    environ = {"ANVIL_OPTIM__LR": "0.3", "ANVIL_OPTIM__WEIGHT_DECAY": "0.4", "PATH": "/bin"}
+    cfg = load_config(cfg_file, ["optim.lr=0.5", "cluster.env.B=cli"], environ=environ)
+    assert cfg.optim.lr == 0.5  # CLI beats env, YAML and default
+    assert cfg.optim.weight_decay == 0.4  # env beats YAML
+    assert cfg.optim.warmup_steps == 7  # YAML beats default
+    assert cfg.optim.betas == (0.9, 0.95)  # default
+    assert cfg.cluster.time == "02:00:00"  # YAML beats the profile's 01:00:00
+    assert cfg.cluster.partition == "main"  # from the local profile
+    assert cfg.cluster.env == {"A": "yaml", "B": "cli"}  # maps merge key by key
+
+
+def test_profile_supplies_cluster_defaults_and_user_overrides_them() -> None:
+    cfg = load_config(None, ["job.name=x", "cluster.profile=lumi", "cluster.env.NCCL_DEBUG=INFO"], environ={})
+    assert cfg.cluster.devices_per_node == 8 and cfg.cluster.launcher == "srun"
+    assert cfg.cluster.env["NCCL_DEBUG"] == "INFO"  # user beats profile
+    assert cfg.cluster.env["NCCL_SOCKET_IFNAME"] == "hsn0,hsn1,hsn2,hsn3"  # the rest of the profile's map stays
+
+
+def test_profile_given_as_a_path(tmp_path: Path) -> None:
+    profile = write(tmp_path / "mine.yaml",
+                    "devices_per_node: 4\npartition: short\npartitions: {short: {max_time: '30'}}\n")
+    cfg = load_config(None, ["job.name=x", f"cluster.profile={profile}"], environ={})
+    assert cfg.cluster.devices_per_node == 4 and cfg.cluster.partitions["short"].max_time == "00:30:00"
+
+
+def test_override_values_parse_like_yaml_flow(tmp_path: Path) -> None:
+    cfg = load_config(None, ["job.name=x", "optim.betas=[0.8, 0.9]", "data.datasets=[{path: a, weight: 2}]",
+                             "cluster.account=null", "job.retry_on_failure=true"], environ={})
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.data.datasets[0].weight == 2.0
+    assert cfg.cluster.account is None and cfg.job.retry_on_failure is True
+
+
+def test_frozen_config_round_trips_through_json() -> None:
+    cfg = load_config(None, ["job.name=x", "cluster.profile=nvidia"], environ={})
+    again = type(cfg).model_validate(json.loads(cfg.model_dump_json()))
+    assert again == cfg
+
+
+def test_config_json_does_not_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer reads only config.json: an ANVIL_ variable on a compute node must not change the job."""
+    cfg = load_config(None, ["job.name=x"], environ={})
+    monkeypatch.setenv("ANVIL_OPTIM__LR", "0.9")
+    assert type(cfg).model_validate_json(cfg.model_dump_json()).optim.lr == cfg.optim.lr
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("30", 1800), ("05:30", 330), ("01:00:00", 3600), ("2-00", 172800), ("1-12:30", 131400),
+    ("1-00:00:01", 86401), ("UNLIMITED", None), ("infinite", None),
+])
+def test_walltime_formats(text: str, seconds: int | None) -> None:
+    assert walltime_seconds(text) == seconds
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["job.name=x", "optim.lr=-1", "cluster.nodes=0", "model.dim=abc"], environ={})
+    assert len(info.value.problems) == 3
+    text = str(info.value)
+    assert "optim.lr" in text and "cluster.nodes" in text and "model.dim" in text
+
+
+def test_unknown_key_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["job.name=x", "optim.lrr=1"], environ={})
+    assert "optim.lrr: unknown key (valid keys here: lr, weight_decay" in str(info.value)
+
+
+def test_error_names_the_source(tmp_path: Path) -> None:
+    cfg_file = write(tmp_path / "c.yaml", "job: {name: x}\noptim: {lr: -1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg_file, [], environ={"ANVIL_MODEL__DIM": "-3"})
+    text = str(info.value)
+    assert f"(from {cfg_file})" in text and "(from environment variable ANVIL_MODEL__DIM)" in text
+
+
+# Each case: arguments to submit.py (with a YAML file written from `yaml` if given), extra environment,
+# and a fragment the error message must contain. None may write anything or raise.
+BAD_INPUTS = [
+    (["job.name=../x"], {}, "job.name: must be letters"),
+    (["job.name=a;rm -rf ~"], {}, "job.name"),
+    (["job.name=$(id)"], {}, "job.name"),
+    (["job.name=`touch CANARY`"], {}, "job.name"),
+    (["job.name=a'b"], {}, "job.name"),
+    (['job.name=a"b'], {}, "job.name"),
+    (["job.name=a\nb"], {}, "job.name"),
+    (["job.name="], {}, "job.name"),
+    (["job.name=modèle"], {}, "job.name"),
+    (["job.name=" + "a" * 101], {}, "job.name"),
+    (["--name", ".."], {}, "job.name"),
+    (["--name", ".hidden"], {}, "job.name"),
+    (["--name=-rf"], {}, "job.name"),
+    (["--name", "a/b"], {}, "job.name"),
+    (["job.name=x", "optim.lrr=1"], {}, "optim.lrr: unknown key"),
+    (["job.name=x", "bogus.x=1"], {}, "bogus: unknown key"),
+    (["job.name=x", "optim.lr=abc"], {}, "optim.lr: input should be a valid number"),
+    (["job.name=x", "optim.lr=-1"], {}, "optim.lr: input should be greater than 0"),
+    (["job.name=x", "cluster.nodes=0"], {}, "cluster.nodes"),
+    (["job.name=x", "cluster.nodes=-2"], {}, "cluster.nodes"),
+    (["job.name=x", "cluster.nodes=1.5"], {}, "cluster.nodes"),
+    (["job.name=x", "model.n_layers=0"], {}, "model.n_layers"),
+    (["job.name=x", "job.max_restarts=-1"], {}, "job.max_restarts"),
+    (["job.name=x", "parallel.tp=3", "cluster.devices_per_node=3"], {}, "model.n_heads: 4 heads cannot be split"),
+    (["job.name=x", "parallel.dp_shard=3"], {}, "parallel: dp_replicate × dp_shard × tp = 1 × 3 × 1 = 3"),
+    (["job.name=x", "parallel.dp_shard=0"], {}, "parallel.dp_shard"),
+    (["job.name=x", "model.n_kv_heads=3"], {}, "model.n_kv_heads: 3 must divide"),
+    (["job.name=x", "cluster.devices_per_node=2", "train.global_batch_size=3"], {}, "train.global_batch_size: 3"),
+    (["job.name=x", "cluster.time=abc"], {}, "cluster.time: not a SLURM time"),
+    (["job.name=x", "cluster.time=00:01:00"], {}, "job.signal_lead: 300 s must be shorter"),
+    (["job.name=x", "cluster.partition=nope"], {}, "cluster.partition: 'nope' is not a partition"),
+    (["job.name=x", "cluster.partition=$(id)"], {}, "cluster.partition: must be a plain word"),
+    (["job.name=x", "cluster.account=a;b"], {}, "cluster.account"),
+    (["job.name=x", "cluster.profile=nope"], {}, "cluster.profile: no profile 'nope'"),
+    (["job.name=x", "--cluster", "lumi", "cluster.account=p1", "cluster.time=3-00:00:00"], {},
+     "cluster.time: 3-00:00:00 is over partition standard-g's limit of 2-00:00:00"),
+    (["job.name=x", "--cluster", "lumi"], {}, "cluster.account: profile lumi requires a SLURM account"),
+    (["job.name=x", "data.datasets=[{path: /nonexistent/web}]"], {}, "data.datasets.0.path: '/nonexistent/web'"),
+    (["job.name=x", "data.datasets=[{path: /x, weight: 0}]"], {}, "data.datasets.0.weight"),
+    (["job.name=x", "data.tokenizer=/nonexistent/tokenizer.json"], {}, "data.tokenizer"),
+    (["job.name=x", "cluster.env.HF_TOKEN=hf_abc"], {}, "HF_TOKEN look(s) like a secret"),
+    (["job.name=x", "cluster.env={'BAD-NAME': x}"], {}, "must be a shell variable name"),
+    (["job.name=x", "cluster.env.BAD-NAME=x"], {}, "expected section.field=value"),
+    (["job.name=x", "cluster.mem=lots"], {}, "cluster.mem: must be a memory size"),
+    (["job.name=x", "cluster.sbatch_extra={'a b': c}"], {}, "sbatch long option name"),
+    (["job.name=x", "cluster.sbatch_extra={constraint: 'a;b'}"], {}, "cluster.sbatch_extra.constraint"),
+    (["job.name=x", "cluster.container={image: /nonexistent.sif}"], {}, "cluster.container.image"),
+    (["job.name=x", "cluster.nodes=2", "--executor", "local"], {}, "the local executor runs one node"),
+    (["job.name"], {}, "neither a YAML config file nor an override"),
+    (["job.name=x", "=3"], {}, "expected section.field=value"),
+    (["job.name=x", "optim.betas=[0.9"], {}, "not a valid YAML list"),
+    (["job.name=x"], {"ANVIL_OPTM__LR": "1"}, "environment variable ANVIL_OPTM__LR"),
+    (["job.name=x"], {"ANVIL_OPTIM__LR": "abc"}, "(from environment variable ANVIL_OPTIM__LR)"),
+    (["job.name=x"], {"ANVIL_JOB": "{not json"}, "environment"),
+]
+
+BAD_FILES = [
+    ("job: {name: x\n", "is not valid YAML (line"),
+    ("- job\n- cluster\n", "must hold a mapping of sections"),
+    ("job: {name: x}\noptim: {lr: 0.1}\noptim: {lr: 0.2}\n", "duplicate key 'optim'"),
+    ("job: {name: x}\noptim: [1, 2]\n", "optim: input should be a valid dictionary"),
+    ("\x00\x01", "is not valid YAML"),
+]
+
+
+def _assert_refused(code: int, out: str, err: str, fragment: str, jobs_dir: Path, cwd: Path) -> None:
+    assert code == 2, (out, err)
+    assert fragment in err, err
+    assert "Traceback" not in err + out
+    assert list(jobs_dir.iterdir()) == [], "nothing may be written"
+    assert not (cwd / "CANARY").exists()
+
+
+@pytest.mark.parametrize(("argv", "environ", "fragment"), BAD_INPUTS)
+def test_bad_input_is_refused_clearly_and_writes_nothing(
+    argv, environ, fragment, submit, jobs_dir, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = submit(*argv, *([] if "--executor" in argv else ["--executor", "slurm"]))
+    _assert_refused(code, out, err, fragment, jobs_dir, tmp_path)
+    assert sorted(p.name for p in jobs_dir.parent.iterdir()) == ["jobs"], "nothing may escape jobs/"
+
+
+@pytest.mark.parametrize(("text", "fragment"), BAD_FILES)
+def test_bad_config_file_is_refused(text, fragment, submit, jobs_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg_file = write(tmp_path / "bad.yaml", text)
+    code, out, err = submit(str(cfg_file), "--executor", "slurm")
+    _assert_refused(code, out, err, fragment, jobs_dir, tmp_path)
+
+
+def test_missing_config_file(submit, jobs_dir, tmp_path) -> None:
+    code, out, err = submit(str(tmp_path / "nope.yaml"), "--executor", "slurm")
+    _assert_refused(code, out, err, "does not exist", jobs_dir, tmp_path)
+
+
+def test_second_positional_must_be_an_override(submit, jobs_dir, tmp_path) -> None:
+    cfg_file = write(tmp_path / "c.yaml", "job: {name: x}\n")
+    code, out, err = submit(str(cfg_file), "other.yaml", "--executor", "slurm")
+    _assert_refused(code, out, err, "only the first argument may be a config file", jobs_dir, tmp_path)
+
+
+def test_print_config_shows_the_resolved_config_and_writes_nothing(submit, jobs_dir) -> None:
+    code, out, err = submit("--name", "shown", "optim.lr=0.002", "--print-config")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["optim"]["lr"] == 0.002 and shown["cluster"]["partition"] == "main"
+    assert list(jobs_dir.iterdir()) == []
