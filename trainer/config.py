@@ -8,11 +8,12 @@ side must start in a fraction of a second on a login node.
 
 from __future__ import annotations
 
+import contextvars
 import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 """Job, sweep and profile names: they become directory names and SLURM job names."""
@@ -270,6 +271,10 @@ class MetricsConfig(Section):
     """Weights & Biases logging."""
 
 
+LOWER_LAYERS: contextvars.ContextVar[tuple[dict, dict]] = contextvars.ContextVar("anvil_lower_layers")
+"""The YAML file and cluster profile of the load in progress (set by `config_sources.load_config`)."""
+
+
 class AnvilConfig(BaseSettings):
     """The whole job. Sources, lowest to highest: defaults < cluster profile < YAML < `ANVIL_*` env < CLI."""
 
@@ -281,6 +286,19 @@ class AnvilConfig(BaseSettings):
         use_attribute_docstrings=True,
         nested_model_default_partial_update=True,
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """CLI overrides (init) > environment > YAML file > cluster profile > defaults."""
+        yaml_data, profile = LOWER_LAYERS.get(({}, {}))
+        return (
+            init_settings,
+            env_settings,
+            InitSettingsSource(settings_cls, yaml_data),
+            InitSettingsSource(settings_cls, {"cluster": profile} if profile else {}),
+        )
 
     job: JobConfig
     """The job: its name and lifecycle."""

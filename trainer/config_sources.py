@@ -7,7 +7,8 @@ problem that names the field, the offending value and which source it came from.
 
 from __future__ import annotations
 
-import contextvars
+import copy
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,10 +16,10 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
-from pydantic_settings import InitSettingsSource, PydanticBaseSettingsSource
 
 from trainer.config import (
     ENV_NAME,
+    LOWER_LAYERS,
     NAME_PATTERN,
     SBATCH_WORD,
     SECRET_NAME,
@@ -55,7 +56,7 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when present
     """PyYAML keeps the last of duplicate keys silently; a config with two `lr:` lines is a mistake."""
 
     def construct_mapping(self, node, deep=False):
@@ -133,6 +134,16 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems, "invalid command-line overrides")
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _read_profile(path: Path, mtime_ns: int) -> dict[str, Any]:
+    return read_yaml(path, what="cluster profile")
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    """A profile, parsed once per process (a sweep resolves hundreds of configs against one profile)."""
+    return copy.deepcopy(_read_profile(path, path.stat().st_mtime_ns))
 
 
 def find_profile(name: str) -> Path:
@@ -246,25 +257,6 @@ def _describe(error: dict, layers: _Layers) -> str:
     return f"{path}: {message}{value}" + (f" ({origin})" if origin else "")
 
 
-_lower_layers: contextvars.ContextVar[tuple[dict, dict]] = contextvars.ContextVar("anvil_lower_layers")
-
-
-class _LayeredConfig(AnvilConfig):
-    """AnvilConfig with the YAML file and cluster profile as sources below the environment."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_data, profile = _lower_layers.get()
-        return (
-            init_settings,
-            env_settings,
-            InitSettingsSource(settings_cls, yaml_data),
-            InitSettingsSource(settings_cls, {"cluster": profile} if profile else {}),
-        )
-
-
 def load_config(config_file: Path | None, overrides: list[str] = (), environ: Mapping[str, str] | None = None,
                 ) -> AnvilConfig:
     """Resolve every source into one validated config, or raise ConfigError listing each problem."""
@@ -286,7 +278,7 @@ def load_config(config_file: Path | None, overrides: list[str] = (), environ: Ma
         )
         profile: dict = {}
     else:
-        profile = read_yaml(profile_path, what="cluster profile")
+        profile = read_profile(profile_path)
         if "profile" in profile:
             problems.append(f"cluster profile {profile_path}: must not set 'profile' itself")
             profile.pop("profile")
@@ -294,22 +286,21 @@ def load_config(config_file: Path | None, overrides: list[str] = (), environ: Ma
         raise ConfigError(problems)
 
     layers = _Layers(cli, environ, yaml_data, yaml_name, profile, str(profile_path))
-    token = _lower_layers.set((yaml_data, profile))
+    token = LOWER_LAYERS.set((yaml_data, profile))
     saved_environ = None
     if environ is not os.environ:  # pydantic-settings reads os.environ; swap it for the duration
         saved_environ = dict(os.environ)
         os.environ.clear()
         os.environ.update(environ)
     try:
-        layered = _LayeredConfig(**cli)
+        cfg = AnvilConfig(**cli)
     except ValidationError as exc:
         raise ConfigError([_describe(e, layers) for e in exc.errors()]) from None
     except Exception as exc:  # pydantic-settings raises SettingsError for malformed env JSON
         raise ConfigError([f"environment: {exc}"]) from None
     finally:
-        _lower_layers.reset(token)
+        LOWER_LAYERS.reset(token)
         if saved_environ is not None:
             os.environ.clear()
             os.environ.update(saved_environ)
-    # The plain AnvilConfig (not the layered subclass) is what gets frozen and read back.
-    return AnvilConfig.model_validate(layered.model_dump())
+    return cfg

@@ -53,7 +53,7 @@ def _split_items(items: list[str]) -> tuple[Path | None, list[str]]:
             config_file = Path(item)
             if not config_file.exists() and config_file.suffix not in (".yaml", ".yml"):
                 raise ConfigError(
-                    [f"'{item}' is neither a YAML config file nor an override (overrides look like section.field=value)"],
+                    [f"'{item}' is neither a YAML config file nor an override (which looks like section.field=value)"],
                     "invalid arguments",
                 )
         else:

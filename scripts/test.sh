@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command (README, CI): installs what the tests need, starts the local SLURM cluster, runs
+# ruff and pytest. As root it installs the apt packages and starts the cluster; otherwise the SLURM
+# tests are skipped unless a cluster is already up (CI sets ANVIL_REQUIRE_SLURM=1: then they fail).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ]; then
+    if ! command -v shellcheck >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null
+    fi
+    scripts/local_slurm.sh install
+    scripts/local_slurm.sh start
+else
+    echo "test.sh: not root, so no apt packages or SLURM cluster are set up here" >&2
+fi
+# torch pinned exactly: on these machines 2.13.0 (CPU) installs from a local wheel.
+python -m pip install -q torch==2.13.0 -e '.[dev]'
+ruff check .
+python -m pytest -q "$@"

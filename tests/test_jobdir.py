@@ -1,0 +1,85 @@
+"""The job directory contract: contents, atomic creation, refusal to replace a different job, escapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config_sources import load_config
+from trainer.jobdir import JobDirError, job_dir, write_job
+
+
+def test_dry_run_writes_nothing_and_shows_the_script(submit, jobs_dir: Path) -> None:
+    code, out, err = submit("--name", "dry", "--dry-run", "--executor", "slurm")
+    assert code == 0, err
+    assert "#SBATCH --job-name=dry" in out and f"would write {jobs_dir}/dry/ and run: sbatch --parsable" in out
+    assert list(jobs_dir.iterdir()) == []
+
+
+def test_job_directory_contents(jobs_dir: Path) -> None:
+    cfg = load_config(None, ["job.name=contents"], environ={})
+    job = job_dir(jobs_dir, "contents")
+    assert write_job(cfg, "#!/bin/bash\n", job) is True
+    assert sorted(p.name for p in job.path.iterdir()) == ["checkpoints", "config.json", "logs", "slurm.sh"]
+    assert json.loads(job.config.read_text())["job"]["name"] == "contents"
+    assert job.script.stat().st_mode & 0o111
+    assert [p.name for p in jobs_dir.iterdir()] == ["contents"], "no staging directory left behind"
+
+
+def test_same_config_again_is_a_resubmission(jobs_dir: Path) -> None:
+    cfg = load_config(None, ["job.name=again"], environ={})
+    job = job_dir(jobs_dir, "again")
+    write_job(cfg, "#!/bin/bash\n", job)
+    (job.checkpoints / "step-10").mkdir()
+    assert write_job(cfg, "#!/bin/bash\n", job) is False
+    assert (job.checkpoints / "step-10").is_dir()
+
+
+def test_different_config_is_refused_with_the_differences(jobs_dir: Path) -> None:
+    job = job_dir(jobs_dir, "differs")
+    write_job(load_config(None, ["job.name=differs"], environ={}), "#!/bin/bash\n", job)
+    before = job.config.read_text()
+    changed = load_config(None, ["job.name=differs", "optim.lr=0.01"], environ={})
+    with pytest.raises(JobDirError) as info:
+        write_job(changed, "#!/bin/bash\n", job)
+    message = str(info.value)
+    assert "optim.lr: 0.0003 -> 0.01" in message and "--force" in message and "--name" in message
+    assert job.config.read_text() == before
+    (job.checkpoints / "step-5").mkdir()
+    write_job(changed, "#!/bin/bash\n", job, force=True)
+    assert json.loads(job.config.read_text())["optim"]["lr"] == 0.01
+    assert (job.checkpoints / "step-5").is_dir(), "--force keeps checkpoints"
+
+
+def test_refuses_a_foreign_directory(jobs_dir: Path) -> None:
+    (jobs_dir / "mine").mkdir()
+    (jobs_dir / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(JobDirError, match="not an Anvil job directory"):
+        write_job(load_config(None, ["job.name=mine"], environ={}), "", job_dir(jobs_dir, "mine"), force=True)
+    assert (jobs_dir / "mine" / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../x", "a/b", "/etc", "x\n", "", "$(id)"])
+def test_names_cannot_escape_the_jobs_root(jobs_dir: Path, name: str) -> None:
+    with pytest.raises(JobDirError):
+        job_dir(jobs_dir, name)
+
+
+def test_symlinked_job_name_cannot_escape(jobs_dir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (jobs_dir / "link").symlink_to(outside)
+    with pytest.raises(JobDirError, match="would leave"):
+        job_dir(jobs_dir, "link")
+
+
+def test_submit_cli_refuses_a_changed_config(submit, jobs_dir: Path, tmp_path: Path) -> None:
+    """The CLI path: nothing half-written, and the message says how to go on."""
+    code, _, err = submit("--name", "cli", "--dry-run")
+    assert code == 0, err
+    job = job_dir(jobs_dir, "cli")
+    write_job(load_config(None, ["job.name=cli"], environ={}), "#!/bin/bash\n", job)
+    code, out, err = submit("--name", "cli", "train.steps=5", "--executor", "slurm")
+    assert code == 2 and "already exists" in err and "train.steps: 1000 -> 5" in err

@@ -1,0 +1,95 @@
+"""The embedded default: submit.py runs the same slurm.sh locally as a one-node allocation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import wait_for
+from trainer.jobdir import REPO_ROOT
+
+SECRETS = {"WANDB_API_KEY": "wandb-sekrit-0123456789", "HF_TOKEN": "hf_sekrit_9876543210"}
+HOSTILE = "it's $(touch CANARY) `touch CANARY`; \"quoted\" \\ $HOME"
+
+
+def start_submit(args: list[str], jobs_dir: Path, cwd: Path, extra_env: dict[str, str] | None = None):
+    env = {**os.environ, "ANVIL_JOBS_DIR": str(jobs_dir), **(extra_env or {})}
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "submit.py"), *args, "--executor", "local"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def assert_no_secrets(job: Path) -> None:
+    for path in job.rglob("*"):
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            assert not any(secret in text for secret in SECRETS.values()), f"secret leaked into {path}"
+
+
+def events(job: Path) -> list[tuple[str, int]]:
+    lines = (job / "events.jsonl").read_text().splitlines()
+    return [(e["event"], e["restart"]) for e in map(json.loads, lines)]
+
+
+def log_text(job: Path) -> str:
+    return "".join(p.read_text() for p in sorted((job / "logs").glob("*.out")))
+
+
+def test_demo_runs_locally_with_secrets_kept_out(jobs_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump({"job": {"name": "demo"}, "train": {"steps": 10},
+                                      "cluster": {"env": {"EVIL": HOSTILE}}}))
+    proc = start_submit([str(config)], jobs_dir, tmp_path, SECRETS)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    job = jobs_dir / "demo"
+    assert (job / "DONE").is_file() and not (job / "FAILED").exists()
+    assert events(job) == [("start", 0), ("done", 0)]
+    assert "rank 0/1 all-reduce sum 1 (expected 1)" in log_text(job) and "job demo finished (DONE)" in out
+    submissions = json.loads((job / "submit.json").read_text())["submissions"]
+    assert [s["executor"] for s in submissions] == ["local"] and submissions[0]["git"]["sha"]
+
+    # Hostile values reach the job verbatim and execute nothing.
+    report = next((job / "logs").glob("env-*.txt")).read_text()
+    assert f"EVIL={HOSTILE}" in report
+    assert not (tmp_path / "CANARY").exists() and not (REPO_ROOT / "CANARY").exists()
+    # Secrets were in the job's environment, and appear nowhere in the job directory.
+    assert "HF_TOKEN=<redacted>" in report and "WANDB_API_KEY=<redacted>" in report
+    assert_no_secrets(job)
+    assert not any(secret in out + err for secret in SECRETS.values())
+
+    # The same config again is the same job: it runs again (and would resume), appending its records.
+    proc = start_submit([str(config)], jobs_dir, tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    assert events(job) == [("start", 0), ("done", 0), ("start", 0), ("done", 0)]
+    assert len(json.loads((job / "submit.json").read_text())["submissions"]) == 2
+
+
+def test_preempt_trigger_requeues_and_completes(jobs_dir: Path, tmp_path: Path) -> None:
+    proc = start_submit(["--name", "requeue", "train.steps=40"], jobs_dir, tmp_path)
+    job = jobs_dir / "requeue"
+    wait_for(lambda: (job / "logs").is_dir() and "all-reduce" in log_text(job), 120, "the job to start")
+    (job / "PREEMPT").touch()  # what the batch shell's USR2 trap does
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    assert events(job) == [("start", 0), ("requeue", 0), ("start", 1), ("done", 1)]
+    assert (job / "RESTARTS").read_text().strip() == "1" and (job / "DONE").is_file()
+    assert "restart 1" in log_text(job)
+
+
+def test_ctrl_c_checkpoints_and_stops(jobs_dir: Path, tmp_path: Path) -> None:
+    proc = start_submit(["--name", "interrupted", "train.steps=600"], jobs_dir, tmp_path)
+    job = jobs_dir / "interrupted"
+    wait_for(lambda: (job / "logs").is_dir() and "all-reduce" in log_text(job), 120, "the job to start")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out + err
+    assert "stopped at a checkpoint; run the same command again to resume" in out
+    assert (job / "PREEMPTED").is_file() and not (job / "DONE").exists()
+    assert events(job) == [("start", 0), ("requeue", 0)]

@@ -1,0 +1,144 @@
+"""Jobs on the real local SLURM cluster (slurmctld + two slurmd nodes + munge, scripts/local_slurm.sh)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.test_local_executor import SECRETS, assert_no_secrets
+from trainer import slurm
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
+
+def submitted_id(out: str) -> str:
+    match = re.search(r"SLURM job\s+(\d+)", out)
+    assert match, out
+    return match.group(1)
+
+
+def events(job: Path) -> list[tuple[str, int]]:
+    return [(e["event"], e["restart"]) for e in map(json.loads, (job / "events.jsonl").read_text().splitlines())]
+
+
+def log_of(job: Path, job_id: str) -> str:
+    path = job / "logs" / f"{job.name}-{job_id}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def watch_states(job_id: str, timeout: float) -> list[str]:
+    """Every distinct state the job passes through until it ends (or SLURM forgets it)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = slurm.job_state(job_id)
+        if state and (not seen or seen[-1] != state):
+            seen.append(state)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", None):
+            return seen
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {seen[-1:]} after {timeout:.0f} s (states: {seen})")
+
+
+def release_requeued(job_id: str) -> None:
+    """A requeued job waits out BeginTime (cred_expire); start it now to keep the test short."""
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], capture_output=True)
+
+
+def test_two_node_job_runs_across_both_nodes_and_resubmits(submit, jobs_dir: Path, monkeypatch) -> None:
+    for name, value in SECRETS.items():  # in the submitting shell, as a user keeps them
+        monkeypatch.setenv(name, value)
+    code, out, err = submit("--name", "two-nodes", "cluster.nodes=2", "train.steps=10",
+                            "cluster.sbatch_extra={begin: now+3}", "--executor", "slurm")
+    assert code == 0, err
+    job_id = submitted_id(out)
+    job = jobs_dir / "two-nodes"
+    states = watch_states(job_id, 180)
+    assert states[0] == "PENDING" and "RUNNING" in states and states[-1] == "COMPLETED", states
+    log = log_of(job, job_id)
+    ranks = dict(re.findall(r"anvil\[rank \d (n\d)\]: rank (\d)/2 all-reduce sum 3 \(expected 3\)", log))
+    assert sorted(ranks) == ["n1", "n2"] and sorted(ranks.values()) == ["0", "1"], log
+    assert (job / "DONE").is_file() and events(job) == [("start", 0), ("done", 0)]
+    record = json.loads((job / "submit.json").read_text())["submissions"]
+    assert [r["job_id"] for r in record] == [job_id]
+    report = (job / "logs" / f"env-{job_id}-0.txt").read_text()
+    assert "HF_TOKEN=<redacted>" in report  # the job had it; no file shows it
+    assert_no_secrets(job)
+
+    # Resubmit the script as is, from another directory: it runs the same job again.
+    again = subprocess.run(["sbatch", "--parsable", str(job / "slurm.sh")], cwd="/", capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    second_id = again.stdout.strip()
+    assert watch_states(second_id, 180)[-1] == "COMPLETED"
+    assert events(job) == [("start", 0), ("done", 0), ("start", 0), ("done", 0)]
+    assert [json.loads(line)["job_id"] for line in (job / "events.jsonl").read_text().splitlines()] == [
+        job_id, job_id, second_id, second_id]
+    assert "all-reduce sum 3" in log_of(job, second_id)
+
+    # Through submit.py with the same config: the same job directory, the new id appended.
+    code, out, err = submit("--name", "two-nodes", "cluster.nodes=2", "train.steps=10",
+                            "cluster.sbatch_extra={begin: now+3}", "--executor", "slurm")
+    assert code == 0 and "existing job: it resumes" in out, err
+    third_id = submitted_id(out)
+    assert watch_states(third_id, 180)[-1] == "COMPLETED"
+    record = json.loads((job / "submit.json").read_text())["submissions"]
+    assert [r["job_id"] for r in record] == [job_id, third_id]
+
+
+def test_usr2_checkpoints_requeues_and_completes(submit, jobs_dir: Path) -> None:
+    code, out, err = submit("--name", "preempted", "cluster.nodes=2", "train.steps=75", "--executor", "slurm")
+    assert code == 0, err
+    job_id, job = submitted_id(out), jobs_dir / "preempted"
+    wait_for(lambda: "rank 0/2 all-reduce" in log_of(job, job_id), 120, "the job to start")
+    assert subprocess.run(["scancel", "--signal=USR2", "--batch", job_id]).returncode == 0
+    wait_for(lambda: ("requeue", 0) in events(job), 60, "the requeue")
+    wait_for(lambda: slurm.job_state(job_id) == "PENDING" or slurm.job_field(job_id, "Restarts") == "1",
+             60, "the job to be back in the queue")
+    release_requeued(job_id)
+    assert watch_states(job_id, 240)[-1] == "COMPLETED"
+    assert slurm.job_field(job_id, "Restarts") == "1"
+    assert events(job) == [("start", 0), ("requeue", 0), ("start", 1), ("done", 1)]
+    assert (job / "RESTARTS").read_text().strip() == "1" and (job / "DONE").is_file()
+    log = log_of(job, job_id)  # one file, appended by both attempts
+    assert "USR2 received" in log and "restart 0 on" in log and "restart 1 on" in log
+    assert re.search(r"preempted after step \d+; requeue requested", log)
+
+
+def test_crash_loop_stops_at_the_restart_limit(submit, jobs_dir: Path) -> None:
+    code, out, err = submit("--name", "crashes", "job.retry_on_failure=true", "job.max_restarts=2",
+                            "cluster.sbatch_extra={begin: now+4}", "--executor", "slurm")
+    assert code == 0, err
+    job_id, job = submitted_id(out), jobs_dir / "crashes"
+    (job / "config.json").write_text("{ broken")  # every attempt now fails on start
+
+    def ended() -> bool:
+        if slurm.job_state(job_id) == "PENDING":
+            release_requeued(job_id)
+        return (job / "FAILED").exists()
+
+    wait_for(ended, 300, "the restart limit")
+    assert watch_states(job_id, 60)[-1] == "FAILED"
+    reason = (job / "FAILED").read_text()
+    assert "restart limit reached (job.max_restarts = 2) after: trainer exited with code" in reason
+    assert events(job) == [("start", 0), ("requeue", 0), ("start", 1), ("requeue", 1), ("start", 2), ("failed", 2)]
+    assert "config.json is not a valid Anvil config" in (job / "logs" / f"crashes-{job_id}.err").read_text()
+
+
+def test_allocation_that_differs_from_the_config_is_refused_by_the_trainer(submit, jobs_dir: Path) -> None:
+    code, out, err = submit("--name", "mismatch", "train.steps=5", "--executor", "slurm")
+    assert code == 0, err
+    first_id, job = submitted_id(out), jobs_dir / "mismatch"
+    assert watch_states(first_id, 180)[-1] == "COMPLETED"
+    # Someone resubmits the 1-node job on 2 nodes: the trainer names the fields instead of hanging.
+    again = subprocess.run(["sbatch", "--parsable", "--nodes=2", str(job / "slurm.sh")], capture_output=True, text=True)
+    job_id = again.stdout.strip()
+    assert watch_states(job_id, 180)[-1] == "FAILED"
+    assert "the allocation has 2 ranks but the config asks for cluster.nodes × cluster.devices_per_node = 1" in (
+        log_of(job, job_id))
+    assert "trainer exited with code" in (job / "FAILED").read_text()
