@@ -230,7 +230,9 @@ class TrainConfig(Section):
 
 class DatasetSpec(Section):
     path: str = Field(min_length=1)
-    """Directory of Parquet files, or a glob such as `data/web/*.parquet`."""
+    """Directory of Parquet files (searched recursively), or a glob such as `data/web/*.parquet`."""
+    name: Name | None = None
+    """Name in metrics and in the loader state (default: the directory's name); keep it stable across resumes."""
     weight: float = Field(default=1.0, gt=0)
     """Mixing weight (normalised over all datasets)."""
     text_column: str = "text"
@@ -244,6 +246,23 @@ class DataConfig(Section):
     """Path to a Hugging Face `tokenizer.json`."""
     seq_len: int = Field(default=512, ge=8)
     """Tokens per training sequence."""
+    eos_token: str = "<|endoftext|>"
+    """Token appended to every document (documents are joined with it when packed)."""
+    bos_token: str | None = None
+    """Token put before every document (None: none)."""
+    shuffle_window: int = Field(default=1024, ge=1)
+    """Documents read, tokenized and shuffled together (bounded memory; on top of per-epoch row-group order)."""
+    logical_shards: int = Field(default=256, ge=1)
+    """Logical shards per dataset: the most data workers (DP ranks × num_workers) a run can use and be
+    resumed onto; keep it unchanged across resumes."""
+    num_workers: int = Field(default=2, ge=0)
+    """Tokenizing worker processes per DP rank (0: in the training process)."""
+    prefetch: int = Field(default=4, ge=1)
+    """Batches each worker prepares ahead."""
+    document_positions: bool = False
+    """Also yield per-token positions restarting at each document (for document-causal attention)."""
+    epochs: int | None = Field(default=None, ge=1)
+    """Stop after this many passes over every dataset (None: loop forever, as pretraining does)."""
 
 
 class CheckpointConfig(Section):

@@ -1,0 +1,137 @@
+"""Parquet sources: discovery, validation from footers, per-epoch row-group order, windowed reads.
+
+A dataset is a directory (searched recursively) or a glob of Parquet files. Its unit of work is a row
+group; a read never holds more than one window of rows (`iter_batches`), so memory stays bounded even
+when a row group is large. Every failure names the file (and row group) and what was expected.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class DataError(Exception):
+    """Bad or missing training data; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row group of one file: the unit that is shuffled per epoch and assigned to a logical shard."""
+
+    file: int
+    row_group: int
+    rows: int
+
+
+@dataclass
+class Source:
+    name: str
+    files: list[Path]
+    units: list[Unit]
+    text_column: str
+    weight: float
+
+    @property
+    def rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+    def epoch_order(self, epoch: int, seed: int) -> np.ndarray:
+        """Row-group order for an epoch: a permutation reseeded per epoch and per dataset."""
+        rng = np.random.default_rng([seed, _stable_hash(self.name), epoch])
+        return rng.permutation(len(self.units))
+
+    def shard_units(self, shard: int, n_shards: int, epoch: int, seed: int) -> np.ndarray:
+        """The units logical shard `shard` reads in `epoch` (every unit belongs to exactly one shard)."""
+        return self.epoch_order(epoch, seed)[shard::n_shards]
+
+    def read_windows(self, unit: Unit, window: int, start: int = 0) -> Iterator[list[str]]:
+        """The unit's text in windows of `window` rows, from window index `start` on."""
+        path = self.files[unit.file]
+        where = f"{path} (row group {unit.row_group})"
+        try:
+            reader = pq.ParquetFile(path)
+        except FileNotFoundError:
+            raise DataError(f"{path} vanished: it existed when the job started; restore it or remove it "
+                            "from the dataset and start a new job") from None
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{path} is not a readable Parquet file: {_one_line(exc)}") from None
+        try:
+            batches = reader.iter_batches(batch_size=window, row_groups=[unit.row_group], columns=[self.text_column])
+            for index, batch in enumerate(batches):
+                if index < start:
+                    continue  # skipped windows are read (Parquet cannot seek inside a row group) but not decoded
+                yield _texts(batch.column(0), where)
+        except DataError:
+            raise
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{where}: cannot be read (corrupt or truncated?): {_one_line(exc)}") from None
+        finally:
+            reader.close()
+
+
+def _texts(column: pa.Array, where: str) -> list[str]:
+    if column.null_count:
+        row = column.is_null().to_pylist().index(True)
+        raise DataError(f"{where}: null text at row {row} of a read window; drop or fill null rows")
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        try:
+            return [b.decode("utf-8") for b in column.to_pylist()]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{where}: text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return column.to_pylist()
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def _files(path: str) -> list[Path]:
+    if glob.has_magic(path):
+        found = [Path(p) for p in glob.glob(path, recursive=True)]
+    elif Path(path).is_dir():
+        found = list(Path(path).rglob("*.parquet"))
+    else:
+        found = [Path(path)] if Path(path).exists() else []
+    return sorted(p for p in found if p.is_file())
+
+
+def open_source(name: str, path: str, text_column: str, weight: float) -> Source:
+    """Read every file's footer: schema, row groups and row counts; nothing else."""
+    files = _files(path)
+    if not files:
+        raise DataError(f"dataset {name}: no Parquet file at '{path}'")
+    units: list[Unit] = []
+    for index, file in enumerate(files):
+        try:
+            meta = pq.ParquetFile(file)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"dataset {name}: {file} is not a readable Parquet file (corrupt or truncated?): "
+                            f"{_one_line(exc)}") from None
+        schema = meta.schema_arrow
+        if text_column not in schema.names:
+            raise DataError(f"dataset {name}: {file} has no column '{text_column}' (columns: "
+                            f"{', '.join(schema.names)}); set text_column in data.datasets")
+        kind = schema.field(text_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+                or pa.types.is_large_binary(kind)):
+            raise DataError(f"dataset {name}: {file} column '{text_column}' is {kind}, expected text (string)")
+        for rg in range(meta.num_row_groups):
+            rows = meta.metadata.row_group(rg).num_rows
+            if rows:
+                units.append(Unit(index, rg, rows))
+        meta.close()
+    if not units:
+        raise DataError(f"dataset {name}: the {len(files)} file(s) at '{path}' hold no rows")
+    return Source(name=name, files=files, units=units, text_column=text_column, weight=weight)
