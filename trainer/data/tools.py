@@ -119,9 +119,23 @@ def machine_texts(max_bytes: int) -> list[str]:
             except (UnicodeDecodeError, OSError):
                 continue
             if 200 <= len(text) <= 200_000:
-                docs.append(text)
-                total += len(text)
+                parts = _paragraph_groups(text)
+                docs += parts
+                total += sum(map(len, parts))
     return docs
+
+
+def _paragraph_groups(text: str, target: int = 3000) -> list[str]:
+    """Long files become several documents of whole paragraphs (~`target` characters each)."""
+    groups, current = [], ""
+    for paragraph in text.split("\n\n"):
+        current = f"{current}\n\n{paragraph}" if current else paragraph
+        if len(current) >= target:
+            groups.append(current)
+            current = ""
+    if current.strip():
+        groups.append(current)
+    return groups
 
 
 def build_demo(out: Path, max_mb: float = 8, vocab_size: int = 8192, val_fraction: float = 0.02) -> dict:
