@@ -244,3 +244,16 @@ def test_file_vanishing_between_epochs(tmp_path: Path) -> None:
     (ds / "part-1.parquet").unlink()
     with pytest.raises(DataError, match=r"part-1\.parquet vanished"):
         take(loader, 200)
+
+
+def test_default_dataset_names(tmp_path: Path, corpus) -> None:
+    from trainer.config import DataConfig, DatasetSpec
+
+    path, tokenizer = corpus
+    cfg = DataConfig(datasets=[DatasetSpec(path=str(path)), DatasetSpec(path=f"{path}/*.parquet", weight=2)],
+                     tokenizer=str(tokenizer))
+    with pytest.raises(DataError, match="names must differ"):  # both would be called 'web'
+        build_spec(cfg, 0)
+    cfg = DataConfig(datasets=[DatasetSpec(path=f"{path}/*.parquet"), DatasetSpec(path=str(path / "part-0.parquet"))],
+                     tokenizer=str(tokenizer))
+    assert [s.name for s in build_spec(cfg, 0).sources] == ["web", "part-0"]

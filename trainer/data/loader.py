@@ -9,6 +9,7 @@ what workers have prefetched). TP ranks of one DP group build the same loader an
 from __future__ import annotations
 
 import copy
+import glob
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ def build_spec(data: DataConfig, seed: int) -> StreamSpec:
             raise DataError(f"{field}: '{token}' is not a token of {tokenizer_path}")
         return found
 
-    names = [ds.name or Path(ds.path.rstrip("/*")).stem or f"dataset{i}" for i, ds in enumerate(data.datasets)]
+    names = [ds.name or _default_name(ds.path) or f"dataset{i}" for i, ds in enumerate(data.datasets)]
     if len(set(names)) != len(names):
         raise DataError(f"data.datasets: names must differ (got {', '.join(names)}); set name on each dataset")
     sources = [open_source(name, ds.path, ds.text_column, ds.weight)
@@ -58,6 +59,12 @@ def build_spec(data: DataConfig, seed: int) -> StreamSpec:
         epochs=data.epochs,
         positions=data.document_positions,
     )
+
+
+def _default_name(path: str) -> str:
+    """`data/web` -> web, `data/code/*.parquet` -> code, `data/x/part-0.parquet` -> part-0."""
+    plain = [part for part in Path(path).parts if not glob.has_magic(part)]
+    return Path(*plain).stem if plain else ""
 
 
 class _Batches(IterableDataset):

@@ -240,6 +240,6 @@ class WorkerStream:
 
 
 def set_tokenizer_threads(threads: int) -> None:
-    """Before the tokenizer's first use in a process: its Rust thread pool is sized once."""
+    """Before the tokenizer's first use in a process: its Rust thread pool is sized once. (TOKENIZERS_PARALLELISM
+    is left alone: tokenizers itself turns parallelism off in a child forked after the parent used it.)"""
     os.environ["RAYON_NUM_THREADS"] = str(max(threads, 1))
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
