@@ -131,3 +131,21 @@ def test_allocation_that_differs_from_the_config_is_refused_by_the_trainer(submi
     assert "the allocation has 2 ranks but the config asks for cluster.nodes × cluster.devices_per_node = 1" in (
         log_of(job, job_id))
     assert "trainer exited with code" in (job / "FAILED").read_text()
+
+
+def test_a_job_still_queued_is_not_submitted_twice(submit, jobs_dir: Path) -> None:
+    code, out, err = submit("--name", "queued", "cluster.sbatch_extra={begin: now+600}", "--executor", "slurm")
+    assert code == 0, err
+    job_id = submitted_id(out)
+    try:
+        assert slurm.job_state(job_id) == "PENDING"
+        code, out, err = submit("--name", "queued", "cluster.sbatch_extra={begin: now+600}", "--executor", "slurm")
+        assert code == 2 and f"already queued or running as SLURM job {job_id}" in err and f"scancel {job_id}" in err
+        record = json.loads((jobs_dir / "queued" / "submit.json").read_text())["submissions"]
+        assert [r["job_id"] for r in record] == [job_id]
+    finally:
+        subprocess.run(["scancel", job_id])
+    wait_for(lambda: slurm.job_state(job_id) == "CANCELLED", 30, "the cancellation")
+    code, out, err = submit("--name", "queued", "cluster.sbatch_extra={begin: now+600}", "--executor", "slurm")
+    assert code == 0, err  # once it is gone, resubmitting is fine
+    subprocess.run(["scancel", submitted_id(out)])

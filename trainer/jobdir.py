@@ -7,6 +7,7 @@ jobs/<name>/ config.json  slurm.sh  submit.json  git.diff  logs/  checkpoints/  
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import getpass
@@ -177,6 +178,22 @@ def git_state() -> dict[str, Any]:
         "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
         "diff": diff,
     }
+
+
+def known_job_ids(job: JobDir) -> list[str]:
+    """SLURM job ids this directory has run under: submit.py's records and the script's own events."""
+    ids: list[str] = []
+    if job.submissions.is_file():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+            ids += [str(s["job_id"]) for s in json.loads(job.submissions.read_text())["submissions"] if s["job_id"]]
+    events = job.path / "events.jsonl"
+    if events.is_file():
+        for line in events.read_text().splitlines():
+            try:
+                ids.append(str(json.loads(line)["job_id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return list(dict.fromkeys(ids))
 
 
 def record_submission(job: JobDir, executor: str, command: list[str], job_id: str | None) -> dict:

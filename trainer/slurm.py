@@ -7,6 +7,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                           "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"})
+"""States in which a job may still run or write to its directory."""
+
 
 class SlurmError(Exception):
     """A SLURM command failed; the message carries what it said."""

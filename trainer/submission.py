@@ -16,7 +16,15 @@ from trainer import lifecycle, slurm
 from trainer.config import AnvilConfig
 from trainer.config_checks import all_problems
 from trainer.config_sources import ConfigError, load_config
-from trainer.jobdir import REPO_ROOT, JobDirError, job_dir, jobs_root, record_submission, write_job
+from trainer.jobdir import (
+    REPO_ROOT,
+    JobDirError,
+    job_dir,
+    jobs_root,
+    known_job_ids,
+    record_submission,
+    write_job,
+)
 from trainer.local_executor import new_job_id, run_local
 from trainer.render import RenderError, render_script
 
@@ -123,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"dry run: would write {job.path}/ and run: {' '.join(command)}", markup=False, soft_wrap=True)
         return 0
 
+    if executor == "slurm" and job.path.exists():
+        active = [i for i in known_job_ids(job)[-5:] if slurm.job_state(i) in slurm.ACTIVE_STATES]
+        if active:
+            return _fail(err, f"job '{cfg.job.name}' is already queued or running as SLURM job {active[-1]}: a second "
+                              f"copy would write the same checkpoints. Wait for it, or `scancel {active[-1]}` first.")
     try:
         created = write_job(cfg, script, job, force=args.force)
     except JobDirError as exc:
