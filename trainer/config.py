@@ -175,6 +175,21 @@ class ClusterConfig(Section):
         return env
 
 
+class MupConfig(Section):
+    enabled: bool = False
+    """Maximal update parametrization: hyperparameters tuned at `base_dim` transfer to wider models."""
+    base_dim: int = Field(default=256, ge=8)
+    """The width the hyperparameters were tuned at (width multiplier m = dim / base_dim)."""
+    input_alpha: float = Field(default=1.0, gt=0)
+    """Multiplier on the embedding output."""
+    output_alpha: float = Field(default=1.0, gt=0)
+    """Multiplier on the readout; the head sees h · output_alpha / m."""
+    attn_alpha: float = Field(default=1.0, gt=0)
+    """Attention logit scale: attn_alpha · sqrt(base head dim) / head dim."""
+    zero_readout: bool = False
+    """Initialise the (untied) output head to zero, so every width starts from identical logits."""
+
+
 class ModelConfig(Section):
     dim: int = Field(default=256, ge=8)
     """Hidden size (model width)."""
@@ -188,6 +203,18 @@ class ModelConfig(Section):
     """Vocabulary size (must cover the tokenizer's)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head."""
+    ffn_dim: int | None = Field(default=None, ge=1)
+    """SwiGLU hidden size (None: 8/3 · dim rounded up to `multiple_of`)."""
+    multiple_of: int = Field(default=64, ge=1)
+    """Rounding of the default SwiGLU hidden size."""
+    norm_eps: float = Field(default=1e-5, gt=0)
+    """RMSNorm epsilon."""
+    rope_theta: float = Field(default=10000.0, gt=0)
+    """RoPE base frequency."""
+    init_std: float = Field(default=0.02, gt=0)
+    """Standard deviation of the initial weights (scaled by 1/sqrt(m) for hidden weights under muP)."""
+    mup: MupConfig = MupConfig()
+    """Maximal update parametrization."""
 
 
 class ParallelConfig(Section):

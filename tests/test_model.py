@@ -1,0 +1,109 @@
+"""The plain-PyTorch Llama: meta build + init, muP plan and multipliers, parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.config import ModelConfig, MupConfig
+from trainer.model import Transformer, num_params, param_plan
+
+
+def build(cfg: ModelConfig, seq_len: int = 32, seed: int = 0) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg, seq_len)
+    model.to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return model
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128),
+    ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, tie_embeddings=True),
+])
+def test_builds_on_meta_counts_parameters_and_learns(cfg: ModelConfig) -> None:
+    model = build(cfg)
+    assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        logits = model(tokens[:, :-1])
+        assert logits.shape == (4, 32, cfg.vocab_size)
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(cfg.vocab_size), abs=0.3)  # uniform at init
+    assert losses[-1] < 0.5 * losses[0]  # it memorises the batch
+
+
+def test_mup_at_base_width_is_standard_parametrization() -> None:
+    sp = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128)
+    mup = sp.model_copy(update={"mup": MupConfig(enabled=True, base_dim=64)})
+    tokens = torch.randint(0, 128, (2, 16))
+    assert torch.equal(build(sp)(tokens), build(mup)(tokens))
+
+
+def test_mup_plan_scales_hidden_weights_with_width() -> None:
+    cfg = ModelConfig(dim=256, n_layers=1, n_heads=4, vocab_size=128, init_std=0.02,
+                      mup=MupConfig(enabled=True, base_dim=64, zero_readout=True))
+    plan = param_plan(cfg)
+    hidden = plan["layers.0.attention.wq.weight"]
+    assert hidden.role == "hidden" and hidden.lr_mult == 0.25 and hidden.wd_mult == 4.0
+    assert hidden.init_std == pytest.approx(0.01)  # 0.02 / sqrt(4)
+    assert plan["tok_embeddings.weight"].lr_mult == 1.0 and plan["output.weight"].init_std == 0.0
+    assert plan["norm.weight"].wd_mult == 0.0
+    model = build(cfg)
+    assert set(plan) == {name for name, _ in model.named_parameters()}
+    assert model.output_mult == 0.25 and torch.count_nonzero(model.output.weight) == 0
+    std = model.layers["0"].feed_forward.w1.weight.std().item()
+    assert std == pytest.approx(0.01, rel=0.05)
+
+
+def test_explicit_positions_match_implicit_ones() -> None:
+    model = build(ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=128))
+    tokens = torch.randint(0, 128, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    assert torch.allclose(model(tokens), model(tokens, positions), atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_logits_match_huggingface_llama(tied: bool, kv_heads: int) -> None:
+    """Same weights in transformers' LlamaForCausalLM give the same logits (fp32): the conventions match."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, vocab_size=128, tie_embeddings=tied,
+                      ffn_dim=96, rope_theta=5000.0)
+    ours = build(cfg, seq_len=64)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=5000.0, max_position_embeddings=64,
+        tie_word_embeddings=tied, attention_bias=False, mlp_bias=False)).eval()
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    block = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
+    state = {}
+    for name, tensor in ours.state_dict().items():
+        if name in top:
+            state[top[name]] = tensor
+        else:
+            _, layer, rest = name.split(".", 2)
+            module, leaf = rest.rsplit(".", 1)
+            state[f"model.layers.{layer}.{block[module]}.{leaf}"] = tensor
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    tokens = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+    assert diff <= 1e-5

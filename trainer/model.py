@@ -1,0 +1,196 @@
+"""The Llama-family decoder in plain PyTorch: RMSNorm, RoPE, GQA, SwiGLU, optional tied embeddings, muP.
+
+No parallelism here (that is applied to the model from outside). Built on the meta device, then
+materialised and initialised with `init_weights()`. muP lives in two places only: float multipliers
+inside the modules (embedding output, readout input, attention scale) and `param_plan()`, which gives
+every parameter its role, init std and learning-rate / weight-decay multipliers from the config alone
+(never from tensor shapes, so it survives sharding). RoPE uses the `rotate_half` convention of Hugging
+Face's Llama, so weights export without permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import ModelConfig
+
+
+def ffn_dim(cfg: ModelConfig) -> int:
+    if cfg.ffn_dim is not None:
+        return cfg.ffn_dim
+    hidden = int(8 * cfg.dim / 3)
+    return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
+
+
+def width_mult(cfg: ModelConfig) -> float:
+    return cfg.dim / cfg.mup.base_dim if cfg.mup.enabled else 1.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        # muP: alpha * sqrt(base head dim) / head dim; the head dim is fixed across widths here (heads grow),
+        # so this equals SP's 1/sqrt(head dim) at alpha = 1 and both parametrizations agree at the base width.
+        self.scale = (cfg.mup.attn_alpha if cfg.mup.enabled else 1.0) / math.sqrt(self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.wq(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return self.wo(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_dim(cfg)
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_seq_len: int):
+        super().__init__()
+        self.cfg, self.max_seq_len = cfg, max_seq_len
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.input_mult = cfg.mup.input_alpha if cfg.mup.enabled else 1.0
+        self.output_mult = cfg.mup.output_alpha / width_mult(cfg) if cfg.mup.enabled else 1.0
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `[batch, length, vocab]` for token ids `[batch, length]` (positions: per-token, optional)."""
+        if positions is None:
+            cos, sin = self.rope_cos[: tokens.shape[1]], self.rope_sin[: tokens.shape[1]]
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        h = self.tok_embeddings(tokens) * self.input_mult
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        h = self.norm(h) * self.output_mult
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """After materialisation (`to_empty`): the planned init for every parameter, and the RoPE tables."""
+        plan = param_plan(self.cfg)
+        for name, param in self.named_parameters():
+            std = plan[name].init_std
+            if std is None:
+                param.fill_(1.0)
+            elif std == 0.0:
+                param.zero_()
+            else:
+                nn.init.normal_(param, mean=0.0, std=std, generator=generator)
+        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.max_seq_len, self.cfg.rope_theta,
+                               device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    role: str  # input | hidden | output | vector
+    init_std: float | None  # None: ones (norm gains)
+    lr_mult: float
+    wd_mult: float
+
+
+def param_plan(cfg: ModelConfig) -> dict[str, ParamPlan]:
+    """Role, init and optimizer multipliers of every parameter, by name, from the config alone.
+
+    muP (AdamW, multiplier form): hidden matrices get init σ/√m, LR η/m and weight decay λ·m (so the
+    per-step decay lr·wd stays width-independent); embeddings and the readout keep σ and η (their
+    forward multipliers do the scaling); norm gains start at one, no decay. With muP off, m = 1:
+    standard parametrization, and both agree at the base width.
+    """
+    m = width_mult(cfg)
+    std = cfg.init_std
+    plan = {"tok_embeddings.weight": ParamPlan("input", std, 1.0, 1.0),
+            "norm.weight": ParamPlan("vector", None, 1.0, 0.0)}
+    if not cfg.tie_embeddings:
+        readout_std = 0.0 if cfg.mup.enabled and cfg.mup.zero_readout else std
+        plan["output.weight"] = ParamPlan("output", readout_std, 1.0, 1.0)
+    hidden = ParamPlan("hidden", std / math.sqrt(m), 1.0 / m, m)
+    for i in range(cfg.n_layers):
+        for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+            plan[f"layers.{i}.{name}.weight"] = hidden
+        for name in ("attention_norm", "ffn_norm"):
+            plan[f"layers.{i}.{name}.weight"] = ParamPlan("vector", None, 1.0, 0.0)
+    return plan
+
+
+def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
+    kv = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+    per_layer = cfg.dim * (2 * cfg.dim + 2 * kv) + 3 * cfg.dim * ffn_dim(cfg) + 2 * cfg.dim
+    emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+    return cfg.n_layers * per_layer + cfg.dim + (emb if embeddings else 0)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 × non-embedding-table parameters plus causal attention (PaLM's count)."""
+    dense = num_params(cfg, embeddings=False) + cfg.vocab_size * cfg.dim  # the readout matmul counts
+    return 6 * dense + 6 * cfg.n_layers * cfg.dim * seq_len
