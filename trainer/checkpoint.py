@@ -1,0 +1,119 @@
+"""DCP checkpoints in `jobs/<name>/checkpoints/step-N/`: complete only once the marker is written.
+
+A crash, kill -9 or preemption mid-write leaves a step directory without `COMPLETE`; it is never
+resumed from, and it is removed by the next save. The loader state of every DP rank goes into the
+same checkpoint (key `loader.dp<rank>`, JSON: no pickle to execute), so a restore can hand it to a
+different number of DP ranks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+COMPLETE = "COMPLETE"
+LOADER_PREFIX = "loader.dp"
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names it and what to do."""
+
+
+def step_path(root: Path, step: int) -> Path:
+    return root / f"step-{step}"
+
+
+def list_steps(root: Path) -> list[tuple[int, Path, bool]]:
+    """(step, directory, complete) for every step directory, oldest first."""
+    found = []
+    for path in root.glob("step-*") if root.is_dir() else []:
+        match = re.fullmatch(r"step-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path, (path / COMPLETE).is_file()))
+    return sorted(found)
+
+
+def latest_complete(root: Path) -> int | None:
+    """The newest complete step; newer incomplete ones (an interrupted save) are skipped with a warning."""
+    latest = None
+    for step, path, complete in list_steps(root):
+        if complete:
+            latest = step
+        elif latest is None or step > latest:
+            log.warning("skipping %s: incomplete (interrupted while saving)", path)
+    return latest
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(root: Path, step: int, state: dict[str, Any], loader_states: dict[int, dict], keep: int) -> Path:
+    """Collective: every rank passes its state (and the loader states of the DP ranks it speaks for)."""
+    path = step_path(root, step)
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # a leftover of an interrupted save of this very step
+            shutil.rmtree(path)
+    _barrier()
+    payload = dict(state)
+    for dp_rank, loader_state in loader_states.items():
+        payload[f"{LOADER_PREFIX}{dp_rank}"] = json.dumps(loader_state).encode()
+    dcp.save(payload, checkpoint_id=str(path))
+    _barrier()  # every rank's shard is on disk before the checkpoint is declared complete
+    if _rank() == 0:
+        marker = {"step": step, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                  "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+        tmp = path / f".{COMPLETE}.tmp"
+        tmp.write_text(json.dumps(marker) + "\n")
+        tmp.replace(path / COMPLETE)
+        prune(root, keep)
+    return path
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` complete steps; drop older ones and incomplete leftovers older than the newest."""
+    steps = list_steps(root)
+    complete = [s for s, _, c in steps if c]
+    keep_steps = set(complete[-keep:])
+    newest = complete[-1] if complete else -1
+    for step, path, is_complete in steps:
+        if (is_complete and step not in keep_steps) or (not is_complete and step < newest):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load(root: Path, step: int, state: dict[str, Any]) -> list[dict]:
+    """Load `state` in place from step `step`; returns the loader states of all DP ranks that saved one."""
+    path = step_path(root, step)
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint")
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        loader_keys = sorted(k for k in metadata.state_dict_metadata if k.startswith(LOADER_PREFIX))
+        target = {**state, **{k: b"" for k in loader_keys}}
+        dcp.load(target, checkpoint_id=str(path))
+    except (CheckpointException, RuntimeError, ValueError, OSError, EOFError) as exc:
+        # DCP reports a whole per-rank traceback; its last line says what went wrong.
+        cause = [line.strip() for line in str(exc).splitlines() if line.strip()][-1][:300]
+        raise CheckpointError(
+            f"{path} cannot be loaded into this model ({cause}); "
+            "was it written by a different model or config? A different model needs a new job (--name)"
+        ) from None
+    for key in state:
+        state[key] = target[key]
+    return [json.loads(target[k]) for k in loader_keys]
