@@ -235,13 +235,25 @@ class ParallelConfig(Section):
 
 class OptimConfig(Section):
     lr: float = Field(default=3e-4, gt=0)
-    """Peak learning rate."""
+    """Peak learning rate (of the base width under muP; hidden weights get lr / m)."""
     weight_decay: float = Field(default=0.1, ge=0)
-    """AdamW weight decay."""
+    """AdamW weight decay (not applied to norm gains)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
+    eps: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this (None: no clipping; the norm is logged either way)."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warm-up: cosine decay to `min_lr_ratio`, warmup-stable-decay, or constant."""
     warmup_steps: int = Field(default=100, ge=0)
     """Linear warm-up steps."""
+    decay_steps: int | None = Field(default=None, ge=1)
+    """WSD: length of the final decay (None: 20% of train.steps)."""
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
+    """WSD: shape of the final decay."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """The learning rate at the end of a decay, as a fraction of `lr`."""
 
 
 class TrainConfig(Section):

@@ -1,0 +1,64 @@
+"""AdamW with one parameter group per muP multiplier pair, and the learning-rate schedules.
+
+Groups are built from `model.named_parameters()` after parallelization (FSDP2 turns parameters into
+DTensors in place; names do not change) and `param_plan()`, so muP needs no tensor attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainer.config import ModelConfig, OptimConfig
+from trainer.model import param_plan
+
+
+def _plain_name(name: str) -> str:
+    """Names as the model defines them, without wrapper prefixes (activation checkpointing, compile)."""
+    for prefix in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def build_optimizer(model: nn.Module, model_cfg: ModelConfig, optim: OptimConfig, fused: bool = False
+                    ) -> torch.optim.AdamW:
+    plan = param_plan(model_cfg)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = defaultdict(list)
+    for name, param in model.named_parameters():
+        entry = plan.get(_plain_name(name))
+        if entry is None:
+            raise KeyError(f"parameter {name} has no muP role in trainer.model.param_plan")
+        groups[(entry.lr_mult, entry.wd_mult)].append(param)
+    param_groups = [
+        {"params": params, "lr": optim.lr * lr_mult, "weight_decay": optim.weight_decay * wd_mult, "lr_mult": lr_mult}
+        for (lr_mult, wd_mult), params in sorted(groups.items(), key=lambda kv: kv[0])
+    ]
+    return torch.optim.AdamW(param_groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused or None)
+
+
+def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
+    """Multiplier on each group's peak LR at `step` (0-based: the step about to be taken)."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    floor = optim.min_lr_ratio
+    if optim.schedule == "constant":
+        return 1.0
+    if optim.schedule == "cosine":
+        span = max(total - optim.warmup_steps, 1)
+        progress = min((step - optim.warmup_steps) / span, 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay = optim.decay_steps or max(int(0.2 * total), 1)
+    start = total - decay
+    if step < start:
+        return 1.0
+    progress = min((step - start) / decay, 1.0)
+    shape = progress if optim.decay_shape == "linear" else math.sqrt(progress)
+    return floor + (1 - floor) * (1 - shape)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int, optim: OptimConfig) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total, optim))
