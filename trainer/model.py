@@ -129,8 +129,9 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         h = self.norm(h) * self.output_mult
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)  # through the module, so that a tensor-parallel plan on it applies
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
