@@ -18,6 +18,7 @@ from trainer.config_checks import all_problems
 from trainer.config_sources import ConfigError, load_config
 from trainer.jobdir import (
     REPO_ROOT,
+    JobDir,
     JobDirError,
     job_dir,
     jobs_root,
@@ -145,22 +146,29 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("job", cfg.job.name)
     table.add_row("directory", f"{job.path}" + ("" if created else "  (existing job: it resumes)"))
     table.add_row("ranks", f"{cfg.cluster.nodes} node(s) × {cfg.cluster.devices_per_node} ({cfg.cluster.profile})")
-
     if executor == "slurm":
-        try:
-            job_id = slurm.sbatch(job.script)
-        except slurm.SlurmError as exc:
-            record_submission(job, "slurm", slurm.sbatch_command(job.script), None)
-            return _fail(err, f"submission failed: {exc}\n  The job directory is ready; resubmit with: "
-                              f"sbatch {job.script}")
-        record_submission(job, "slurm", slurm.sbatch_command(job.script), job_id)
-        table.add_row("SLURM job", job_id)
-        table.add_row("logs", f"{job.logs}/{cfg.job.name}-{job_id}.out (.err)")
-        table.add_row("watch", f"squeue -j {job_id}; tail -f {job.logs}/{cfg.job.name}-{job_id}.out")
-        table.add_row("resubmit", f"sbatch {job.script}")
-        out.print(table)
-        return 0
+        return _submit_to_slurm(cfg, job, table, out, err)
+    return _run_here(cfg, job, table, out)
 
+
+def _submit_to_slurm(cfg: AnvilConfig, job: JobDir, table: Table, out: Console, err: Console) -> int:
+    command = slurm.sbatch_command(job.script)
+    try:
+        job_id = slurm.sbatch(job.script)
+    except slurm.SlurmError as exc:
+        record_submission(job, "slurm", command, None)
+        return _fail(err, f"submission failed: {exc}\n  The job directory is ready; resubmit with: sbatch {job.script}")
+    record_submission(job, "slurm", command, job_id)
+    log = f"{job.logs}/{cfg.job.name}-{job_id}.out"
+    table.add_row("SLURM job", job_id)
+    table.add_row("logs", f"{log} (.err)")
+    table.add_row("watch", f"squeue -j {job_id}; tail -f {log}")
+    table.add_row("resubmit", f"sbatch {job.script}")
+    out.print(table)
+    return 0
+
+
+def _run_here(cfg: AnvilConfig, job: JobDir, table: Table, out: Console) -> int:
     job_id = new_job_id()
     record_submission(job, "local", ["bash", str(job.script)], job_id)
     table.add_row("local run", job_id)
@@ -175,4 +183,3 @@ def main(argv: list[str] | None = None) -> int:
         outcome = f"stopped with exit code {rc}; see {job.path}/{lifecycle.FAILED} and the logs"
     out.print(f"anvil: job {cfg.job.name} {outcome}", markup=False, soft_wrap=True)
     return rc
-
