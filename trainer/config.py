@@ -296,8 +296,8 @@ class DataConfig(Section):
     resumed onto; keep it unchanged across resumes."""
     num_workers: int = Field(default=2, ge=0)
     """Tokenizing worker processes per DP rank (0: in the training process)."""
-    prefetch: int = Field(default=4, ge=1)
-    """Batches each worker prepares ahead."""
+    prefetch: int = Field(default=16, ge=1)
+    """Batches each worker prepares ahead (batches come from workers in turn: a deep queue keeps all busy)."""
     document_positions: bool = False
     """Also yield per-token positions restarting at each document (for document-causal attention)."""
     epochs: int | None = Field(default=None, ge=1)

@@ -76,14 +76,16 @@ class _Batches(IterableDataset):
         self.batch_size, self.states, self.offset, self.threads = batch_size, states, offset, threads
 
     def __iter__(self) -> Iterator[dict]:
+        global _TOKENIZED_HERE
         info = get_worker_info()
         physical = info.id if info is not None else 0
+        if info is None:
+            _TOKENIZED_HERE = True
         workers = max(self.num_workers, 1)
         logical = (physical + self.offset) % workers  # resume with the worker whose batch is due next
         gid = self.dp_rank * workers + logical
         set_tokenizer_threads(self.threads)
         stream = WorkerStream(self.spec, gid, self.dp_size * workers, self.states.get(gid))
-        size = self.spec.seq_len + 1
         while True:
             seqs = []
             for _ in range(self.batch_size):
@@ -93,17 +95,37 @@ class _Batches(IterableDataset):
                 seqs.append(got)
             if not seqs:
                 return
-            tokens = torch.from_numpy(np.stack([s[0] for s in seqs]).astype(np.int64))
-            labels = tokens[:, 1:].clone()
-            for row, (_, _, valid) in enumerate(seqs):
-                if valid < size:
-                    labels[row, max(valid - 1, 0):] = -100  # padding at the very end of a finite run
-            batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
-            if self.spec.positions:
-                batch["positions"] = torch.from_numpy(np.stack([s[1][:-1] for s in seqs]).astype(np.int64))
-            batch["_worker"] = logical
-            batch["_state"] = stream.state_dict()
-            yield batch
+            # Plain int32 arrays travel between processes far more cheaply than tensors (no shared-memory
+            # handles); the main process turns them into the batch.
+            yield {
+                "tokens": np.stack([s[0] for s in seqs]),
+                "valid": [s[2] for s in seqs],
+                "positions": np.stack([s[1] for s in seqs]) if self.spec.positions else None,
+                "worker": logical,
+                "state": stream.state_dict(),
+            }
+
+
+def _keep(item: dict) -> dict:
+    """No collation: torch's default would walk the state dict of every batch."""
+    return item
+
+
+def _to_batch(item: dict) -> dict[str, torch.Tensor]:
+    tokens = torch.from_numpy(item["tokens"]).long()
+    labels = tokens[:, 1:].clone()
+    size = tokens.shape[1]
+    for row, valid in enumerate(item["valid"]):
+        if valid < size:
+            labels[row, max(valid - 1, 0):] = -100  # padding at the very end of a finite run
+    batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
+    if item["positions"] is not None:
+        batch["positions"] = torch.from_numpy(item["positions"][:, :-1]).long()
+    return batch
+
+
+_TOKENIZED_HERE = False
+"""Set once this process has tokenized in-process (num_workers=0): its tokenizer thread pool must not be forked."""
 
 
 @dataclass
@@ -137,18 +159,20 @@ class TokenLoader:
                            self.batch_size, copy.deepcopy(self._states), self._next, threads)
         kwargs = {}
         if self.shape.num_workers > 0:
-            # forkserver: workers fork from a clean process. A plain fork would copy the tokenizer's
-            # thread pool from a parent that has used it (num_workers=0 elsewhere, a second loader)
-            # without its threads, and hang; it would also copy the process group's threads.
+            # fork is fast and safe while this process has never tokenized (the trainer's case: with
+            # workers, it never does). After in-process tokenization a forked child would inherit the
+            # tokenizer's thread-pool locks without the threads and can hang: start from a clean server.
+            context = "forkserver" if _TOKENIZED_HERE else "fork"
             kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False,
-                      "multiprocessing_context": "fork"}
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.shape.num_workers,
-                            pin_memory=self.pin_memory, **kwargs)
+                      "multiprocessing_context": context}
+        loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=self.shape.num_workers, **kwargs)
         try:
-            for batch in loader:
-                logical = batch.pop("_worker")
-                self._states[base + logical] = batch.pop("_state")
-                self._next = (logical + 1) % self._workers
+            for item in loader:
+                self._states[base + item["worker"]] = item["state"]
+                self._next = (item["worker"] + 1) % self._workers
+                batch = _to_batch(item)
+                if self.pin_memory:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
                 yield batch
         except DataError as exc:
             # A worker's DataError arrives wrapped with its traceback; the user needs the message only.
