@@ -83,3 +83,12 @@ def test_submit_cli_refuses_a_changed_config(submit, jobs_dir: Path, tmp_path: P
     write_job(load_config(None, ["job.name=cli"], environ={}), "#!/bin/bash\n", job)
     code, out, err = submit("--name", "cli", "train.steps=5", "--executor", "slurm")
     assert code == 2 and "already exists" in err and "train.steps: 1000 -> 5" in err
+
+
+def test_secret_values_are_redacted_from_saved_text() -> None:
+    from trainer.jobdir import redact_secrets
+
+    environ = {"HF_TOKEN": "hf_abcdefgh123", "MY_API_KEY": "k-9876543210", "HOME": "/root", "SHORT_TOKEN": "abc"}
+    diff = "+token = 'hf_abcdefgh123'\n+key = 'k-9876543210'\n+home = '/root'\n+x = 'abc'\n"
+    assert redact_secrets(diff, environ) == (
+        "+token = '<HF_TOKEN redacted>'\n+key = '<MY_API_KEY redacted>'\n+home = '/root'\n+x = 'abc'\n")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.config import NAME_PATTERN, SBATCH_WORD, AnvilConfig
+from trainer.config import NAME_PATTERN, SBATCH_WORD, SECRET_NAME, AnvilConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -196,12 +196,25 @@ def known_job_ids(job: JobDir) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def redact_secrets(text: str, environ: dict[str, str] | None = None) -> str:
+    """Replace the values of secret-named environment variables (tokens, keys) wherever they appear."""
+    environ = os.environ if environ is None else environ
+    for name, value in environ.items():
+        if SECRET_NAME.search(name) and len(value) >= 8:
+            text = text.replace(value, f"<{name} redacted>")
+    return text
+
+
 def record_submission(job: JobDir, executor: str, command: list[str], job_id: str | None) -> dict:
-    """Append this submission to submit.json (and the uncommitted diff, if any, to git.diff)."""
+    """Append this submission to submit.json (and the uncommitted diff, if any, to git.diff).
+
+    The diff is the user's own code, but a token pasted into it must not be copied into the job directory
+    any more than one in the environment: the values of secret-named variables are redacted from it.
+    """
     git = dict(git_state())
     diff = git.pop("diff")
     if diff:
-        _write_atomic(job.path / "git.diff", diff)
+        _write_atomic(job.path / "git.diff", redact_secrets(diff))
     entry = {
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "executor": executor,
