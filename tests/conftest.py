@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -36,6 +37,23 @@ def submit(jobs_dir: Path, capsys: pytest.CaptureFixture) -> Callable[..., tuple
         return code, captured.out, captured.err
 
     return run
+
+
+SECRETS = {"WANDB_API_KEY": "wandb-sekrit-0123456789", "HF_TOKEN": "hf_sekrit_9876543210"}
+"""Secrets a user keeps in the submitting shell; tests check they reach no file of the job."""
+
+
+def assert_no_secrets(job: Path) -> None:
+    for path in job.rglob("*"):
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            assert not any(secret in text for secret in SECRETS.values()), f"secret leaked into {path}"
+
+
+def events(job: Path) -> list[tuple[str, int]]:
+    """(event, restart) for each line the batch shell appended to events.jsonl."""
+    lines = (job / "events.jsonl").read_text().splitlines()
+    return [(e["event"], e["restart"]) for e in map(json.loads, lines)]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.5) -> object:

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import wait_for
+from tests.conftest import SECRETS, assert_no_secrets, events, wait_for
 from trainer.jobdir import REPO_ROOT
 
-SECRETS = {"WANDB_API_KEY": "wandb-sekrit-0123456789", "HF_TOKEN": "hf_sekrit_9876543210"}
 HOSTILE = "it's $(touch CANARY) `touch CANARY`; \"quoted\" \\ $HOME"
 
 
@@ -22,18 +21,6 @@ def start_submit(args: list[str], jobs_dir: Path, cwd: Path, extra_env: dict[str
     env = {**os.environ, "ANVIL_JOBS_DIR": str(jobs_dir), **(extra_env or {})}
     return subprocess.Popen([sys.executable, str(REPO_ROOT / "submit.py"), *args, "--executor", "local"],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def assert_no_secrets(job: Path) -> None:
-    for path in job.rglob("*"):
-        if path.is_file():
-            text = path.read_text(errors="replace")
-            assert not any(secret in text for secret in SECRETS.values()), f"secret leaked into {path}"
-
-
-def events(job: Path) -> list[tuple[str, int]]:
-    lines = (job / "events.jsonl").read_text().splitlines()
-    return [(e["event"], e["restart"]) for e in map(json.loads, lines)]
 
 
 def log_text(job: Path) -> str:

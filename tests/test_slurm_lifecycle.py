@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.test_local_executor import SECRETS, assert_no_secrets
+from tests.conftest import SECRETS, assert_no_secrets, events, wait_for
 from trainer import slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
@@ -21,10 +20,6 @@ def submitted_id(out: str) -> str:
     match = re.search(r"SLURM job\s+(\d+)", out)
     assert match, out
     return match.group(1)
-
-
-def events(job: Path) -> list[tuple[str, int]]:
-    return [(e["event"], e["restart"]) for e in map(json.loads, (job / "events.jsonl").read_text().splitlines())]
 
 
 def log_of(job: Path, job_id: str) -> str:
