@@ -16,7 +16,7 @@ from trainer.model import Transformer
 def model(dim: int = 64, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     m = Transformer(ModelConfig(dim=dim, n_layers=1, n_heads=4, vocab_size=64), 16)
-    m.init_weights(torch.Generator().manual_seed(seed))
+    m.init_weights(seed)
     return m
 
 

@@ -16,7 +16,7 @@ def build(cfg: ModelConfig, seq_len: int = 32, seed: int = 0) -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg, seq_len)
     model.to_empty(device="cpu")
-    model.init_weights(torch.Generator().manual_seed(seed))
+    model.init_weights(seed)
     return model
 
 

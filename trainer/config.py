@@ -190,7 +190,25 @@ class MupConfig(Section):
     """Initialise the (untied) output head to zero, so every width starts from identical logits."""
 
 
+MODEL_FLAVORS: dict[str, dict] = {
+    "debug": {"dim": 256, "n_layers": 4, "n_heads": 4},
+    "125M": {"dim": 768, "n_layers": 12, "n_heads": 12},
+    "350M": {"dim": 1024, "n_layers": 24, "n_heads": 16},
+    "llama3-1B": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 8192,
+                  "rope_theta": 500000.0, "tie_embeddings": True},
+    "llama3-3B": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "ffn_dim": 8192,
+                  "rope_theta": 500000.0, "tie_embeddings": True},
+    "llama3-8B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 14336,
+                  "rope_theta": 500000.0},
+}
+"""Named shapes (vocabulary excluded: it follows your tokenizer): a layer just above the defaults, so any
+source that sets a model field explicitly wins over the flavor."""
+
+
 class ModelConfig(Section):
+    flavor: Literal[tuple(MODEL_FLAVORS)] | None = None  # type: ignore[valid-type]
+    """A named shape (`debug`, `125M`, `350M`, `llama3-1B`, `llama3-3B`, `llama3-8B`) filling the fields below
+    that are not set explicitly."""
     dim: int = Field(default=256, ge=8)
     """Hidden size (model width)."""
     n_layers: int = Field(default=4, ge=1)
@@ -223,7 +241,15 @@ class ParallelConfig(Section):
     dp_shard: int = Field(default=-1, ge=-1)
     """FSDP shard group size; -1 uses every rank left after `dp_replicate` and `tp`."""
     tp: int = Field(default=1, ge=1)
-    """Tensor-parallel degree (within a node)."""
+    """Tensor-parallel degree (within a node), with sequence parallelism."""
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward: every block (`full`), or all but matmul/attention outputs (`selective`)."""
+    compile: bool = False
+    """`torch.compile` each transformer block (needs a C++ compiler on CPU, Triton on GPU)."""
+    init_timeout_s: int = Field(default=600, ge=10)
+    """Collective timeout until the first step is done (process-group start, compilation)."""
+    step_timeout_s: int = Field(default=300, ge=10)
+    """Collective timeout after the first step: a hung rank fails the job quickly instead of burning hours."""
 
     @field_validator("dp_shard")
     @classmethod
@@ -263,8 +289,15 @@ class TrainConfig(Section):
     """Sequences per optimizer step, summed over data-parallel ranks and micro-batches."""
     micro_batch_size: int = Field(default=1, ge=1)
     """Sequences per data-parallel rank per forward/backward; gradient accumulation makes up the rest."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     """Random seed for initialisation and data order."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype: `bf16` parameters in forward/backward with fp32 master weights and gradient reduction,
+    or `fp32` throughout; `auto` is bf16 on GPU and fp32 on CPU."""
+    liger: bool = False
+    """Liger Triton kernels on GPU (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); ignored with a message on CPU."""
+    gc_every: int = Field(default=50, ge=1)
+    """Run Python's garbage collector every this many steps, on all ranks at once (no random straggler pauses)."""
 
 
 class DatasetSpec(Section):
@@ -309,6 +342,11 @@ class CheckpointConfig(Section):
     """Save every this many steps (and always on preemption and at the end)."""
     keep: int = Field(default=3, ge=1)
     """Complete checkpoints to keep; older ones are deleted."""
+    async_save: bool | None = None
+    """Write checkpoints in the background while training goes on (None: on GPU only)."""
+    init_from: str | None = None
+    """Start from the weights of another job's checkpoint (a job directory: its newest complete step; or a
+    `step-N` directory); its optimizer state and step are not taken. Ignored once this job has a checkpoint."""
 
 
 class WandbConfig(Section):
@@ -329,8 +367,8 @@ class MetricsConfig(Section):
     """Weights & Biases logging."""
 
 
-LOWER_LAYERS: contextvars.ContextVar[tuple[dict, dict]] = contextvars.ContextVar("anvil_lower_layers")
-"""The YAML file and cluster profile of the load in progress (set by `config_sources.load_config`)."""
+LOWER_LAYERS: contextvars.ContextVar[tuple[dict, dict, dict]] = contextvars.ContextVar("anvil_lower_layers")
+"""The YAML file, cluster profile and model flavor of the load in progress (set by `config_sources.load_config`)."""
 
 
 class AnvilConfig(BaseSettings):
@@ -349,13 +387,14 @@ class AnvilConfig(BaseSettings):
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """CLI overrides (init) > environment > YAML file > cluster profile > defaults."""
-        yaml_data, profile = LOWER_LAYERS.get(({}, {}))
+        """CLI overrides (init) > environment > YAML file > cluster profile > model flavor > defaults."""
+        yaml_data, profile, flavor = LOWER_LAYERS.get(({}, {}, {}))
         return (
             init_settings,
             env_settings,
             InitSettingsSource(settings_cls, yaml_data),
             InitSettingsSource(settings_cls, {"cluster": profile} if profile else {}),
+            InitSettingsSource(settings_cls, {"model": flavor} if flavor else {}),
         )
 
     job: JobConfig

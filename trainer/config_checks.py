@@ -50,6 +50,18 @@ def parallel_problems(cfg: AnvilConfig) -> list[str]:
         problems.append(f"model.n_kv_heads: {kv_heads} must divide model.n_heads = {m.n_heads}")
     if m.dim % m.n_heads:
         problems.append(f"model.dim: {m.dim} is not divisible by model.n_heads = {m.n_heads}")
+    elif (m.dim // m.n_heads) % 2:
+        problems.append(f"model.dim: the head size dim / n_heads = {m.dim // m.n_heads} must be even for RoPE")
+    if p.tp > 1:
+        if m.tie_embeddings:
+            problems.append("model.tie_embeddings: tied embeddings cannot be split with parallel.tp > 1 "
+                            "(the embedding and the head shard on different axes); untie them or use tp=1")
+        if m.vocab_size % p.tp:
+            problems.append(f"model.vocab_size: {m.vocab_size} is not divisible by parallel.tp = {p.tp} "
+                            "(pad the vocabulary up to a multiple)")
+        if cfg.data.seq_len % p.tp:
+            problems.append(f"data.seq_len: {cfg.data.seq_len} is not divisible by parallel.tp = {p.tp} "
+                            "(sequence parallelism splits the sequence)")
     if not problems:
         dp = p.dp_replicate * dp_shard_degree(cfg)
         per_step = t.micro_batch_size * dp
@@ -119,14 +131,33 @@ def filesystem_problems(cfg: AnvilConfig) -> list[str]:
             )
         elif path.is_dir() and not any(path.rglob("*.parquet")):
             problems.append(f"data.datasets.{i}.path: directory '{ds.path}' holds no .parquet file")
-    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_file():
-        problems.append(f"data.tokenizer: '{cfg.data.tokenizer}' is not a file (expected a tokenizer.json)")
+    if cfg.data.tokenizer is not None:
+        if not Path(cfg.data.tokenizer).is_file():
+            problems.append(f"data.tokenizer: '{cfg.data.tokenizer}' is not a file (expected a tokenizer.json)")
+        else:
+            problems += _tokenizer_problems(cfg)
+    if cfg.checkpoint.init_from is not None and not Path(cfg.checkpoint.init_from).is_dir():
+        problems.append(f"checkpoint.init_from: '{cfg.checkpoint.init_from}' is not a directory "
+                        "(expected a job directory or one of its checkpoints/step-N directories)")
     container = cfg.cluster.container
     if container is not None and not Path(container.image).is_file():
         problems.append(f"cluster.container.image: '{container.image}' does not exist on this machine")
     if cfg.cluster.venv is not None and not (Path(cfg.cluster.venv) / "bin" / "activate").is_file():
         problems.append(f"cluster.venv: '{cfg.cluster.venv}' has no bin/activate (expected a virtual environment)")
     return problems
+
+
+def _tokenizer_problems(cfg: AnvilConfig) -> list[str]:
+    from tokenizers import Tokenizer  # only when a tokenizer is configured: keeps plain submits fast
+
+    try:
+        size = Tokenizer.from_file(str(cfg.data.tokenizer)).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        return [f"data.tokenizer: '{cfg.data.tokenizer}' cannot be read as a tokenizer.json ({exc})"]
+    if size > cfg.model.vocab_size:
+        return [f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {size} tokens "
+                f"({cfg.data.tokenizer}); set model.vocab_size={size} or more"]
+    return []
 
 
 def all_problems(cfg: AnvilConfig, filesystem: bool = True) -> list[str]:

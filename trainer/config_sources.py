@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from trainer.config import (
     ENV_NAME,
     LOWER_LAYERS,
+    MODEL_FLAVORS,
     NAME_PATTERN,
     SBATCH_WORD,
     SECRET_NAME,
@@ -257,6 +258,17 @@ def _describe(error: dict, layers: _Layers) -> str:
     return f"{path}: {message}{value}" + (f" ({origin})" if origin else "")
 
 
+def _flavor(cli: dict, environ: Mapping[str, str], yaml_data: dict) -> object:
+    """The model flavor named by the highest source that names one."""
+    found, value = _get(cli, ["model", "flavor"])
+    if found:
+        return value
+    env = next((v for k, v in environ.items() if k.upper() == "ANVIL_MODEL__FLAVOR"), None)
+    if env is not None:
+        return env
+    return _get(yaml_data, ["model", "flavor"])[1]
+
+
 def load_config(config_file: Path | None, overrides: list[str] = (), environ: Mapping[str, str] | None = None,
                 ) -> AnvilConfig:
     """Resolve every source into one validated config, or raise ConfigError listing each problem."""
@@ -286,7 +298,7 @@ def load_config(config_file: Path | None, overrides: list[str] = (), environ: Ma
         raise ConfigError(problems)
 
     layers = _Layers(cli, environ, yaml_data, yaml_name, profile, str(profile_path))
-    token = LOWER_LAYERS.set((yaml_data, profile))
+    token = LOWER_LAYERS.set((yaml_data, profile, MODEL_FLAVORS.get(_flavor(cli, environ, yaml_data), {})))
     saved_environ = None
     if environ is not os.environ:  # pydantic-settings reads os.environ; swap it for the duration
         saved_environ = dict(os.environ)

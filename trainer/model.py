@@ -11,6 +11,8 @@ Face's Llama, so weights export without permutation.
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # bf16 compute: keep q, k, v in one dtype
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
@@ -134,21 +137,45 @@ class Transformer(nn.Module):
         return self.output(h)  # through the module, so that a tensor-parallel plan on it applies
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """After materialisation (`to_empty`): the planned init for every parameter, and the RoPE tables."""
+    def init_weights(self, seed: int = 0,
+                     place: Callable[[nn.Parameter, torch.Tensor], None] | None = None) -> None:
+        """After materialisation (`to_empty`): the planned init for every parameter, and the RoPE tables.
+
+        Each parameter's full value comes from its own generator, seeded by the run seed and its name, so the
+        initial model is the same whatever the parallel layout; `place` copies a full value into a (possibly
+        sharded) parameter.
+        """
         plan = param_plan(self.cfg)
         for name, param in self.named_parameters():
-            std = plan[name].init_std
-            if std is None:
-                param.fill_(1.0)
-            elif std == 0.0:
-                param.zero_()
+            name = plain_name(name)
+            full = initial_value(name, tuple(param.shape), plan[name], seed, param.device)
+            if place is None:
+                param.copy_(full)
             else:
-                nn.init.normal_(param, mean=0.0, std=std, generator=generator)
+                place(param, full)
         cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.max_seq_len, self.cfg.rope_theta,
                                device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name as this module defines it, without the prefixes of wrappers applied from outside
+    (activation checkpointing, compile)."""
+    for prefix in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def initial_value(name: str, shape: tuple[int, ...], entry: ParamPlan, seed: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The full initial tensor of parameter `name` (fp32, on `device`)."""
+    if entry.init_std is None:
+        return torch.ones(shape, device=device)
+    if entry.init_std == 0.0:
+        return torch.zeros(shape, device=device)
+    generator = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, device=device).normal_(0.0, entry.init_std, generator=generator)
 
 
 @dataclass(frozen=True)

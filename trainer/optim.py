@@ -14,14 +14,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.config import ModelConfig, OptimConfig
-from trainer.model import param_plan
-
-
-def _plain_name(name: str) -> str:
-    """Names as the model defines them, without wrapper prefixes (activation checkpointing, compile)."""
-    for prefix in ("_checkpoint_wrapped_module.", "_orig_mod."):
-        name = name.replace(prefix, "")
-    return name
+from trainer.model import param_plan, plain_name
 
 
 def build_optimizer(model: nn.Module, model_cfg: ModelConfig, optim: OptimConfig, fused: bool = False
@@ -29,7 +22,7 @@ def build_optimizer(model: nn.Module, model_cfg: ModelConfig, optim: OptimConfig
     plan = param_plan(model_cfg)
     groups: dict[tuple[float, float], list[nn.Parameter]] = defaultdict(list)
     for name, param in model.named_parameters():
-        entry = plan.get(_plain_name(name))
+        entry = plan.get(plain_name(name))
         if entry is None:
             raise KeyError(f"parameter {name} has no muP role in trainer.model.param_plan")
         groups[(entry.lr_mult, entry.wd_mult)].append(param)

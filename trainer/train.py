@@ -1,12 +1,17 @@
 """`python -m trainer.train jobs/<name>`: what slurm.sh runs on every rank.
 
-For now the distributed skeleton the trainer will fill: it reads the frozen config, joins the
-process group across all nodes, proves the group works with an all-reduce, then runs the step
-loop with the preemption protocol (a step is a placeholder pause until the model exists).
+Reads only the job's `config.json`; builds the mesh, the loader and the parallelized model; resumes from
+the newest complete checkpoint; trains; checkpoints every `checkpoint.interval` steps, on preemption
+(then exits with `PREEMPTED_EXIT` so the batch shell requeues) and at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import gc
+import json
+import math
 import os
 import socket
 import sys
@@ -15,15 +20,36 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from pydantic import ValidationError
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.distributed_c10d import _set_pg_timeout
+from torch.distributed.tensor import DTensor
 
-from trainer import lifecycle
+from trainer import checkpoint, lifecycle
 from trainer.config import AnvilConfig
 from trainer.config_checks import world_size
+from trainer.data.sources import DataError
+from trainer.data.loader import build_loader
 from trainer.distributed import init_distributed
+from trainer.metrics import MetricsLogger, memory_gib, mfu
+from trainer.model import flops_per_token, num_params, param_plan, plain_name
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallelize import Layout, build_layout, build_model
 from trainer.preemption import PreemptionWatch
 
-PLACEHOLDER_STEP_SECONDS = 0.2
+EXIT_ERROR = 2
+"""Bad input (config, data, checkpoint) or a NaN loss: fixing it needs a person, so nothing is retried here."""
+
+
+class TrainingError(Exception):
+    """A problem a person must fix; the message says what."""
 
 
 def log(rank: int, message: str) -> None:
@@ -41,42 +67,247 @@ def load_job_config(job_dir: Path) -> AnvilConfig:
         sys.exit(f"anvil: {path} is not a valid Anvil config ({exc.error_count()} problems):\n{exc}")
 
 
+def compute_dtype(cfg: AnvilConfig) -> torch.dtype:
+    choice = cfg.train.mixed_precision
+    if choice == "auto":
+        choice = "fp32" if cfg.cluster.device == "cpu" else "bf16"
+    return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
+def init_from_step(path: Path) -> tuple[Path, int]:
+    """`checkpoint.init_from`: a job directory (its newest complete step) or one `step-N` directory."""
+    if (path / checkpoint.COMPLETE).is_file() and path.name.startswith("step-"):
+        return path.parent, int(path.name.removeprefix("step-"))
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    step = checkpoint.latest_complete(root)
+    if step is None:
+        raise TrainingError(f"checkpoint.init_from: {path} holds no complete checkpoint "
+                            "(give a job directory that has saved one, or a checkpoints/step-N directory)")
+    return root, step
+
+
+class Trainer:
+    def __init__(self, cfg: AnvilConfig, job_dir: Path, rank: int, layout: Layout, device: torch.device):
+        self.cfg, self.job_dir, self.rank, self.layout, self.device = cfg, job_dir, rank, layout, device
+        self.ckpt_root = job_dir / "checkpoints"
+        self.metrics = MetricsLogger(cfg, job_dir, enabled=rank == 0)
+        t = cfg.train
+        self.accum = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
+        self.dtype = compute_dtype(cfg)
+        self.loader = build_loader(cfg.data, t.seed, layout.dp_rank, layout.dp_size, t.micro_batch_size,
+                                   pin_memory=device.type == "cuda")
+        if cfg.train.liger and device.type != "cuda":
+            self.metrics.line("train.liger is set, but Liger's Triton kernels need a GPU; this CPU job uses the "
+                              "plain PyTorch path")
+        self.model = build_model(cfg, layout, device, self.dtype)
+        if cfg.train.liger and device.type == "cuda":
+            from trainer.liger import apply_liger
+            apply_liger(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=device.type == "cuda")
+        self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
+        self.watch = PreemptionWatch(job_dir, device)
+        self.step = 0
+        self.tokens_seen = 0
+        # Without FSDP, bf16 comes from autocast; with it, from FSDP's mixed-precision policy.
+        self.autocast = (torch.autocast(device.type, dtype=self.dtype)
+                         if self.dtype != torch.float32 and not layout.fsdp else contextlib.nullcontext())
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def _train_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict()}
+
+    def save(self) -> None:
+        started = time.perf_counter()
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state,
+                 "train": json.dumps(self._train_state()).encode()}
+        loader_states = {self.layout.dp_rank: self.loader.state_dict()} if self.layout.tp_rank == 0 else {}
+        checkpoint.save(self.ckpt_root, self.step, state, loader_states, keep=self.cfg.checkpoint.keep)
+        self.metrics.line(f"checkpoint step-{self.step} saved in {time.perf_counter() - started:.1f} s")
+
+    def restore(self) -> None:
+        latest = checkpoint.latest_complete(self.ckpt_root)
+        if latest is not None:
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_state, "optim": optim_state, "train": b""}
+            loader_states = checkpoint.load(self.ckpt_root, latest, state)
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+            train = json.loads(state["train"])
+            self.step, self.tokens_seen = train["step"], train["tokens_seen"]
+            self.scheduler.load_state_dict(train["scheduler"])
+            try:
+                self.loader.load_state_dict(loader_states)
+            except DataError as exc:
+                raise TrainingError(str(exc)) from None
+            self.metrics.line(f"resumed from {checkpoint.step_path(self.ckpt_root, latest)} (step {self.step})")
+        elif self.cfg.checkpoint.init_from is not None:
+            root, step = init_from_step(Path(self.cfg.checkpoint.init_from))
+            state = {"model": get_model_state_dict(self.model)}
+            try:
+                checkpoint.load(root, step, state)
+            except checkpoint.CheckpointError as exc:
+                raise TrainingError(f"checkpoint.init_from: {exc}") from None
+            set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
+            self.metrics.line(f"initialised weights from {checkpoint.step_path(root, step)} "
+                              "(its optimizer state and step are not used)")
+
+    # -- one optimizer step ----------------------------------------------------------------------------------
+
+    def _reduce_dp(self, value: torch.Tensor) -> torch.Tensor:
+        for group in self.layout.dp_groups():
+            dist.all_reduce(value, group=group)
+        return value
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+        """Forward/backward over the micro-batches, clip, step; returns this rank's loss part, the gradient
+        norm, the learning rate used and the global token count."""
+        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        # The loss is a sum over every token of the global batch divided by their count: exact under
+        # gradient accumulation, uneven padding and any number of data-parallel ranks.
+        global_tokens = int(self._reduce_dp(torch.tensor([local_tokens], device=self.device,
+                                                          dtype=torch.float64)).item())
+        loss_sum = torch.zeros((), device=self.device)
+        for i, mb in enumerate(micro_batches):
+            if self.layout.fsdp:
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            tokens = mb["input_ids"].to(self.device, non_blocking=True)
+            labels = mb["labels"].to(self.device, non_blocking=True)
+            positions = mb["positions"].to(self.device, non_blocking=True) if "positions" in mb else None
+            with self.autocast:
+                logits = self.model(tokens, positions)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                   reduction="sum") / global_tokens
+            del logits
+            # FSDP averages gradients over the data-parallel ranks; they are to be summed (gloo cannot
+            # reduce with a custom divide factor, so the scale goes on the loss).
+            (loss * self.layout.dp_size).backward()
+            loss_sum += loss.detach()
+        clip = self.cfg.optim.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        if not torch.isfinite(grad_norm):
+            loss = self._reduce_dp(loss_sum.clone())
+            raise FloatingPointError(f"loss {loss.item():g}, gradient norm {grad_norm.item():g}")
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"] / group["lr_mult"]  # the peak-relative LR, whatever muP does per group
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": global_tokens}
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def _next_micro_batches(self, batches) -> list[dict] | None:
+        found = []
+        for _ in range(self.accum):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            found.append(batch)
+        exhausted = torch.tensor([0.0 if len(found) == self.accum else 1.0], device=self.device)
+        if self.cfg.data.epochs is not None:  # only a finite run can end early, and all ranks must agree
+            dist.all_reduce(exhausted, op=dist.ReduceOp.MAX)
+        return None if exhausted.item() else found
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self.restore()
+        self.metrics.start(self.step)
+        shapes = {plain_name(n): tuple(p.shape) for n, p in self.model.named_parameters()}
+        if self.step == 0:
+            self.metrics.print_plan(param_plan(cfg.model), shapes)
+        flops = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.metrics.line(
+            f"model {num_params(cfg.model) / 1e6:.1f}M parameters, {flops / 1e9:.3f} GFLOP/token; "
+            f"mesh dp_replicate×dp_shard×tp = {'×'.join(map(str, self.layout.mesh.shape))}; "
+            f"{self.dtype} compute; {self.accum} micro-batch(es) of {cfg.train.micro_batch_size} per step; "
+            f"training steps {self.step + 1}..{cfg.train.steps}")
+        batches = iter(self.loader)
+        window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+        gc.disable()
+        while self.step < cfg.train.steps:
+            if self.watch.requested():
+                self.save()
+                self.watch.mark_preempted(self.step)
+                self.metrics.line(f"preempted after step {self.step}; checkpoint saved, requeue requested")
+                return lifecycle.PREEMPTED_EXIT
+            fetch = time.perf_counter()
+            micro_batches = self._next_micro_batches(batches)
+            data_wait += time.perf_counter() - fetch
+            if micro_batches is None:
+                self.metrics.line(f"the data ended (data.epochs = {cfg.data.epochs}) after step {self.step}")
+                break
+            try:
+                out = self.train_step(micro_batches)
+            except FloatingPointError as exc:
+                raise TrainingError(
+                    f"step {self.step + 1}: {exc}. Nothing was saved from this state; the newest complete "
+                    f"checkpoint is step-{checkpoint.latest_complete(self.ckpt_root)}. Lower optim.lr, raise "
+                    "optim.warmup_steps or set optim.grad_clip, and resubmit") from None
+            self.step += 1
+            self.tokens_seen += out["tokens"]
+            window_tokens += out["tokens"]
+            if self.step == 1:  # start-up (compilation, first collectives) is over: hangs now fail fast
+                timeout = dt.timedelta(seconds=cfg.parallel.step_timeout_s)
+                for group in [None, *self.layout.all_groups()]:
+                    _set_pg_timeout(timeout, group)
+            if self.step % cfg.train.gc_every == 0:
+                gc.collect(1)
+            if self.step % cfg.metrics.log_every == 0 or self.step == cfg.train.steps:
+                elapsed = time.perf_counter() - window_start
+                per_device = window_tokens / elapsed / dist.get_world_size() * self.layout.tp
+                self.metrics.log({
+                    "step": self.step, "loss": self._reduce_dp(out["loss"]).item(),
+                    "grad_norm": out["grad_norm"].item(), "lr": out["lr"],
+                    "tokens_seen": self.tokens_seen, "tokens_per_s": window_tokens / elapsed,
+                    "tokens_per_s_per_device": per_device,
+                    "mfu": mfu(per_device / self.layout.tp, flops, cfg.cluster.mfu_peak_tflops),
+                    "memory_gib": memory_gib(self.device), "data_wait": data_wait / elapsed,
+                    "step_time_s": elapsed / max(cfg.metrics.log_every, 1),
+                })
+                window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+                self.save()
+        else:
+            self.metrics.line(f"finished {self.step} steps")
+        if checkpoint.latest_complete(self.ckpt_root) != self.step:
+            self.save()
+        return 0
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         sys.exit("usage: python -m trainer.train jobs/<name>")
     job_dir = Path(argv[1]).resolve()
     cfg = load_job_config(job_dir)
-    ranks = init_distributed(cfg)
+    ranks = init_distributed(cfg, timeout_s=cfg.parallel.init_timeout_s)
     expected = world_size(cfg)
     if ranks.world_size != expected:
         if ranks.rank == 0:
             log(0, f"the allocation has {ranks.world_size} ranks but the config asks for cluster.nodes × "
                    f"cluster.devices_per_node = {expected}; fix the config (or the sbatch options you added)")
         dist.destroy_process_group()
-        return 2
+        return EXIT_ERROR
     device = torch.device("cpu") if cfg.cluster.device == "cpu" else torch.device("cuda", ranks.local_rank)
-    total = torch.tensor([float(ranks.rank + 1)], device=device)
-    dist.all_reduce(total)
-    want = ranks.world_size * (ranks.world_size + 1) / 2
-    log(ranks.rank, f"rank {ranks.rank}/{ranks.world_size} all-reduce sum {total.item():g} (expected {want:g}); "
+    log(ranks.rank, f"rank {ranks.rank}/{ranks.world_size} on {device}; "
                     f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')}")
-    if total.item() != want:
-        return 1
-
-    watch = PreemptionWatch(job_dir, device)
-    for step in range(1, cfg.train.steps + 1):
-        if watch.requested():
-            # The trainer saves its checkpoint here before marking the job preempted.
-            watch.mark_preempted(step - 1)
-            if ranks.rank == 0:
-                log(0, f"preempted after step {step - 1}; requeue requested")
-            dist.destroy_process_group()
-            return lifecycle.PREEMPTED_EXIT
-        time.sleep(PLACEHOLDER_STEP_SECONDS)
-        if ranks.rank == 0 and step % cfg.metrics.log_every == 0:
-            log(0, f"step {step}/{cfg.train.steps}")
+    torch.manual_seed(cfg.train.seed)
+    trainer = None
+    try:
+        layout = build_layout(cfg, device.type)
+        trainer = Trainer(cfg, job_dir, ranks.rank, layout, device)
+        code = trainer.run()
+    except (TrainingError, DataError, checkpoint.CheckpointError) as exc:
+        log(ranks.rank, f"error: {exc}")
+        code = EXIT_ERROR
+    finally:
+        if trainer is not None:
+            trainer.metrics.finish()
     dist.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""Run under torchrun by tests/test_train.py: 10 optimizer steps of the trainer's own `train_step` on one
+fixed global batch sequence, whatever the parallel layout, so layouts can be compared number for number.
+
+Every rank reads the same global batches (a one-rank loader) and takes its data-parallel slice, as the
+loader would hand it; rank 0 writes the losses and gradient norms as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.data.loader import build_loader
+from trainer.distributed import init_distributed
+from trainer.parallelize import build_layout
+from trainer.train import Trainer, load_job_config
+
+
+def main(job_dir: str, out: str, steps: int = 10) -> None:
+    cfg = load_job_config(Path(job_dir))
+    ranks = init_distributed(cfg)
+    torch.manual_seed(cfg.train.seed)
+    layout = build_layout(cfg, "cpu")
+    trainer = Trainer(cfg, Path(job_dir), ranks.rank, layout, torch.device("cpu"))
+    t = cfg.train
+    per_rank = t.global_batch_size // layout.dp_size
+    batches = iter(build_loader(cfg.data, t.seed, 0, 1, t.global_batch_size))
+    record = []
+    for _ in range(steps):
+        batch = next(batches)
+        mine = {k: v[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank] for k, v in batch.items()}
+        micro = [{k: v[i:i + t.micro_batch_size] for k, v in mine.items()}
+                 for i in range(0, per_rank, t.micro_batch_size)]
+        result = trainer.train_step(micro)
+        record.append([trainer._reduce_dp(result["loss"]).item(), result["grad_norm"].item()])
+    if ranks.rank == 0:
+        Path(out).write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

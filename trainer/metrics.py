@@ -1,0 +1,119 @@
+"""Where training metrics go (rank 0 only): `metrics.jsonl` in the job directory, one console line, and wandb.
+
+The wandb run id is kept in the job directory, so every attempt of a requeued job continues one run.
+On resume, `metrics.jsonl` is cut back to the restored step: the history reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from trainer.config import AnvilConfig
+from trainer.model import ParamPlan
+
+METRICS = "metrics.jsonl"
+WANDB_ID = "wandb-run-id"
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: device memory on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the device's peak (None without a peak)."""
+    if not peak_tflops:
+        return None
+    return tokens_per_s_per_device * flops_per_token / (peak_tflops * 1e12)
+
+
+class MetricsLogger:
+    def __init__(self, cfg: AnvilConfig, job_dir: Path, enabled: bool):
+        self.cfg, self.job_dir, self.enabled = cfg, job_dir, enabled
+        self.path = job_dir / METRICS
+        self.console = Console(highlight=False, soft_wrap=True)
+        self.run = None
+
+    def line(self, message: str) -> None:
+        if self.enabled:
+            node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+            self.console.print(f"anvil[rank 0 {node}]: {message}", markup=False)
+
+    def start(self, resumed_step: int) -> None:
+        """Cut history back to the restored step and open (or continue) the wandb run."""
+        if not self.enabled:
+            return
+        if self.path.exists():
+            kept = [row for row in self.path.read_text().splitlines()
+                    if row.strip() and json.loads(row).get("step", 0) <= resumed_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(f"{row}\n" for row in kept))
+            tmp.replace(self.path)
+        if self.cfg.metrics.wandb.enabled:
+            self.run = self._wandb_run()
+
+    def _wandb_run(self):
+        import wandb  # imported only when enabled: it takes a second and spawns a service process
+
+        id_file = self.job_dir / WANDB_ID
+        if not id_file.exists():
+            tmp = id_file.with_suffix(".tmp")
+            tmp.write_text(wandb.util.generate_id() + "\n")
+            tmp.replace(id_file)
+        w = self.cfg.metrics.wandb
+        run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, id=id_file.read_text().strip(),
+                         resume="allow", name=self.cfg.job.name, dir=str(self.job_dir),
+                         config=self.cfg.model_dump(mode="json"))
+        run.define_metric("step")
+        run.define_metric("*", step_metric="step")
+        return run
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self.run.log(row)
+        parts = [f"step {row['step']}/{self.cfg.train.steps}", f"loss {row['loss']:.4f}",
+                 f"grad {row['grad_norm']:.3f}", f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
+        if row.get("mfu") is not None:
+            parts.append(f"mfu {100 * row['mfu']:.1f}%")
+        parts += [f"mem {row['memory_gib']:.2f} GiB", f"data {100 * row['data_wait']:.0f}%"]
+        self.line("  ".join(parts))
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+    def print_plan(self, plan: dict[str, ParamPlan], shapes: dict[str, tuple[int, ...]]) -> None:
+        """The muP plan, one row per role: what each kind of parameter gets."""
+        if not self.enabled:
+            return
+        table = Table(title="parameter plan (muP)" if self.cfg.model.mup.enabled else "parameter plan (SP)")
+        for column in ("role", "tensors", "parameters", "init std", "lr mult", "wd mult"):
+            table.add_column(column, justify="left" if column == "role" else "right")
+        rows: dict[tuple, list[int]] = {}
+        for name, entry in plan.items():
+            key = (entry.role, entry.init_std, entry.lr_mult, entry.wd_mult)
+            count = rows.setdefault(key, [0, 0])
+            count[0] += 1
+            count[1] += math.prod(shapes[name])
+        for (role, std, lr, wd), (tensors, params) in rows.items():
+            table.add_row(role, str(tensors), f"{params:,}", "ones" if std is None else f"{std:.4g}",
+                          f"{lr:.4g}", f"{wd:.4g}")
+        if self.enabled:
+            self.console.print(table)

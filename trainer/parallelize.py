@@ -1,0 +1,156 @@
+"""Parallelisms applied to the plain model, in torchtitan's fixed order: TP/SP → activation checkpointing →
+per-block compile → FSDP2 / HSDP; then materialise and initialise.
+
+One 3-D DeviceMesh `(dp_replicate, dp_shard, tp)` describes every layout; TP ranks of one data-parallel
+group read the same batches. Initialisation fills each parameter from its full, seeded value (see
+`model.initial_value`), so every layout starts from the same model, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from trainer.config import AnvilConfig
+from trainer.config_checks import dp_shard_degree
+from trainer.model import Transformer
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits: its mesh, and its place among the data-parallel ranks."""
+
+    mesh: DeviceMesh
+    dp_rank: int
+    dp_size: int
+    tp_rank: int
+    tp: int
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dp_size > 1
+
+    def dp_groups(self) -> list:
+        """Process groups to sum over for a data-parallel reduction (the dimensions larger than one)."""
+        return [self.mesh.get_group(d) for d in ("dp_replicate", "dp_shard") if self.mesh.size(MESH_DIMS.index(d)) > 1]
+
+    def all_groups(self) -> list:
+        return [self.mesh.get_group(d) for d in MESH_DIMS]
+
+
+def build_layout(cfg: AnvilConfig, device_type: str) -> Layout:
+    p = cfg.parallel
+    shape = (p.dp_replicate, dp_shard_degree(cfg), p.tp)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    replicate, shard, tp_rank = (mesh.get_local_rank(d) for d in MESH_DIMS)
+    return Layout(mesh, dp_rank=replicate * shape[1] + shard, dp_size=shape[0] * shape[1], tp_rank=tp_rank,
+                  tp=shape[2])
+
+
+def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP with sequence parallelism: activations between blocks are sharded on the sequence."""
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    })
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+
+
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep the expensive outputs (matmuls, attention); recompute the cheap elementwise ones."""
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    for name, block in list(model.layers.items()):
+        if mode == "full":
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+        elif mode == "selective":
+            context = partial(create_selective_checkpoint_contexts, _selective_policy)
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context)
+
+
+def apply_compile(model: Transformer) -> None:
+    """Each block on its own: one graph reused by every layer keeps compile time low."""
+    for name, block in list(model.layers.items()):
+        model.layers[name] = torch.compile(block, fullgraph=True)
+
+
+def apply_fsdp(model: Transformer, layout: Layout, param_dtype: torch.dtype) -> None:
+    """FSDP2 per block, then the root (embeddings, final norm, head); HSDP when dp_replicate > 1."""
+    replicate = layout.mesh.size(0) > 1
+    mesh = layout.mesh["dp_replicate", "dp_shard"] if replicate else layout.mesh["dp_shard"]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def place_full_value(param: nn.Parameter, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) value into this rank's part of `param`: slicing only, no communication."""
+    if isinstance(param, DTensor):
+        replicated = DTensor.from_local(full, param.device_mesh, [Replicate()] * param.device_mesh.ndim,
+                                        run_check=False)
+        param.to_local().copy_(replicated.redistribute(param.device_mesh, param.placements).to_local())
+    else:
+        param.copy_(full)
+
+
+def build_model(cfg: AnvilConfig, layout: Layout, device: torch.device, param_dtype: torch.dtype) -> Transformer:
+    """Meta model → parallelisms in order → memory on `device` → the seeded initial weights."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.data.seq_len)
+    if layout.tp > 1:
+        apply_tp(model, layout.mesh["tp"])
+    if cfg.parallel.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+    if cfg.parallel.compile:
+        apply_compile(model)
+    if layout.fsdp:
+        apply_fsdp(model, layout, param_dtype)
+    model.to_empty(device=device)
+    model.init_weights(cfg.train.seed, place=place_full_value)
+    return model
