@@ -4,13 +4,20 @@ moments, NaN handling and bad checkpoints. Real Parquet, a real BPE tokenizer, r
 from __future__ import annotations
 
 import json
+import os
+import random
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import free_port, losses, make_job, run_trainer, trainer_env
+from tests.train_helpers import free_port, losses, make_job, run_trainer, trainer_command, trainer_env
+from trainer import checkpoint
 from trainer.data.tools import build_demo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,4 +59,92 @@ def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Pat
     for name, got in results.items():
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, reference, strict=True), 1):
             assert abs(loss - ref_loss) <= 1e-5, f"{name}: step {step} loss {loss} vs {ref_loss}"
-            assert abs(norm - ref_norm) <= 1e-4 * max(ref_norm, 1), f"{name}: step {step} grad norm {norm} vs {ref_norm}"
+            assert abs(norm - ref_norm) <= 1e-4 * max(ref_norm, 1), f"{name}: step {step} norm {norm} vs {ref_norm}"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int) -> None:
+    """20 steps straight == 10 steps, restore, 10 more: model, optimizer, schedule and data position."""
+    settings = [f"cluster.devices_per_node={ranks}", "checkpoint.keep=4", f"data.num_workers={ranks - 1}"]
+    straight = make_job(tmp_path, "straight", corpus, *settings)
+    done = run_trainer(straight, ranks)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    reference = losses(straight)
+    assert sorted(reference) == list(range(1, 21))
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for step in (15, 20):  # as if the run had stopped right after saving step 10
+        shutil.rmtree(resumed / "checkpoints" / f"step-{step}")
+    done = run_trainer(resumed, ranks)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"resumed from {resumed / 'checkpoints' / 'step-10'} (step 10)" in done.stdout
+    again = losses(resumed)
+    assert sorted(again) == list(range(1, 21))
+    for step in range(11, 21):
+        assert abs(again[step] - reference[step]) <= 1e-6, (step, again[step], reference[step])
+
+
+def _wait(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Poll fast until `predicate` holds (True) or the trainer exits (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if predicate():
+            return True
+        time.sleep(0.002)
+    raise AssertionError("the trainer neither progressed nor finished")
+
+
+def _saving(root: Path) -> bool:
+    return any(path.is_dir() and not (path / checkpoint.COMPLETE).exists() for path in root.glob("step-*"))
+
+
+def _logged_step(log: Path) -> int:
+    """The newest step this attempt has logged (log_every=1)."""
+    return max((int(s) for s in re.findall(r"step (\d+)/\d+  loss", log.read_text())), default=0)
+
+
+def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_checkpoint(
+        tmp_path: Path, corpus: Path) -> None:
+    settings = ["train.steps=40", "checkpoint.interval=4", "checkpoint.keep=2"]
+    reference_job = make_job(tmp_path, "uninterrupted", corpus, *settings)
+    done = run_trainer(reference_job)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = losses(reference_job)
+
+    job = make_job(tmp_path, "killed", corpus, *settings)
+    root = job / "checkpoints"
+    rng = random.Random(1234)
+    kills = {"during a step": 0, "during a checkpoint write": 0}
+    attempt = 0
+    while sum(kills.values()) < 10:
+        log = tmp_path / f"attempt{attempt}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(trainer_command(job, 1), stdout=out, stderr=subprocess.STDOUT,
+                                    env=trainer_env(), start_new_session=True)
+            saved_before = checkpoint.latest_complete(root)
+            if attempt % 2 == 0:
+                target = rng.randint((saved_before or 0) + 1, (saved_before or 0) + 6)
+                moment = "during a step"
+                hit = _wait(lambda t=target: _logged_step(log) >= t, proc)
+            else:
+                moment = "during a checkpoint write"
+                hit = _wait(lambda: _saving(root), proc)
+            if not hit:
+                raise AssertionError(f"the run finished before the kill:\n{log.read_text()[-2000:]}")
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        kills[moment] += 1
+        text = log.read_text()
+        if saved_before is not None:  # it resumed from the newest complete checkpoint, losing nothing before it
+            assert f"resumed from {root / f'step-{saved_before}'} (step {saved_before})" in text, text[-2000:]
+        attempt += 1
+    done = run_trainer(job)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert kills == {"during a step": 5, "during a checkpoint write": 5}
+    final = losses(job)
+    assert sorted(final) == list(range(1, 41))
+    for step, loss in reference.items():
+        assert abs(final[step] - loss) <= 1e-6, (step, final[step], loss)

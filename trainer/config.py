@@ -295,7 +295,8 @@ class TrainConfig(Section):
     """Compute dtype: `bf16` parameters in forward/backward with fp32 master weights and gradient reduction,
     or `fp32` throughout; `auto` is bf16 on GPU and fp32 on CPU."""
     liger: bool = False
-    """Liger Triton kernels on GPU (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); ignored with a message on CPU."""
+    """Liger Triton kernels on GPU (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy); on CPU: a message and
+    the plain path."""
     gc_every: int = Field(default=50, ge=1)
     """Run Python's garbage collector every this many steps, on all ranks at once (no random straggler pauses)."""
 

@@ -35,8 +35,8 @@ from torch.distributed.tensor import DTensor
 from trainer import checkpoint, lifecycle
 from trainer.config import AnvilConfig
 from trainer.config_checks import world_size
-from trainer.data.sources import DataError
 from trainer.data.loader import build_loader
+from trainer.data.sources import DataError
 from trainer.distributed import init_distributed
 from trainer.metrics import MetricsLogger, memory_gib, mfu
 from trainer.model import flops_per_token, num_params, param_plan, plain_name
