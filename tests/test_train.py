@@ -128,7 +128,7 @@ def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_che
             if attempt % 2 == 0:
                 target = rng.randint((saved_before or 0) + 1, (saved_before or 0) + 6)
                 moment = "during a step"
-                hit = _wait(lambda t=target: _logged_step(log) >= t, proc)
+                hit = _wait(lambda t=target, path=log: _logged_step(path) >= t, proc)
             else:
                 moment = "during a checkpoint write"
                 hit = _wait(lambda: _saving(root), proc)
