@@ -39,6 +39,24 @@ def submit(jobs_dir: Path, capsys: pytest.CaptureFixture) -> Callable[..., tuple
     return run
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real text that ships with the machine as Parquet, and a BPE tokenizer trained on it (~4 s)."""
+    from trainer.data.tools import build_demo
+
+    out = tmp_path_factory.mktemp("corpus")
+    build_demo(out, max_mb=1, vocab_size=512)
+    return out
+
+
+@pytest.fixture
+def tiny(corpus: Path) -> list[str]:
+    """Overrides for a tiny model training on the demo corpus (a few seconds per run)."""
+    from tests.train_helpers import TINY, corpus_overrides
+
+    return [*TINY, *corpus_overrides(corpus)]
+
+
 SECRETS = {"WANDB_API_KEY": "wandb-sekrit-0123456789", "HF_TOKEN": "hf_sekrit_9876543210"}
 """Secrets a user keeps in the submitting shell; tests check they reach no file of the job."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,17 +28,17 @@ def log_text(job: Path) -> str:
     return "".join(p.read_text() for p in sorted((job / "logs").glob("*.out")))
 
 
-def test_demo_runs_locally_with_secrets_kept_out(jobs_dir: Path, tmp_path: Path) -> None:
+def test_demo_runs_locally_with_secrets_kept_out(jobs_dir: Path, tmp_path: Path, tiny: list[str]) -> None:
     config = tmp_path / "demo.yaml"
-    config.write_text(yaml.safe_dump({"job": {"name": "demo"}, "train": {"steps": 10},
-                                      "cluster": {"env": {"EVIL": HOSTILE}}}))
-    proc = start_submit([str(config)], jobs_dir, tmp_path, SECRETS)
+    config.write_text(yaml.safe_dump({"job": {"name": "demo"}, "cluster": {"env": {"EVIL": HOSTILE}}}))
+    proc = start_submit([str(config), *tiny, "train.steps=10"], jobs_dir, tmp_path, SECRETS)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err
     job = jobs_dir / "demo"
     assert (job / "DONE").is_file() and not (job / "FAILED").exists()
     assert events(job) == [("start", 0), ("done", 0)]
-    assert "rank 0/1 all-reduce sum 1 (expected 1)" in log_text(job) and "job demo finished (DONE)" in out
+    assert "rank 0/1 on cpu; restart 0" in log_text(job) and "job demo finished (DONE)" in out
+    assert "step 10/10  loss" in log_text(job) and (job / "checkpoints" / "step-10" / "COMPLETE").is_file()
     submissions = json.loads((job / "submit.json").read_text())["submissions"]
     assert [s["executor"] for s in submissions] == ["local"] and submissions[0]["git"]["sha"]
 
@@ -51,32 +52,39 @@ def test_demo_runs_locally_with_secrets_kept_out(jobs_dir: Path, tmp_path: Path)
     assert not any(secret in out + err for secret in SECRETS.values())
 
     # The same config again is the same job: it runs again (and would resume), appending its records.
-    proc = start_submit([str(config)], jobs_dir, tmp_path)
+    proc = start_submit([str(config), *tiny, "train.steps=10"], jobs_dir, tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err
     assert events(job) == [("start", 0), ("done", 0), ("start", 0), ("done", 0)]
     assert len(json.loads((job / "submit.json").read_text())["submissions"]) == 2
 
 
-def test_preempt_trigger_requeues_and_completes(jobs_dir: Path, tmp_path: Path) -> None:
-    proc = start_submit(["--name", "requeue", "train.steps=40"], jobs_dir, tmp_path)
+def test_preempt_trigger_requeues_and_completes(jobs_dir: Path, tmp_path: Path, tiny: list[str]) -> None:
+    proc = start_submit(["--name", "requeue", *tiny, "train.steps=300"], jobs_dir, tmp_path)
     job = jobs_dir / "requeue"
-    wait_for(lambda: (job / "logs").is_dir() and "all-reduce" in log_text(job), 120, "the job to start")
+    wait_for(lambda: (job / "logs").is_dir() and "step 2/300" in log_text(job), 120, "training to start", 0.05)
     (job / "PREEMPT").touch()  # what the batch shell's USR2 trap does
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out + err
     assert events(job) == [("start", 0), ("requeue", 0), ("start", 1), ("done", 1)]
     assert (job / "RESTARTS").read_text().strip() == "1" and (job / "DONE").is_file()
-    assert "restart 1" in log_text(job)
+    log = log_text(job)
+    stopped = int(re.search(r"preempted after step (\d+); checkpoint saved", log).group(1))
+    assert 2 <= stopped < 300 and f"resumed from {job / 'checkpoints' / f'step-{stopped}'} (step {stopped})" in log
+    assert "restart 1" in log and "step 300/300  loss" in log
+    steps = [json.loads(line)["step"] for line in (job / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 301))  # one history, as if never interrupted
 
 
-def test_ctrl_c_checkpoints_and_stops(jobs_dir: Path, tmp_path: Path) -> None:
-    proc = start_submit(["--name", "interrupted", "train.steps=600"], jobs_dir, tmp_path)
+def test_ctrl_c_checkpoints_and_stops(jobs_dir: Path, tmp_path: Path, tiny: list[str]) -> None:
+    proc = start_submit(["--name", "interrupted", *tiny, "train.steps=600"], jobs_dir, tmp_path)
     job = jobs_dir / "interrupted"
-    wait_for(lambda: (job / "logs").is_dir() and "all-reduce" in log_text(job), 120, "the job to start")
+    wait_for(lambda: (job / "logs").is_dir() and "step 1/600" in log_text(job), 120, "training to start", 0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, out + err
     assert "stopped at a checkpoint; run the same command again to resume" in out
     assert (job / "PREEMPTED").is_file() and not (job / "DONE").exists()
     assert events(job) == [("start", 0), ("requeue", 0)]
+    stopped = int((job / "PREEMPTED").read_text())
+    assert (job / "checkpoints" / f"step-{stopped}" / "COMPLETE").is_file()

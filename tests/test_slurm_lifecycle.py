@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SECRETS, assert_no_secrets, events, wait_for
+from tests.train_helpers import losses, run_trainer
 from trainer import slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
@@ -41,10 +42,10 @@ def watch_states(job_id: str, timeout: float) -> list[str]:
     raise AssertionError(f"job {job_id} still {seen[-1:]} after {timeout:.0f} s (states: {seen})")
 
 
-def test_two_node_job_runs_across_both_nodes_and_resubmits(submit, jobs_dir: Path, monkeypatch) -> None:
+def test_two_node_job_runs_across_both_nodes_and_resubmits(submit, jobs_dir: Path, monkeypatch, tiny) -> None:
     for name, value in SECRETS.items():  # in the submitting shell, as a user keeps them
         monkeypatch.setenv(name, value)
-    code, out, err = submit("--name", "two-nodes", "cluster.nodes=2", "train.steps=10",
+    code, out, err = submit("--name", "two-nodes", *tiny, "cluster.nodes=2", "train.steps=10",
                             "cluster.sbatch_extra={begin: now+3}", "--executor", "slurm")
     assert code == 0, err
     job_id = submitted_id(out)
@@ -52,7 +53,7 @@ def test_two_node_job_runs_across_both_nodes_and_resubmits(submit, jobs_dir: Pat
     states = watch_states(job_id, 180)
     assert states[0] == "PENDING" and "RUNNING" in states and states[-1] == "COMPLETED", states
     log = log_of(job, job_id)
-    ranks = dict(re.findall(r"anvil\[rank \d (n\d)\]: rank (\d)/2 all-reduce sum 3 \(expected 3\)", log))
+    ranks = dict(re.findall(r"anvil\[rank \d (n\d)\]: rank (\d)/2 on cpu; restart 0", log))
     assert sorted(ranks) == ["n1", "n2"] and sorted(ranks.values()) == ["0", "1"], log
     assert (job / "DONE").is_file() and events(job) == [("start", 0), ("done", 0)]
     record = json.loads((job / "submit.json").read_text())["submissions"]
@@ -69,10 +70,11 @@ def test_two_node_job_runs_across_both_nodes_and_resubmits(submit, jobs_dir: Pat
     assert events(job) == [("start", 0), ("done", 0), ("start", 0), ("done", 0)]
     assert [json.loads(line)["job_id"] for line in (job / "events.jsonl").read_text().splitlines()] == [
         job_id, job_id, second_id, second_id]
-    assert "all-reduce sum 3" in log_of(job, second_id)
+    assert "step 10/10  loss" in log_of(job, job_id)
+    assert "finished 10 steps" in log_of(job, second_id)  # resumed from step-10: nothing left to train
 
     # Through submit.py with the same config: the same job directory, the new id appended.
-    code, out, err = submit("--name", "two-nodes", "cluster.nodes=2", "train.steps=10",
+    code, out, err = submit("--name", "two-nodes", *tiny, "cluster.nodes=2", "train.steps=10",
                             "cluster.sbatch_extra={begin: now+3}", "--executor", "slurm")
     assert code == 0 and "existing job: it resumes" in out, err
     third_id = submitted_id(out)
@@ -81,22 +83,49 @@ def test_two_node_job_runs_across_both_nodes_and_resubmits(submit, jobs_dir: Pat
     assert [r["job_id"] for r in record] == [job_id, third_id]
 
 
-def test_usr2_checkpoints_requeues_and_completes(submit, jobs_dir: Path) -> None:
-    code, out, err = submit("--name", "preempted", "cluster.nodes=2", "train.steps=75", "--executor", "slurm")
+def test_usr2_checkpoints_requeues_and_resumes_to_the_uninterrupted_loss(submit, jobs_dir: Path, monkeypatch,
+                                                                         tiny) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    settings = [*tiny, "train.steps=300", "checkpoint.interval=100", "metrics.wandb.enabled=true",
+                "metrics.wandb.mode=offline"]
+    code, out, err = submit("--name", "preempted", *settings, "cluster.nodes=2", "--executor", "slurm")
     assert code == 0, err
     job_id, job = submitted_id(out), jobs_dir / "preempted"
-    wait_for(lambda: "rank 0/2 all-reduce" in log_of(job, job_id), 120, "the job to start")
+    wait_for(lambda: "step 3/300" in log_of(job, job_id) or (job / "FAILED").exists(), 180, "training to start", 0.1)
+    assert not (job / "FAILED").exists(), log_of(job, job_id)
     assert subprocess.run(["scancel", "--signal=USR2", "--batch", job_id]).returncode == 0
     wait_for(lambda: ("requeue", 0) in events(job), 60, "the requeue")
     # SLURM holds a requeued job until its old credential expires (cred_expire=10 here: ~20 s); forcing an
     # earlier start gets it killed as "Job credential revoked", so the test waits like a user would.
-    assert watch_states(job_id, 240)[-1] == "COMPLETED"
+    assert watch_states(job_id, 300)[-1] == "COMPLETED"
     assert slurm.job_field(job_id, "Restarts") == "1"
     assert events(job) == [("start", 0), ("requeue", 0), ("start", 1), ("done", 1)]
     assert (job / "RESTARTS").read_text().strip() == "1" and (job / "DONE").is_file()
     log = log_of(job, job_id)  # one file, appended by both attempts
     assert "USR2 received" in log and "restart 0 on" in log and "restart 1 on" in log
-    assert re.search(r"preempted after step \d+; requeue requested", log)
+    stopped = int(re.search(r"preempted after step (\d+); checkpoint saved, requeue requested", log).group(1))
+    assert 3 <= stopped < 300
+    assert f"resumed from {job / 'checkpoints' / f'step-{stopped}'} (step {stopped})" in log
+
+    # The same config run without interruption, on one node with two ranks: the same losses.
+    reference = jobs_dir / "reference"
+    reference.mkdir()
+    config = json.loads((job / "config.json").read_text())
+    config["cluster"].update(nodes=1, devices_per_node=2)
+    config["metrics"]["wandb"]["enabled"] = False
+    (reference / "config.json").write_text(json.dumps(config))
+    done = run_trainer(reference, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = losses(reference), losses(job)
+    assert sorted(got) == list(range(1, 301))
+    assert all(abs(got[s] - expected[s]) <= 1e-6 for s in expected), [(s, got[s], expected[s]) for s in (1, 300)]
+
+    # One wandb run across both attempts (offline: one directory per attempt, the same run id).
+    run_id = (job / "wandb-run-id").read_text().strip()
+    runs = sorted(p.name for p in (job / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
+    assert_no_secrets(job)
 
 
 def test_crash_loop_stops_at_the_restart_limit(submit, jobs_dir: Path) -> None:
@@ -114,8 +143,8 @@ def test_crash_loop_stops_at_the_restart_limit(submit, jobs_dir: Path) -> None:
     assert "config.json is not a valid Anvil config" in (job / "logs" / f"crashes-{job_id}.err").read_text()
 
 
-def test_allocation_that_differs_from_the_config_is_refused_by_the_trainer(submit, jobs_dir: Path) -> None:
-    code, out, err = submit("--name", "mismatch", "train.steps=5", "--executor", "slurm")
+def test_allocation_that_differs_from_the_config_is_refused_by_the_trainer(submit, jobs_dir: Path, tiny) -> None:
+    code, out, err = submit("--name", "mismatch", *tiny, "train.steps=5", "--executor", "slurm")
     assert code == 0, err
     first_id, job = submitted_id(out), jobs_dir / "mismatch"
     assert watch_states(first_id, 180)[-1] == "COMPLETED"

@@ -18,17 +18,8 @@ import pytest
 
 from tests.train_helpers import free_port, losses, make_job, run_trainer, trainer_command, trainer_env
 from trainer import checkpoint
-from trainer.data.tools import build_demo
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real text that ships with the machine, a BPE tokenizer trained on it (~4 s)."""
-    out = tmp_path_factory.mktemp("corpus")
-    build_demo(out, max_mb=1, vocab_size=512)
-    return out
 
 
 LAYOUTS = {

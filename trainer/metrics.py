@@ -11,6 +11,7 @@ import math
 import os
 import resource
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ class MetricsLogger:
         id_file = self.job_dir / WANDB_ID
         if not id_file.exists():
             tmp = id_file.with_suffix(".tmp")
-            tmp.write_text(wandb.util.generate_id() + "\n")
+            tmp.write_text(uuid.uuid4().hex[:12] + "\n")  # wandb run ids: lowercase letters and digits
             tmp.replace(id_file)
         w = self.cfg.metrics.wandb
         run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, id=id_file.read_text().strip(),

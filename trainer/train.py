@@ -108,6 +108,7 @@ class Trainer:
         self.watch = PreemptionWatch(job_dir, device)
         self.step = 0
         self.tokens_seen = 0
+        self.saved_step: int | None = None  # known to every rank alike (the marker file may lag on others)
         # Without FSDP, bf16 comes from autocast; with it, from FSDP's mixed-precision policy.
         self.autocast = (torch.autocast(device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not layout.fsdp else contextlib.nullcontext())
@@ -124,6 +125,7 @@ class Trainer:
                  "train": json.dumps(self._train_state()).encode()}
         loader_states = {self.layout.dp_rank: self.loader.state_dict()} if self.layout.tp_rank == 0 else {}
         checkpoint.save(self.ckpt_root, self.step, state, loader_states, keep=self.cfg.checkpoint.keep)
+        self.saved_step = self.step
         self.metrics.line(f"checkpoint step-{self.step} saved in {time.perf_counter() - started:.1f} s")
 
     def restore(self) -> None:
@@ -136,6 +138,7 @@ class Trainer:
                            optim_state_dict=state["optim"])
             train = json.loads(state["train"])
             self.step, self.tokens_seen = train["step"], train["tokens_seen"]
+            self.saved_step = self.step
             self.scheduler.load_state_dict(train["scheduler"])
             try:
                 self.loader.load_state_dict(loader_states)
@@ -273,7 +276,7 @@ class Trainer:
                 self.save()
         else:
             self.metrics.line(f"finished {self.step} steps")
-        if checkpoint.latest_complete(self.ckpt_root) != self.step:
+        if self.saved_step != self.step:
             self.save()
         return 0
 
