@@ -123,6 +123,16 @@ BAD_INPUTS = [
     (["job.name=x", "job.max_restarts=-1"], {}, "job.max_restarts"),
     (["job.name=x", "parallel.tp=3", "cluster.devices_per_node=3"], {}, "model.n_heads: 4 heads cannot be split"),
     (["job.name=x", "parallel.dp_shard=3"], {}, "parallel: dp_replicate × dp_shard × tp = 1 × 3 × 1 = 3"),
+    (["job.name=x", "parallel.tp=2", "cluster.devices_per_node=2", "model.tie_embeddings=true"], {},
+     "model.tie_embeddings: tied embeddings cannot be split with parallel.tp > 1"),
+    (["job.name=x", "parallel.tp=2", "cluster.devices_per_node=2", "model.vocab_size=1001"], {},
+     "model.vocab_size: 1001 is not divisible by parallel.tp = 2"),
+    (["job.name=x", "parallel.tp=4", "cluster.devices_per_node=4", "data.seq_len=258"], {},
+     "data.seq_len: 258 is not divisible by parallel.tp = 4"),
+    (["job.name=x", "model.dim=36", "model.n_heads=4"], {}, "model.dim: the head size dim / n_heads = 9 must be even"),
+    (["job.name=x", "model.flavor=9B"], {}, "model.flavor: input should be 'debug'"),
+    (["job.name=x", "parallel.activation_checkpoint=some"], {}, "parallel.activation_checkpoint"),
+    (["job.name=x", "checkpoint.init_from=/nonexistent/job"], {}, "checkpoint.init_from: '/nonexistent/job'"),
     (["job.name=x", "parallel.dp_shard=0"], {}, "parallel.dp_shard"),
     (["job.name=x", "model.n_kv_heads=3"], {}, "model.n_kv_heads: 3 must divide"),
     (["job.name=x", "cluster.devices_per_node=2", "train.global_batch_size=3"], {}, "train.global_batch_size: 3"),
@@ -208,3 +218,20 @@ def test_print_config_shows_the_resolved_config_and_writes_nothing(submit, jobs_
     shown = json.loads(out)
     assert shown["optim"]["lr"] == 0.002 and shown["cluster"]["partition"] == "main"
     assert list(jobs_dir.iterdir()) == []
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(submit, corpus: Path) -> None:
+    code, _, err = submit("--name", "small-vocab", f"data.tokenizer={corpus / 'tokenizer.json'}",
+                          "model.vocab_size=100", "--dry-run")
+    assert code == 2 and "model.vocab_size: 100 is smaller than the tokenizer's 512 tokens" in err
+    assert "set model.vocab_size=512 or more" in err
+
+
+def test_model_flavor_fills_only_what_no_source_sets(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("job: {name: x}\nmodel: {flavor: llama3-8B, n_layers: 2}\n")
+    cfg = load_config(config, ["model.vocab_size=128256"], environ={"ANVIL_MODEL__ROPE_THETA": "1000"})
+    m = cfg.model
+    assert (m.dim, m.n_heads, m.n_kv_heads, m.ffn_dim) == (4096, 32, 8, 14336)  # from the flavor
+    assert (m.n_layers, m.rope_theta, m.vocab_size) == (2, 1000.0, 128256)  # explicit sources win
+    assert load_config(None, ["job.name=x", "model.flavor=125M"]).model.dim == 768

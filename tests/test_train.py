@@ -139,3 +139,46 @@ def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_che
     assert sorted(final) == list(range(1, 41))
     for step, loss in reference.items():
         assert abs(final[step] - loss) <= 1e-6, (step, final[step], loss)
+
+
+def test_nan_loss_stops_with_a_message_and_saves_nothing_of_it(tmp_path: Path, corpus: Path) -> None:
+    job = make_job(tmp_path, "diverges", corpus, "model.init_std=1e30", "optim.grad_clip=null")
+    done = run_trainer(job)
+    assert done.returncode == 2
+    message = r"error: step 1: loss \S+, gradient norm (nan|inf)\. Nothing was saved from this state"
+    assert re.search(message, done.stdout), done.stdout[-2000:]
+    assert "Lower optim.lr" in done.stdout and "Traceback" not in done.stderr
+    assert not list((job / "checkpoints").glob("step-*"))
+
+
+def test_damaged_checkpoint_and_another_models_checkpoint_are_named(tmp_path: Path, corpus: Path) -> None:
+    job = make_job(tmp_path, "damaged", corpus, "train.steps=10")
+    assert run_trainer(job).returncode == 0
+    newest = job / "checkpoints" / "step-10"
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    done = run_trainer(job)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{newest} cannot be loaded" in done.stdout
+    assert f"move {newest} away to resume from step-5" in done.stdout
+
+    other = make_job(tmp_path, "wider", corpus, "model.dim=128", f"checkpoint.init_from={tmp_path / 'resumable'}")
+    source = make_job(tmp_path, "resumable", corpus, "train.steps=5")
+    assert run_trainer(source).returncode == 0
+    done = run_trainer(other)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"checkpoint.init_from: {source / 'checkpoints' / 'step-5'} cannot be loaded into this model" in done.stdout
+
+
+def test_init_from_takes_weights_but_not_step_or_optimizer(tmp_path: Path, corpus: Path) -> None:
+    source = make_job(tmp_path, "source", corpus, "train.steps=10")
+    assert run_trainer(source).returncode == 0
+    job = make_job(tmp_path, "finetune", corpus, "train.steps=3", f"checkpoint.init_from={source}",
+                   "train.liger=true")
+    done = run_trainer(job)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train.liger: Liger's Triton kernels need a GPU; this CPU job uses the plain PyTorch path" in done.stdout
+    assert f"initialised weights from {source / 'checkpoints' / 'step-10'}" in done.stdout
+    started, fresh = losses(job), losses(source)
+    assert sorted(started) == [1, 2, 3]
+    assert started[1] < fresh[1] - 0.5  # it starts from trained weights, not from scratch

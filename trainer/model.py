@@ -121,9 +121,15 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.fused_loss: nn.Module | None = None
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits `[batch, length, vocab]` for token ids `[batch, length]` (positions: per-token, optional)."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `[batch, length, vocab]` for token ids `[batch, length]` (positions: per-token, optional).
+
+        With `fused_loss` set (Liger on GPU) and `labels` given: the summed loss instead, computed from the
+        hidden states and the head's weight without materialising the logits.
+        """
         if positions is None:
             cos, sin = self.rope_cos[: tokens.shape[1]], self.rope_sin[: tokens.shape[1]]
         else:
@@ -132,6 +138,9 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         h = self.norm(h) * self.output_mult
+        if labels is not None and self.fused_loss is not None:
+            weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+            return self.fused_loss(weight, h.flatten(0, 1), labels.flatten())
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)  # through the module, so that a tensor-parallel plan on it applies

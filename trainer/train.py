@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.distributed_c10d import _set_pg_timeout
 from torch.distributed.tensor import DTensor
 
-from trainer import checkpoint, lifecycle
+from trainer import checkpoint, lifecycle, liger
 from trainer.config import AnvilConfig
 from trainer.config_checks import world_size
 from trainer.data.loader import build_loader
@@ -96,13 +96,15 @@ class Trainer:
         self.dtype = compute_dtype(cfg)
         self.loader = build_loader(cfg.data, t.seed, layout.dp_rank, layout.dp_size, t.micro_batch_size,
                                    pin_memory=device.type == "cuda")
-        if cfg.train.liger and device.type != "cuda":
-            self.metrics.line("train.liger is set, but Liger's Triton kernels need a GPU; this CPU job uses the "
-                              "plain PyTorch path")
         self.model = build_model(cfg, layout, device, self.dtype)
-        if cfg.train.liger and device.type == "cuda":
-            from trainer.liger import apply_liger
-            apply_liger(self.model)
+        if cfg.train.liger:
+            problem = liger.liger_problem(device, layout.tp)
+            if problem:
+                self.metrics.line(f"train.liger: {problem}")
+            else:
+                liger.apply_liger(self.model)
+                self.model.fused_loss = liger.fused_linear_cross_entropy()
+                self.metrics.line("Liger kernels on: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy")
         self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.watch = PreemptionWatch(job_dir, device)
@@ -133,7 +135,14 @@ class Trainer:
         if latest is not None:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optim": optim_state, "train": b""}
-            loader_states = checkpoint.load(self.ckpt_root, latest, state)
+            try:
+                loader_states = checkpoint.load(self.ckpt_root, latest, state)
+            except checkpoint.CheckpointError as exc:
+                older = [s for s, _, complete in checkpoint.list_steps(self.ckpt_root) if complete and s < latest]
+                fallback = (f"move {checkpoint.step_path(self.ckpt_root, latest)} away to resume from step-{older[-1]}"
+                            if older else "start over with a new job name (--name)")
+                raise TrainingError(f"{exc}. If the model config is unchanged the checkpoint is damaged: {fallback}"
+                                    ) from None
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
             train = json.loads(state["train"])
@@ -179,10 +188,13 @@ class Trainer:
             labels = mb["labels"].to(self.device, non_blocking=True)
             positions = mb["positions"].to(self.device, non_blocking=True) if "positions" in mb else None
             with self.autocast:
-                logits = self.model(tokens, positions)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                   reduction="sum") / global_tokens
-            del logits
+                if self.model.fused_loss is not None:
+                    loss = self.model(tokens, positions, labels) / global_tokens
+                else:
+                    logits = self.model(tokens, positions)
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                           reduction="sum") / global_tokens
+                    del logits
             # FSDP averages gradients over the data-parallel ranks; they are to be summed (gloo cannot
             # reduce with a custom divide factor, so the scale goes on the loss).
             (loss * self.layout.dp_size).backward()
