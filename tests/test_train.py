@@ -53,15 +53,19 @@ def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Pat
             assert abs(norm - ref_norm) <= 1e-4 * max(ref_norm, 1), f"{name}: step {step} norm {norm} vs {ref_norm}"
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int) -> None:
-    """20 steps straight == 10 steps, restore, 10 more: model, optimizer, schedule and data position."""
-    settings = [f"cluster.devices_per_node={ranks}", "checkpoint.keep=4", f"data.num_workers={ranks - 1}"]
+@pytest.mark.parametrize(("ranks", "async_save"), [(1, False), (2, True)])
+def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int, async_save: bool) -> None:
+    """20 steps straight == 10 steps, restore, 10 more: model, optimizer, schedule and data position
+    (2 ranks: checkpoints written in the background, as on GPU)."""
+    settings = [f"cluster.devices_per_node={ranks}", "checkpoint.keep=4", f"data.num_workers={ranks - 1}",
+                f"checkpoint.async_save={str(async_save).lower()}"]
     straight = make_job(tmp_path, "straight", corpus, *settings)
     done = run_trainer(straight, ranks)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     reference = losses(straight)
     assert sorted(reference) == list(range(1, 21))
+    assert ("staged (writing in the background)" in done.stdout) == async_save
+    assert all((straight / "checkpoints" / f"step-{s}" / checkpoint.COMPLETE).is_file() for s in (5, 10, 15, 20))
 
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)

@@ -63,8 +63,34 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(root: Path, step: int, state: dict[str, Any], loader_states: dict[int, dict], keep: int) -> Path:
-    """Collective: every rank passes its state (and the loader states of the DP ranks it speaks for)."""
+class PendingSave:
+    """A checkpoint being written in the background; complete once `finish()` has returned."""
+
+    def __init__(self, root: Path, step: int, future, keep: int):
+        self.root, self.step, self.future, self.keep = root, step, future, keep
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def finish(self) -> None:
+        """Wait for this rank's writes; rank 0 then marks the checkpoint complete.
+
+        DCP's background save ends with the coordinator (rank 0) writing the metadata after gathering every
+        rank's write results, so rank 0's future completing means every shard is on disk.
+        """
+        self.future.result()
+        if _rank() == 0:
+            _mark_complete(self.root, self.step, self.keep)
+
+
+def save(root: Path, step: int, state: dict[str, Any], loader_states: dict[int, dict], keep: int,
+         async_group: dist.ProcessGroup | None = None) -> PendingSave | None:
+    """Collective: every rank passes its state (and the loader states of the DP ranks it speaks for).
+
+    With `async_group` (a gloo group kept for checkpoints, so the background thread never shares a group
+    with training collectives), tensors are staged to host memory and written in the background: the
+    returned `PendingSave` must be finished before the next save and before exiting.
+    """
     path = step_path(root, step)
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -74,16 +100,24 @@ def save(root: Path, step: int, state: dict[str, Any], loader_states: dict[int, 
     payload = dict(state)
     for dp_rank, loader_state in loader_states.items():
         payload[f"{LOADER_PREFIX}{dp_rank}"] = json.dumps(loader_state).encode()
+    if async_group is not None:
+        future = dcp.async_save(payload, checkpoint_id=str(path), process_group=async_group)
+        return PendingSave(root, step, future, keep)
     dcp.save(payload, checkpoint_id=str(path))
     _barrier()  # every rank's shard is on disk before the checkpoint is declared complete
     if _rank() == 0:
-        marker = {"step": step, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                  "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-        tmp = path / f".{COMPLETE}.tmp"
-        tmp.write_text(json.dumps(marker) + "\n")
-        tmp.replace(path / COMPLETE)
-        prune(root, keep)
-    return path
+        _mark_complete(root, step, keep)
+    return None
+
+
+def _mark_complete(root: Path, step: int, keep: int) -> None:
+    path = step_path(root, step)
+    marker = {"step": step, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    tmp = path / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps(marker) + "\n")
+    tmp.replace(path / COMPLETE)
+    prune(root, keep)
 
 
 def prune(root: Path, keep: int) -> None:

@@ -111,6 +111,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.saved_step: int | None = None  # known to every rank alike (the marker file may lag on others)
+        self.pending: checkpoint.PendingSave | None = None
+        async_save = cfg.checkpoint.async_save if cfg.checkpoint.async_save is not None else device.type == "cuda"
+        # The background writer gets a gloo group of its own: it must never share one with training collectives.
+        self.async_group = dist.new_group(backend="gloo") if async_save else None
         # Without FSDP, bf16 comes from autocast; with it, from FSDP's mixed-precision policy.
         self.autocast = (torch.autocast(device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not layout.fsdp else contextlib.nullcontext())
@@ -120,15 +124,26 @@ class Trainer:
     def _train_state(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict()}
 
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint the current step; in the background when async saving is on, unless `wait`."""
         started = time.perf_counter()
+        self.finish_pending_save()
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state,
                  "train": json.dumps(self._train_state()).encode()}
         loader_states = {self.layout.dp_rank: self.loader.state_dict()} if self.layout.tp_rank == 0 else {}
-        checkpoint.save(self.ckpt_root, self.step, state, loader_states, keep=self.cfg.checkpoint.keep)
+        self.pending = checkpoint.save(self.ckpt_root, self.step, state, loader_states,
+                                       keep=self.cfg.checkpoint.keep, async_group=self.async_group)
         self.saved_step = self.step
-        self.metrics.line(f"checkpoint step-{self.step} saved in {time.perf_counter() - started:.1f} s")
+        if self.pending is not None and wait:
+            self.finish_pending_save()
+        how = "saved" if self.pending is None else "staged (writing in the background)"
+        self.metrics.line(f"checkpoint step-{self.step} {how} in {time.perf_counter() - started:.2f} s")
+
+    def finish_pending_save(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.finish()
 
     def restore(self) -> None:
         latest = checkpoint.latest_complete(self.ckpt_root)
@@ -242,10 +257,11 @@ class Trainer:
             f"training steps {self.step + 1}..{cfg.train.steps}")
         batches = iter(self.loader)
         window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+        window_loss, window_steps = torch.zeros((), device=self.device), 0
         gc.disable()
         while self.step < cfg.train.steps:
             if self.watch.requested():
-                self.save()
+                self.save(wait=True)
                 self.watch.mark_preempted(self.step)
                 self.metrics.line(f"preempted after step {self.step}; checkpoint saved, requeue requested")
                 return lifecycle.PREEMPTED_EXIT
@@ -263,8 +279,12 @@ class Trainer:
                     f"checkpoint is step-{checkpoint.latest_complete(self.ckpt_root)}. Lower optim.lr, raise "
                     "optim.warmup_steps or set optim.grad_clip, and resubmit") from None
             self.step += 1
+            if self.pending is not None and self.pending.done():  # mark a background save complete promptly
+                self.finish_pending_save()
             self.tokens_seen += out["tokens"]
             window_tokens += out["tokens"]
+            window_loss += out["loss"]  # no host sync until the next log line
+            window_steps += 1
             if self.step == 1:  # start-up (compilation, first collectives) is over: hangs now fail fast
                 timeout = dt.timedelta(seconds=cfg.parallel.step_timeout_s)
                 for group in [None, *self.layout.all_groups()]:
@@ -275,21 +295,23 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 per_device = window_tokens / elapsed / dist.get_world_size() * self.layout.tp
                 self.metrics.log({
-                    "step": self.step, "loss": self._reduce_dp(out["loss"]).item(),
+                    "step": self.step, "loss": self._reduce_dp(window_loss).item() / window_steps,
                     "grad_norm": out["grad_norm"].item(), "lr": out["lr"],
                     "tokens_seen": self.tokens_seen, "tokens_per_s": window_tokens / elapsed,
                     "tokens_per_s_per_device": per_device,
                     "mfu": mfu(per_device / self.layout.tp, flops, cfg.cluster.mfu_peak_tflops),
                     "memory_gib": memory_gib(self.device), "data_wait": data_wait / elapsed,
-                    "step_time_s": elapsed / max(cfg.metrics.log_every, 1),
+                    "step_time_s": elapsed / window_steps,
                 })
                 window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
+                window_loss, window_steps = torch.zeros((), device=self.device), 0
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
                 self.save()
         else:
             self.metrics.line(f"finished {self.step} steps")
         if self.saved_step != self.step:
             self.save()
+        self.finish_pending_save()
         return 0
 
 
