@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ]; then
-    if ! command -v shellcheck >/dev/null; then
+    if ! command -v shellcheck >/dev/null || ! command -v g++ >/dev/null; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck g++ >/dev/null  # g++: torch.compile on CPU
     fi
     scripts/local_slurm.sh install
     scripts/local_slurm.sh start

@@ -186,3 +186,16 @@ def test_init_from_takes_weights_but_not_step_or_optimizer(tmp_path: Path, corpu
     started, fresh = losses(job), losses(source)
     assert sorted(started) == [1, 2, 3]
     assert started[1] < fresh[1] - 0.5  # it starts from trained weights, not from scratch
+
+
+def test_compiled_blocks_and_bf16_train_close_to_fp32_eager(tmp_path: Path, corpus: Path) -> None:
+    """`torch.compile` per block (Inductor's C++ backend on CPU) and FSDP2 with bf16 parameters: the same
+    training, within the rounding each one introduces."""
+    eager = numerics(make_job(tmp_path, "eager", corpus, "train.mixed_precision=fp32"), 1, tmp_path / "eager.json")
+    compiled = numerics(make_job(tmp_path, "compiled", corpus, "train.mixed_precision=fp32", "parallel.compile=true",
+                                 "parallel.activation_checkpoint=selective"), 1, tmp_path / "compiled.json")
+    bf16 = numerics(make_job(tmp_path, "bf16", corpus, "train.mixed_precision=bf16", "cluster.devices_per_node=2"),
+                    2, tmp_path / "bf16.json")
+    for step, (e, c, b) in enumerate(zip(eager, compiled, bf16, strict=True), 1):
+        assert abs(c[0] - e[0]) <= 1e-4, f"compiled: step {step} loss {c[0]} vs eager {e[0]}"
+        assert abs(b[0] - e[0]) <= 0.05, f"bf16: step {step} loss {b[0]} vs fp32 {e[0]}"
