@@ -81,7 +81,8 @@ def main() -> None:
     cfg = load_config(None, [
         "job.name=bench", f"model.dim={args.dim}", f"model.n_layers={args.layers}", "model.n_heads=4",
         "model.vocab_size=8192", f"data.seq_len={args.seq}", "data.num_workers=0", "data.logical_shards=8",
-        f"data.datasets=[{{path: {work / 'corpus' / 'train'}}}]", f"data.tokenizer={work / 'corpus' / 'tokenizer.json'}",
+        f"data.datasets=[{{path: {work / 'corpus' / 'train'}}}]",
+        f"data.tokenizer={work / 'corpus' / 'tokenizer.json'}",
         f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
         "train.mixed_precision=fp32", "optim.warmup_steps=0", "optim.schedule=constant",
     ])
