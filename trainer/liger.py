@@ -11,9 +11,8 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 
-from trainer.model import Attention, FeedForward, RMSNorm, Transformer, _rotate_half
+from trainer.model import Attention, FeedForward, RMSNorm, Transformer, apply_rope
 
 
 def liger_problem(device: torch.device, tp: int) -> str | None:
@@ -41,19 +40,10 @@ def apply_liger(model: Transformer) -> None:
     def swiglu(self: FeedForward, x: torch.Tensor) -> torch.Tensor:
         return self.w2(LigerSiLUMulFunction.apply(self.w1(x), self.w3(x)))
 
-    def attention(self: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        q = self.wq(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        if cos.dim() == 2:  # one table for the batch: the fused kernel
-            q, k = liger_rotary_pos_emb(q, k, cos.unsqueeze(0).to(q.dtype), sin.unsqueeze(0).to(q.dtype))
-        else:  # per-document positions
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return self.wo(out.transpose(1, 2).reshape(batch, length, -1))
+    def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        if cos.dim() == 2:  # one table for the whole batch: the fused kernel
+            return liger_rotary_pos_emb(q, k, cos.unsqueeze(0).to(q.dtype), sin.unsqueeze(0).to(q.dtype))
+        return apply_rope(q, k, cos, sin)  # per-document positions
 
     for module in model.modules():
         if isinstance(module, RMSNorm):
@@ -61,7 +51,7 @@ def apply_liger(model: Transformer) -> None:
         elif isinstance(module, FeedForward):
             module.forward = types.MethodType(swiglu, module)
         elif isinstance(module, Attention):
-            module.forward = types.MethodType(attention, module)
+            module.rope = rope
 
 
 def fused_linear_cross_entropy():

@@ -56,6 +56,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # bf16 compute: keep q, k, v in one dtype
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -69,15 +75,14 @@ class Attention(nn.Module):
         # muP: alpha * sqrt(base head dim) / head dim; the head dim is fixed across widths here (heads grow),
         # so this equals SP's 1/sqrt(head dim) at alpha = 1 and both parametrizations agree at the base width.
         self.scale = (cfg.mup.attn_alpha if cfg.mup.enabled else 1.0) / math.sqrt(self.head_dim)
+        self.rope = apply_rope  # a fused kernel may take its place (trainer/liger.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.wq(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # bf16 compute: keep q, k, v in one dtype
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = self.rope(q, k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(out.transpose(1, 2).reshape(batch, length, -1))
