@@ -1,0 +1,79 @@
+"""DCP → Hugging Face export: logit parity with the trainer's model (muP folded in), loading in vanilla
+transformers, atomic output and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from tests.train_helpers import make_job, run_trainer
+from trainer.export import ExportError, export
+from trainer.model import Transformer
+from trainer.train import load_job_config
+
+MUP = ["model.mup.enabled=true", "model.mup.base_dim=32", "model.mup.input_alpha=3.0", "model.mup.output_alpha=2.0",
+       "model.mup.attn_alpha=1.5"]
+
+
+def trained_step(tmp_path: Path, corpus: Path, name: str, *overrides: str) -> tuple[Path, Path]:
+    """A job trained 2 steps by 2 FSDP ranks: its directory and its final checkpoint."""
+    job = make_job(tmp_path, name, corpus, "cluster.devices_per_node=2", "train.steps=2", "checkpoint.interval=2",
+                   *overrides)
+    done = run_trainer(job, 2)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return job, job / "checkpoints" / "step-2"
+
+
+def trainer_logits(job: Path, step_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    cfg = load_job_config(job)
+    model = Transformer(cfg.model, cfg.data.seq_len)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    model.load_state_dict(state["model"])
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.parametrize("mup", [False, True], ids=["sp", "mup"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_exported_model_gives_the_trainers_logits(tmp_path: Path, corpus: Path, mup: bool, tied: bool,
+                                                  kv_heads: int) -> None:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    job, step = trained_step(tmp_path, corpus, "src", *(MUP if mup else []), f"model.tie_embeddings={tied}",
+                             f"model.n_kv_heads={kv_heads}")
+    out = export(load_job_config(job), step, tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    assert hf.config.tie_word_embeddings == tied
+    tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(tokens).logits - trainer_logits(job, step, tokens)).abs().max().item()
+    assert diff <= 1e-5
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer("hello world")["input_ids"]
+
+
+def test_bf16_export_generates_and_bad_inputs_are_named(tmp_path: Path, corpus: Path) -> None:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    job, step = trained_step(tmp_path, corpus, "src")
+    cfg = load_job_config(job)
+    out = export(cfg, step, tmp_path / "bf16", dtype=torch.bfloat16, shard_bytes=100_000)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # sharded, with an index
+    model = LlamaForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("def main(", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 8
+
+    with pytest.raises(ExportError, match="already exists"):
+        export(cfg, step, out)
+    (step / "COMPLETE").unlink()
+    with pytest.raises(ExportError, match="not a complete checkpoint"):
+        export(cfg, step, tmp_path / "other")
+    assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".other*"))

@@ -1,0 +1,203 @@
+"""A DCP checkpoint step → a Hugging Face `LlamaForCausalLM` folder that vanilla `transformers` loads.
+
+Runs in one process whatever the training world size was, reading one tensor at a time from the DCP files
+(DCP reassembles each from the shards of every rank), so memory stays near the largest tensor plus one
+output shard. muP's forward multipliers are folded into the weights, so no custom code is needed:
+- the input multiplier into the embedding table;
+- the readout multiplier (α_out / m) into the final RMSNorm's gain, divided by the input multiplier when the
+  head is tied to the (now scaled) embedding table — tying survives;
+- the attention scale α_attn·√d_head0/d_head = α_attn/√d_head (heads keep their size) into `q_proj`:
+  RoPE is linear in q, so scaling q's weights scales q·k exactly as the trainer does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+
+from trainer.config import AnvilConfig, ModelConfig
+from trainer.model import ffn_dim, param_plan
+
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+_BLOCK = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+          "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+          "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+          "ffn_norm": "post_attention_layernorm"}
+
+
+class ExportError(Exception):
+    """A checkpoint or output that cannot be exported; the message says which and why."""
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name → the name in transformers' Llama."""
+    if name in _TOP:
+        return _TOP[name]
+    _, layer, rest = name.split(".", 2)
+    module, leaf = rest.rsplit(".", 1)
+    return f"model.layers.{layer}.{_BLOCK[module]}.{leaf}"
+
+
+def our_name(name: str) -> str:
+    """transformers' Llama name → ours (the reverse of `hf_name`)."""
+    reverse_top = {v: k for k, v in _TOP.items()}
+    if name in reverse_top:
+        return reverse_top[name]
+    reverse_block = {v: k for k, v in _BLOCK.items()}
+    _, _, layer, rest = name.split(".", 3)
+    module, leaf = rest.rsplit(".", 1)
+    return f"layers.{layer}.{reverse_block[module]}.{leaf}"
+
+
+def hf_config(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, bos_id: int | None, eos_id: int | None
+              ) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": ffn_dim(cfg),
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads, "head_dim": cfg.dim // cfg.n_heads,
+        "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": None, "max_position_embeddings": max_positions, "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True,
+        "torch_dtype": "bfloat16" if dtype == torch.bfloat16 else "float32",
+    }
+
+
+def checkpoint_keys(step_dir: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Model tensors in a DCP checkpoint: our name → (global shape, dtype), from the metadata alone."""
+    try:
+        metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
+    except (OSError, ValueError, EOFError) as exc:
+        raise ExportError(f"{step_dir}: cannot read the checkpoint's metadata ({exc})") from None
+    found = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and hasattr(meta, "size"):
+            found[key.removeprefix("model.")] = (meta.size, meta.properties.dtype)
+    return found
+
+
+def read_tensor(step_dir: Path, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """One full tensor, reassembled by DCP from however many ranks wrote it."""
+    target = {"model": {name: torch.empty(shape, dtype=dtype)}}
+    dcp.load(target, checkpoint_id=str(step_dir), no_dist=True)
+    return target["model"][name]
+
+
+def folded(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor with muP's forward multipliers folded in (identity with muP off)."""
+    if not cfg.mup.enabled:
+        return tensor
+    input_mult = cfg.mup.input_alpha
+    output_mult = cfg.mup.output_alpha / (cfg.dim / cfg.mup.base_dim)
+    if name == "tok_embeddings.weight":
+        return tensor * input_mult
+    if name == "norm.weight":
+        return tensor * (output_mult / input_mult if cfg.tie_embeddings else output_mult)
+    if name.endswith("attention.wq.weight"):
+        return tensor * cfg.mup.attn_alpha  # attn_alpha/√d_head over HF's 1/√d_head
+    return tensor
+
+
+def hf_tensors(step_dir: Path, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    keys = checkpoint_keys(step_dir)
+    expected = set(param_plan(cfg))
+    if set(keys) != expected:
+        missing, extra = sorted(expected - set(keys))[:3], sorted(set(keys) - expected)[:3]
+        raise ExportError(f"{step_dir} does not hold this job's model (missing {missing}, unexpected {extra})")
+    for name in sorted(keys, key=_position):
+        shape, stored = keys[name]
+        tensor = folded(cfg, name, read_tensor(step_dir, name, shape, stored).float())
+        yield hf_name(name), tensor.to(dtype).contiguous()
+
+
+def _position(name: str) -> tuple[int, str]:
+    """Embeddings first, then the blocks in order, then the final norm and head (as transformers lists them)."""
+    if name.startswith("layers."):
+        return int(name.split(".")[1]), name
+    return (-1 if name.startswith("tok_embeddings") else 1 << 30), name
+
+
+def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, shard_bytes: int) -> None:
+    """Shards of at most `shard_bytes` (a tensor larger than that gets a shard of its own) and the index."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    total = 0
+    written: list[tuple[str, list[str]]] = []
+
+    def flush() -> None:
+        if shards[-1]:
+            name = f"part-{len(written) + 1:05d}.safetensors"
+            save_file(shards[-1], str(out / name), metadata={"format": "pt"})
+            written.append((name, list(shards[-1])))
+            shards[-1], sizes[-1] = {}, 0
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if sizes[-1] and sizes[-1] + size > shard_bytes:
+            flush()
+        shards[-1][name] = tensor
+        sizes[-1] += size
+        total += size
+    flush()
+    count = len(written)
+    weight_map = {}
+    for i, (old, names) in enumerate(written, 1):
+        new = f"model-{i:05d}-of-{count:05d}.safetensors"
+        (out / old).rename(out / new)
+        weight_map.update({n: new for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_tokenizer(tokenizer_json: Path, out: Path, bos: str | None, eos: str) -> None:
+    shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": bos,
+              "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({k: v for k, v in {"eos_token": eos, "bos_token": bos}.items() if v}, indent=2) + "\n")
+
+
+def export(job_cfg: AnvilConfig, step_dir: Path, out: Path, dtype: torch.dtype = torch.float32,
+           shard_bytes: int = 2 * 2**30) -> Path:
+    """Write the folder next to `out`, then move it into place: a folder at `out` is always complete."""
+    if out.exists():
+        raise ExportError(f"{out} already exists: give a new output folder (nothing was written)")
+    if not (step_dir / "COMPLETE").is_file():
+        raise ExportError(f"{step_dir} is not a complete checkpoint (no COMPLETE marker): it was interrupted")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        cfg = job_cfg.model
+        write_safetensors(hf_tensors(step_dir, cfg, dtype), tmp, shard_bytes)
+        bos_id = eos_id = None
+        data = job_cfg.data
+        if data.tokenizer is not None and Path(data.tokenizer).is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(data.tokenizer)
+            eos_id = tok.token_to_id(data.eos_token)
+            bos_id = tok.token_to_id(data.bos_token) if data.bos_token else None
+            write_tokenizer(Path(data.tokenizer), tmp, data.bos_token, data.eos_token)
+        max_positions = max(data.seq_len, 2 ** math.ceil(math.log2(data.seq_len)))
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, max_positions, dtype, bos_id, eos_id),
+                                                    indent=2) + "\n")
+        generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.8,
+                      "top_p": 0.95, "max_new_tokens": 128}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
