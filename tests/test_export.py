@@ -77,3 +77,19 @@ def test_bf16_export_generates_and_bad_inputs_are_named(tmp_path: Path, corpus: 
     with pytest.raises(ExportError, match="not a complete checkpoint"):
         export(cfg, step, tmp_path / "other")
     assert not (tmp_path / "other").exists() and not list(tmp_path.glob(".other*"))
+
+
+def test_convert_cli_names_what_is_missing(tmp_path: Path, corpus: Path, capsys) -> None:
+    from trainer.export import main
+
+    job = make_job(tmp_path, "untrained", corpus)
+    assert main([str(job), str(tmp_path / "out")]) == 2
+    assert "holds no complete checkpoint yet" in capsys.readouterr().err
+    assert main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "is not a job directory" in capsys.readouterr().err
+    job, step = trained_step(tmp_path, corpus, "src")
+    assert main([str(job), str(tmp_path / "out"), "--step", "7"]) == 2
+    assert "step-7 does not exist; complete checkpoints: step-2" in capsys.readouterr().err
+    assert main([str(job), str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    assert "exported" in capsys.readouterr().out and (tmp_path / "out" / "config.json").is_file()
+    assert not list(tmp_path.glob(".out.partial*"))  # the staging folder is gone
