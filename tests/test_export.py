@@ -93,3 +93,28 @@ def test_convert_cli_names_what_is_missing(tmp_path: Path, corpus: Path, capsys)
     assert main([str(job), str(tmp_path / "out"), "--dtype", "fp32"]) == 0
     assert "exported" in capsys.readouterr().out and (tmp_path / "out" / "config.json").is_file()
     assert not list(tmp_path.glob(".out.partial*"))  # the staging folder is gone
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpus: Path, tied: bool) -> None:
+    from safetensors.torch import load_file
+
+    from trainer.hf_import import import_hf, model_config
+
+    job, step = trained_step(tmp_path, corpus, "src", f"model.tie_embeddings={tied}")
+    cfg = load_job_config(job)
+    first = export(cfg, step, tmp_path / "first")
+    dcp_step = import_hf(first, model_config(first), tmp_path / "imported")
+    second = export(cfg, dcp_step, tmp_path / "second")
+
+    def tensors(folder: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = tensors(first), tensors(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # A new job starts from the imported weights (its own optimizer and step 0).
+    new = make_job(tmp_path, "from-hf", corpus, f"checkpoint.init_from={dcp_step}", f"model.tie_embeddings={tied}",
+                   "train.steps=1")
+    done = run_trainer(new)
+    assert done.returncode == 0 and f"initialised weights from {dcp_step}" in done.stdout, done.stderr[-2000:]

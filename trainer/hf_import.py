@@ -1,0 +1,98 @@
+"""A local Hugging Face Llama folder → a DCP checkpoint a job can start from (`checkpoint.init_from`).
+
+The reverse of `export.py`: names mapped back, muP's multipliers of the *target* model config divided out
+again (with muP off nothing changes, so HF → DCP → HF is bit-identical). The result is a `step-0` directory
+with its `COMPLETE` marker, holding the model only: `init_from` takes weights, never an optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+
+from trainer import checkpoint
+from trainer.config import ModelConfig
+from trainer.export import ExportError, folded, our_name
+from trainer.model import param_plan
+
+
+def model_config(hf_dir: Path, **overrides) -> ModelConfig:
+    """Our model config for an HF Llama `config.json` (muP and other extras from `overrides`)."""
+    path = hf_dir / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path}: cannot read a Hugging Face config ({exc})") from None
+    if hf.get("model_type") != "llama":
+        raise ExportError(f"{path}: model_type is {hf.get('model_type')!r}; only Llama models can be imported")
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        raise ExportError(f"{path}: head_dim × heads must equal hidden_size for this trainer")
+    rope = hf.get("rope_parameters") or {}
+    fields = {
+        "dim": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
+        "n_kv_heads": hf.get("num_key_value_heads"), "vocab_size": hf["vocab_size"],
+        "ffn_dim": hf["intermediate_size"], "norm_eps": hf.get("rms_norm_eps", 1e-5),
+        "rope_theta": hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+    return ModelConfig(**{**fields, **overrides})
+
+
+def _tensors(hf_dir: Path) -> dict[str, Path]:
+    """HF tensor name → the safetensors file holding it."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: hf_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = hf_dir / "model.safetensors"
+    if not single.is_file():
+        raise ExportError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(str(single), "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def unfolded(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The inverse of `export.folded`: weights as the trainer's multipliers expect them."""
+    if not cfg.mup.enabled:
+        return tensor
+    scale = folded(cfg, name, torch.ones(()))
+    return tensor / scale
+
+
+def import_hf(hf_dir: Path, cfg: ModelConfig, out_root: Path) -> Path:
+    """Write `out_root/step-0` (model only); returns it. `out_root` must not exist."""
+    if out_root.exists():
+        raise ExportError(f"{out_root} already exists: give a new folder (nothing was written)")
+    files = _tensors(hf_dir)
+    expected = param_plan(cfg)
+    state: dict[str, torch.Tensor] = {}
+    for hf_key, path in files.items():
+        if "rotary_emb" in hf_key:
+            continue
+        if hf_key == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        name = our_name(hf_key)
+        if name not in expected:
+            raise ExportError(f"{path}: tensor {hf_key} has no place in this model")
+        with safe_open(str(path), "pt") as f:
+            state[name] = unfolded(cfg, name, f.get_tensor(hf_key).float())
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ExportError(f"{hf_dir}: missing tensors for this model: {', '.join(missing[:4])}")
+    tmp = out_root.with_name(f".{out_root.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        step = checkpoint.step_path(tmp, 0)
+        dcp.save({"model": state}, checkpoint_id=str(step), no_dist=True)
+        (step / checkpoint.COMPLETE).write_text(json.dumps({"step": 0, "from": str(hf_dir)}) + "\n")
+        tmp.rename(out_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return checkpoint.step_path(out_root, 0)
