@@ -54,7 +54,8 @@ def _tensors(hf_dir: Path) -> dict[str, Path]:
     if not single.is_file():
         raise ExportError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
     with safe_open(str(single), "pt") as f:
-        return {name: single for name in f.keys()}
+        names = f.keys()  # a safetensors handle is not iterable itself
+    return dict.fromkeys(names, single)
 
 
 def unfolded(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
