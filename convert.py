@@ -1,8 +1,8 @@
-"""`python convert.py jobs/<name> OUT [--step N] [--dtype bf16|fp32]`: a checkpoint as a Hugging Face model."""
+"""`python convert.py jobs/<name> OUT [--step N] [--dtype bf16|fp32] [--upload ORG/NAME ...]` (or `--from-hf`)."""
 
 import sys
 
-from trainer.export import main
+from trainer.conversion import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -80,7 +80,7 @@ def test_bf16_export_generates_and_bad_inputs_are_named(tmp_path: Path, corpus: 
 
 
 def test_convert_cli_names_what_is_missing(tmp_path: Path, corpus: Path, capsys) -> None:
-    from trainer.export import main
+    from trainer.conversion import main
 
     job = make_job(tmp_path, "untrained", corpus)
     assert main([str(job), str(tmp_path / "out")]) == 2
@@ -118,3 +118,44 @@ def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpu
                    "train.steps=1")
     done = run_trainer(new)
     assert done.returncode == 0 and f"initialised weights from {dcp_step}" in done.stdout, done.stderr[-2000:]
+
+
+def test_upload_dry_run_lists_the_files_and_a_missing_token_is_named(tmp_path: Path, corpus: Path, capsys,
+                                                                     monkeypatch) -> None:
+    """No network here: everything up to the Hub calls is exercised, and the calls are recorded."""
+    from trainer import hub
+    from trainer.conversion import main
+
+    for name in hub.TOKEN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    job, _ = trained_step(tmp_path, corpus, "src")
+    assert main([str(job), str(tmp_path / "a"), "--upload", "org/model"]) == 2
+    assert "no Hugging Face token: export HF_TOKEN" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # refused before any work
+    assert main([str(job), str(tmp_path / "a"), "--upload", "not-a-repo", "--dry-run"]) == 2
+    assert "'not-a-repo' is not ORG/NAME" in capsys.readouterr().err
+
+    assert main([str(job), str(tmp_path / "b"), "--upload", "org/model", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "repository org/model (public), revision (branch) step-2" in out
+    assert "model-00001-of-00001.safetensors" in out and "README.md" in out and "tokenizer.json" in out
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "# src (step 2)" in card and "steps: 2 of 2 planned" in card and '"dim": 64' in card
+
+    calls = []
+
+    class RecordingApi:
+        def __init__(self, token: str):
+            calls.append(("token", token))
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: calls.append((name, args, kwargs)) or "https://hub/commit"
+
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert main([str(job), str(tmp_path / "c"), "--upload", "org/model", "--revision", "v1", "--private"]) == 0
+    assert [c[0] for c in calls] == ["token", "create_repo", "create_branch", "upload_folder"]
+    assert calls[1][2]["private"] is True and calls[2][2]["branch"] == "v1"
+    assert calls[3][2]["revision"] == "v1" and calls[3][2]["folder_path"] == str(tmp_path / "c")
+    assert "hf_test_token" not in "".join(p.read_text(errors="replace") for p in (tmp_path / "c").rglob("*")
+                                          if p.is_file())

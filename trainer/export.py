@@ -12,12 +12,10 @@ output shard. muP's forward multipliers are folded into the weights, so no custo
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +23,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from trainer import checkpoint
 from trainer.config import AnvilConfig, ModelConfig
 from trainer.model import ffn_dim, param_plan
 
@@ -172,7 +169,7 @@ def write_tokenizer(tokenizer_json: Path, out: Path, bos: str | None, eos: str) 
 
 
 def export(job_cfg: AnvilConfig, step_dir: Path, out: Path, dtype: torch.dtype = torch.float32,
-           shard_bytes: int = 2 * 2**30) -> Path:
+           shard_bytes: int = 2 * 2**30, card: str | None = None) -> Path:
     """Write the folder next to `out`, then move it into place: a folder at `out` is always complete."""
     if out.exists():
         raise ExportError(f"{out} already exists: give a new output folder (nothing was written)")
@@ -199,49 +196,11 @@ def export(job_cfg: AnvilConfig, step_dir: Path, out: Path, dtype: torch.dtype =
         generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": True, "temperature": 0.8,
                       "top_p": 0.95, "max_new_tokens": 128}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
-
-def choose_step(job: Path, step: int | None) -> Path:
-    root = job / "checkpoints"
-    complete = [s for s, _, done in checkpoint.list_steps(root) if done]
-    listing = ", ".join(f"step-{s}" for s in complete) or "none"
-    if step is None:
-        if not complete:
-            raise ExportError(f"{root} holds no complete checkpoint yet: train the job first")
-        return checkpoint.step_path(root, complete[-1])
-    path = checkpoint.step_path(root, step)
-    if not path.is_dir():
-        raise ExportError(f"{path} does not exist; complete checkpoints: {listing}")
-    if step not in complete:
-        raise ExportError(f"{path} is incomplete (interrupted while saving); complete checkpoints: {listing}")
-    return path
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="convert.py", description="Export a job's checkpoint as a Hugging Face "
-                                     "LlamaForCausalLM folder (safetensors), loadable with no custom code.")
-    parser.add_argument("job", type=Path, help="the job directory (jobs/<name>)")
-    parser.add_argument("out", type=Path, help="the output folder (must not exist)")
-    parser.add_argument("--step", type=int, help="the checkpoint step (default: the newest complete one)")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="stored dtype (default bf16)")
-    args = parser.parse_args(argv)
-    from trainer.train import load_job_config
-
-    if not (args.job / "config.json").is_file():
-        print(f"convert.py: {args.job} is not a job directory (no config.json)", file=sys.stderr)
-        return 2
-    try:
-        step_dir = choose_step(args.job, args.step)
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        out = export(load_job_config(args.job), step_dir, args.out, dtype)
-    except ExportError as exc:
-        print(f"convert.py: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported {step_dir} -> {out} ({args.dtype}); load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
-    return 0
