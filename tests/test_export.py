@@ -10,6 +10,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from tests.train_helpers import make_job, run_trainer
+from trainer import checkpoint
 from trainer.export import ExportError, export
 from trainer.model import Transformer
 from trainer.train import load_job_config
@@ -24,17 +25,23 @@ def trained_step(tmp_path: Path, corpus: Path, name: str, *overrides: str) -> tu
                    *overrides)
     done = run_trainer(job, 2)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return job, job / "checkpoints" / "step-2"
+    root = job / "checkpoints"
+    return job, checkpoint.step_path(root, checkpoint.latest_complete(root))
 
 
-def trainer_logits(job: Path, step_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+def trainer_model(job: Path, step_dir: Path) -> Transformer:
+    """The trainer's own model with the checkpoint's weights, in one process."""
     cfg = load_job_config(job)
     model = Transformer(cfg.model, cfg.data.seq_len)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
     model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def trainer_logits(job: Path, step_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(tokens)
+        return trainer_model(job, step_dir)(tokens)
 
 
 @pytest.mark.parametrize("mup", [False, True], ids=["sp", "mup"])

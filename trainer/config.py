@@ -368,6 +368,20 @@ class MetricsConfig(Section):
     """Weights & Biases logging."""
 
 
+class EvalConfig(Section):
+    tasks: list[str] = ["anvil_heldout", "anvil_mc"]
+    """lm-eval tasks: the local ones shipped in `evals/` (`anvil_heldout`: bits per byte on `eval.heldout`;
+    `anvil_mc`: a small multiple-choice set) or any lm-eval task available offline."""
+    heldout: str | None = None
+    """Parquet dataset of held-out text for `anvil_heldout` (e.g. the demo's `data/demo/val`)."""
+    heldout_docs: int = Field(default=200, ge=1)
+    """Documents of `eval.heldout` to score."""
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    """lm-eval model backend: `auto` is vLLM on GPU when installed, else transformers (`hf`)."""
+    batch_size: int = Field(default=8, ge=1)
+    """lm-eval batch size."""
+
+
 LOWER_LAYERS: contextvars.ContextVar[tuple[dict, dict, dict]] = contextvars.ContextVar("anvil_lower_layers")
 """The YAML file, cluster profile and model flavor of the load in progress (set by `config_sources.load_config`)."""
 
@@ -416,6 +430,8 @@ class AnvilConfig(BaseSettings):
     """When and what to save."""
     metrics: MetricsConfig = MetricsConfig()
     """What is logged, where."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation of exported models with lm-eval."""
 
 
 SECTIONS = tuple(AnvilConfig.model_fields)

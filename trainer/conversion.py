@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
+from trainer.evaluate import EvalError, print_results, run_lm_eval
 from trainer.export import ExportError, export
 from trainer.hub import HubError, check_repo_id, model_card, require_token, upload, upload_plan
 
@@ -30,6 +31,19 @@ def choose_step(job: Path, step: int | None) -> Path:
     return path
 
 
+def sample(model_dir: Path, prompt: str, new_tokens: int = 40) -> str:
+    """What vanilla transformers makes of the export: proof that it loads and generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    torch.manual_seed(0)
+    output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True, top_p=0.95, temperature=0.8,
+                            pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convert.py",
@@ -43,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--revision", help="the Hub branch to upload to (default: step-N)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--dry-run", action="store_true", help="with --upload: list what would be sent, send nothing")
+    parser.add_argument("--eval", nargs="?", const="", metavar="TASKS",
+                        help="then run lm-eval on the export: comma-separated tasks (default: eval.tasks of the job); "
+                             "results go to jobs/<name>/eval/step-N/")
+    parser.add_argument("--sample", metavar="PROMPT", help="then print a sample the exported model generates")
     parser.add_argument("--from-hf", action="store_true",
                         help="import: SOURCE is a local HF Llama folder; OUT gets step-0/ for checkpoint.init_from")
     return parser
@@ -84,7 +102,13 @@ def main(argv: list[str]) -> int:
                 print("dry run: would upload\n" + "\n".join(plan))
             else:
                 print(f"uploaded: {upload(out, args.upload, revision, args.private)}")
-    except (ExportError, HubError) as exc:
+        if args.eval is not None:
+            tasks = [t for t in args.eval.split(",") if t] or None
+            summary = run_lm_eval(cfg, out, args.source / "eval" / f"step-{step}", tasks)
+            print_results(summary, f"lm-eval on {out} (step {step}); saved in {args.source / 'eval' / f'step-{step}'}")
+        if args.sample is not None:
+            print(f"sample: {sample(out, args.sample)}")
+    except (ExportError, HubError, EvalError) as exc:
         print(f"convert.py: {exc}", file=sys.stderr)
         return 2
     return 0

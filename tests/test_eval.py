@@ -1,0 +1,38 @@
+"""lm-eval (transformers backend, offline) on an exported model: the local tasks run, and the held-out bits per
+byte lm-eval reports equal the trainer's own held-out loss on the same text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer
+
+from tests.test_export import trained_step, trainer_model
+from trainer.evaluate import EvalError, heldout_bits_per_byte, heldout_texts, run_lm_eval
+from trainer.export import export
+from trainer.train import load_job_config
+
+
+def test_lm_eval_bits_per_byte_equal_the_trainers_heldout_loss(tmp_path: Path, corpus: Path) -> None:
+    job, step = trained_step(tmp_path, corpus, "src", f"eval.heldout={corpus / 'val'}", "eval.heldout_docs=12",
+                             "train.steps=6", "checkpoint.interval=6")
+    cfg = load_job_config(job)
+    out = export(cfg, step, tmp_path / "hf")
+    summary = run_lm_eval(cfg, out, job / "eval" / "step-6")
+    assert (job / "eval" / "step-6" / "results.json").is_file()
+    assert 0.0 <= summary["anvil_mc"]["acc"] <= 1.0
+
+    texts = heldout_texts(cfg)
+    tokenizer = Tokenizer.from_file(cfg.data.tokenizer)
+    tokens = [tokenizer.encode(t).ids for t in texts]
+    ours = heldout_bits_per_byte(trainer_model(job, step), tokens, texts, cfg.data.seq_len,
+                                 tokenizer.token_to_id(cfg.data.eos_token))
+    theirs = summary["anvil_heldout"]["bits_per_byte"]
+    assert abs(ours - theirs) <= 1e-4 * ours, (ours, theirs)
+
+
+def test_heldout_task_without_heldout_data_is_named(tmp_path: Path, corpus: Path) -> None:
+    job, step = trained_step(tmp_path, corpus, "src", "train.steps=2")
+    with pytest.raises(EvalError, match="eval.heldout is not set"):
+        run_lm_eval(load_job_config(job), tmp_path / "unused", tmp_path / "eval")
