@@ -3,6 +3,7 @@ byte lm-eval reports equal the trainer's own held-out loss on the same text."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from trainer.train import load_job_config
 
 def test_lm_eval_bits_per_byte_equal_the_trainers_heldout_loss(tmp_path: Path, corpus: Path) -> None:
     job, step = trained_step(tmp_path, corpus, "src", f"eval.heldout={corpus / 'val'}", "eval.heldout_docs=12",
-                             "train.steps=6", "checkpoint.interval=6")
+                             "train.steps=6", "checkpoint.interval=6", "eval.every=3")
     cfg = load_job_config(job)
     out = export(cfg, step, tmp_path / "hf")
     summary = run_lm_eval(cfg, out, job / "eval" / "step-6")
@@ -30,6 +31,10 @@ def test_lm_eval_bits_per_byte_equal_the_trainers_heldout_loss(tmp_path: Path, c
                                  tokenizer.token_to_id(cfg.data.eos_token))
     theirs = summary["anvil_heldout"]["bits_per_byte"]
     assert abs(ours - theirs) <= 1e-4 * ours, (ours, theirs)
+    # The same number, computed during training by the 2 FSDP ranks (eval.every) and logged.
+    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    during = {r["step"]: r["heldout_bits_per_byte"] for r in rows if "heldout_bits_per_byte" in r}
+    assert sorted(during) == [3, 6] and abs(during[6] - ours) <= 1e-5 * ours, (during, ours)
 
 
 def test_heldout_task_without_heldout_data_is_named(tmp_path: Path, corpus: Path) -> None:

@@ -63,4 +63,4 @@ def run_trainer(job: Path, ranks: int = 1, timeout: float = 300) -> subprocess.C
 def losses(job: Path) -> dict[int, float]:
     """step -> loss from metrics.jsonl (the last line of a step wins)."""
     rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {row["step"]: row["loss"] for row in rows}
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}

@@ -380,6 +380,9 @@ class EvalConfig(Section):
     """lm-eval model backend: `auto` is vLLM on GPU when installed, else transformers (`hf`)."""
     batch_size: int = Field(default=8, ge=1)
     """lm-eval batch size."""
+    every: int | None = Field(default=None, ge=1)
+    """During training, every this many steps: the held-out bits per byte on `eval.heldout`, computed by the
+    training model itself (the same number lm-eval reports on the export), into metrics.jsonl and wandb."""
 
 
 LOWER_LAYERS: contextvars.ContextVar[tuple[dict, dict, dict]] = contextvars.ContextVar("anvil_lower_layers")

@@ -113,16 +113,18 @@ def print_results(summary: dict, title: str) -> None:
 
 @torch.no_grad()
 def heldout_bits_per_byte(model: torch.nn.Module, token_lists: list[list[int]], texts: list[str], seq_len: int,
-                          prefix_id: int) -> float:
+                          prefix_id: int, device: torch.device | str = "cpu") -> float:
     """The trainer's held-out loss in bits per byte: each document after one EOS (as packed in training),
-    scored in windows of at most `seq_len` predictions, each seeing up to `seq_len` tokens."""
-    total_nll = 0.0
+    scored in windows of at most `seq_len` predictions, each seeing up to `seq_len` tokens. Under FSDP or TP
+    every rank must call it with the same documents (the forward passes are collectives)."""
+    total_nll = torch.zeros((), device=device, dtype=torch.float64)
     for tokens in token_lists:
-        seq = torch.tensor([prefix_id, *tokens])
+        seq = torch.tensor([prefix_id, *tokens], device=device)
+        targets = torch.tensor(tokens, device=device)
         for start in range(0, len(tokens), seq_len):
             end = min(start + seq_len, len(tokens))
             window = seq[max(0, end - seq_len):end].unsqueeze(0)
             logits = model(window)[0, -(end - start):].float()
-            total_nll += F.cross_entropy(logits, torch.tensor(tokens[start:end]), reduction="sum").item()
+            total_nll += F.cross_entropy(logits, targets[start:end], reduction="sum")
     total_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return total_nll / math.log(2) / total_bytes
+    return total_nll.item() / math.log(2) / total_bytes

@@ -28,7 +28,7 @@ def training_summary(job_dir: Path, step: int) -> dict:
     if not path.is_file():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("step", 0) <= step]
+    rows = [r for r in rows if r.get("step", 0) <= step and "loss" in r]
     if not rows:
         return {}
     last = rows[-1]

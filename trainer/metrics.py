@@ -95,6 +95,16 @@ class MetricsLogger:
         parts += [f"mem {row['memory_gib']:.2f} GiB", f"data {100 * row['data_wait']:.0f}%"]
         self.line("  ".join(parts))
 
+    def log_eval(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self.run.log(row)
+        self.line(f"step {step} eval  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -38,6 +38,7 @@ from trainer.config_checks import world_size
 from trainer.data.loader import build_loader
 from trainer.data.sources import DataError
 from trainer.distributed import init_distributed
+from trainer.evaluate import EvalError, heldout_bits_per_byte, heldout_texts
 from trainer.metrics import MetricsLogger, memory_gib, mfu
 from trainer.model import flops_per_token, num_params, param_plan, plain_name
 from trainer.optim import build_optimizer, build_scheduler
@@ -108,6 +109,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.watch = PreemptionWatch(job_dir, device)
+        self.heldout = self._heldout() if cfg.eval.every else None
         self.step = 0
         self.tokens_seen = 0
         self.saved_step: int | None = None  # known to every rank alike (the marker file may lag on others)
@@ -118,6 +120,23 @@ class Trainer:
         # Without FSDP, bf16 comes from autocast; with it, from FSDP's mixed-precision policy.
         self.autocast = (torch.autocast(device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not layout.fsdp else contextlib.nullcontext())
+
+    def _heldout(self) -> tuple[list[list[int]], list[str], int]:
+        from tokenizers import Tokenizer
+
+        try:
+            texts = heldout_texts(self.cfg)
+        except EvalError as exc:
+            raise TrainingError(f"eval.every is set, but {exc}") from None
+        tokenizer = Tokenizer.from_file(self.cfg.data.tokenizer)
+        tokens = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return tokens, texts, tokenizer.token_to_id(self.cfg.data.eos_token)
+
+    def evaluate(self) -> None:
+        tokens, texts, eos_id = self.heldout
+        with torch.no_grad(), self.autocast:
+            bpb = heldout_bits_per_byte(self.model, tokens, texts, self.cfg.data.seq_len, eos_id, self.device)
+        self.metrics.log_eval(self.step, {"heldout_bits_per_byte": bpb})
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
@@ -305,6 +324,8 @@ class Trainer:
                 })
                 window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
                 window_loss, window_steps = torch.zeros((), device=self.device), 0
+            if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.train.steps):
+                self.evaluate()
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
                 self.save()
         else:
