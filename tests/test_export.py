@@ -166,3 +166,15 @@ def test_upload_dry_run_lists_the_files_and_a_missing_token_is_named(tmp_path: P
     assert calls[3][2]["revision"] == "v1" and calls[3][2]["folder_path"] == str(tmp_path / "c")
     assert "hf_test_token" not in "".join(p.read_text(errors="replace") for p in (tmp_path / "c").rglob("*")
                                           if p.is_file())
+
+
+def test_export_from_a_tensor_parallel_checkpoint(tmp_path: Path, corpus: Path) -> None:
+    """TP shards weights on other axes than FSDP; DCP reassembles them, the export does not care."""
+    from transformers import LlamaForCausalLM
+
+    job, step = trained_step(tmp_path, corpus, "tp", "parallel.tp=2", *MUP)
+    out = export(load_job_config(job), step, tmp_path / "hf")
+    tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (LlamaForCausalLM.from_pretrained(out)(tokens).logits - trainer_logits(job, step, tokens)).abs().max()
+    assert diff.item() <= 1e-5
