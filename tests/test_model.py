@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import ModelConfig, MupConfig
+from trainer.export import hf_name
 from trainer.model import Transformer, num_params, param_plan
 
 
@@ -85,20 +86,7 @@ def test_logits_match_huggingface_llama(tied: bool, kv_heads: int) -> None:
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=kv_heads, rms_norm_eps=cfg.norm_eps, rope_theta=5000.0, max_position_embeddings=64,
         tie_word_embeddings=tied, attention_bias=False, mlp_bias=False)).eval()
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-    block = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-    state = {}
-    for name, tensor in ours.state_dict().items():
-        if name in top:
-            state[top[name]] = tensor
-        else:
-            _, layer, rest = name.split(".", 2)
-            module, leaf = rest.rsplit(".", 1)
-            state[f"model.layers.{layer}.{block[module]}.{leaf}"] = tensor
+    state = {hf_name(name): tensor for name, tensor in ours.state_dict().items()}
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing, unexpected = hf.load_state_dict(state, strict=False)
