@@ -128,9 +128,12 @@ def test_document_positions_restart_at_each_document(corpus) -> None:
     batch = next(iter(build_loader(data_config([(path, 1.0)], tokenizer, document_positions=True), 0, 0, 1, 2)))
     starts = (batch["positions"] == 0).nonzero()
     assert batch["positions"].shape == batch["input_ids"].shape and len(starts) >= 2
-    for row, col in starts.tolist()[1:]:
-        if col > 0:
-            assert batch["input_ids"][row, col - 1].item() == 0  # the previous token ends a document (EOS)
+    ids, pos = batch["input_ids"], batch["positions"]
+    for row in range(ids.shape[0]):
+        assert pos[row, 0] == 0  # a sequence starts a fresh position count
+        for col in range(1, ids.shape[1]):
+            after_eos = ids[row, col - 1].item() == 0  # the previous token ends a document
+            assert pos[row, col].item() == (0 if after_eos else pos[row, col - 1].item() + 1), (row, col)
 
 
 def test_empty_documents_are_skipped_and_counted(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +52,50 @@ def load_tokenizer(path: Path):
         raise DataError(f"tokenizer {path} cannot be loaded: {exc}") from None
 
 
+class _Window:
+    """One window of tokenized documents in shuffled order, as one flat token array (BOS/EOS included).
+
+    A piece of the stream is then one slice, however many short documents it spans: no per-document
+    Python work while packing.
+    """
+
+    def __init__(self, docs: list[list[int]], order: np.ndarray, bos_id: int | None, eos_id: int):
+        extra = 1 + (bos_id is not None)
+        lengths = np.fromiter((len(docs[i]) for i in order), dtype=np.int64, count=len(order)) + extra
+        self.ends = np.cumsum(lengths)
+        starts = self.ends - lengths
+        total = int(self.ends[-1]) if len(order) else 0
+        self.tokens = np.empty(total, dtype=np.int32)
+        content = np.ones(total, dtype=bool)
+        content[self.ends - 1] = False
+        self.tokens[self.ends - 1] = eos_id
+        if bos_id is not None:
+            content[starts] = False
+            self.tokens[starts] = bos_id
+        self.tokens[content] = np.fromiter(chain.from_iterable(docs[i] for i in order), dtype=np.int32,
+                                           count=total - extra * len(order))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def start(self, doc: int) -> int:
+        return int(self.ends[doc - 1]) if doc else 0
+
+
 class ShardReader:
     """One logical shard of one source; holds at most one window of tokenized documents."""
 
     def __init__(self, source: Source, shard: int, spec: StreamSpec, encode, stats: Stats, cursor=None):
         self.source, self.shard, self.spec, self.encode, self.stats = source, shard, spec, encode, stats
         self.cursor = list(cursor) if cursor is not None else [0, 0, 0, 0, 0]
-        self._docs: list[np.ndarray] | None = None
+        self._docs: _Window | None = None
         self._windows = None  # open reader over the current unit, positioned at self._next_window
         self._reading: tuple[int, int] | None = None
         self._next_window = 0
         self.has_units = len(source.shard_units(shard, spec.n_shards, 0, spec.seed)) > 0
+        # With one source, a piece may run across documents; with several, each document is its own piece so
+        # that mixing chooses the source document by document.
+        self.across_documents = len(spec.sources) == 1
 
     @property
     def finished(self) -> bool:
@@ -90,40 +124,45 @@ class ShardReader:
             docs = self._tokenize(texts)
             rng = np.random.default_rng([self.spec.seed, _stable_hash(self.source.name), self.shard, epoch,
                                          unit_pos, window])
-            self._docs = [docs[i] for i in rng.permutation(len(docs))]
-            if self.cursor[3] >= len(self._docs):  # an all-empty window
-                self._docs = None
+            order = rng.permutation(len(docs))
+            if self.cursor[3] >= len(docs):  # an all-empty window
                 self.cursor[:] = [epoch, unit_pos, window + 1, 0, 0]
+                continue
+            self._docs = _Window(docs, order, self.spec.bos_id, self.spec.eos_id)
         return True
 
-    def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
         docs = []
         for ids in self.encode(texts):
             if not ids:
                 self.stats.empty_docs += 1
                 continue
-            parts = ([self.spec.bos_id] if self.spec.bos_id is not None else []) + ids + [self.spec.eos_id]
-            docs.append(np.asarray(parts, dtype=np.int32))
+            docs.append(ids)
         return docs
 
-    def take(self, n: int) -> tuple[np.ndarray, bool, bool] | None:
-        """Up to `n` tokens of the current document: (tokens, starts a document, ends it); None when done."""
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        """Up to `n` tokens from the cursor on: (tokens, where documents start in them, whether the piece ends at
+        the end of a document); None when done."""
         if not self._load_window():
             return None
-        doc = self._docs[self.cursor[3]]
-        start = self.cursor[4]
-        piece = doc[start:start + n]
-        self.cursor[4] += len(piece)
-        ended = self.cursor[4] == len(doc)
-        if ended:
-            self.stats.docs += 1
-            self.cursor[3] += 1
-            self.cursor[4] = 0
-            if self.cursor[3] == len(self._docs):  # window consumed: the cursor moves to the next one
-                self._docs = None
-                self.cursor[2] += 1
-                self.cursor[3] = 0
-        return piece, start == 0, ended
+        window, doc, offset = self._docs, self.cursor[3], self.cursor[4]
+        pos = window.start(doc) + offset
+        limit = len(window.tokens) if self.across_documents else int(window.ends[doc])
+        end = min(pos + n, limit)
+        piece = window.tokens[pos:end]
+        # Documents that end inside the piece: the cursor moves past them.
+        done = int(np.searchsorted(window.ends, end, side="right"))
+        starts = window.ends[doc:done] - pos  # the next document starts where one ends
+        starts = starts[starts < len(piece)]
+        doc_starts = np.concatenate([[0], starts]) if offset == 0 else starts
+        self.stats.docs += done - doc
+        if done == len(window):  # window consumed: the cursor moves to the next one
+            self._docs = None
+            self.cursor[2] += 1
+            self.cursor[3], self.cursor[4] = 0, 0
+        else:
+            self.cursor[3], self.cursor[4] = done, end - window.start(done)
+        return piece, doc_starts, self.cursor[4] == 0
 
     @property
     def window_open(self) -> bool:
@@ -186,7 +225,7 @@ class WorkerStream:
                 best, best_gap = i, gap
         return best
 
-    def _take(self, index: int, n: int) -> tuple[np.ndarray, bool, bool] | None:
+    def _take(self, index: int, n: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
         src = self.sources[index]
         for _ in range(len(src.readers)):
             reader = src.readers[src.turn]
@@ -214,10 +253,13 @@ class WorkerStream:
             if got is None:
                 self.current = None
                 continue
-            piece, _, ended = got
+            piece, doc_starts, ended = got
             tokens[filled:filled + len(piece)] = piece
-            if positions is not None:
-                positions[filled:filled + len(piece)] = np.arange(len(piece))
+            if positions is not None:  # restarting at every document start, and at the start of the piece
+                rel = np.arange(len(piece))
+                marks = np.zeros(len(piece), dtype=np.int64)
+                marks[doc_starts] = doc_starts
+                positions[filled:filled + len(piece)] = rel - np.maximum.accumulate(marks)
             filled += len(piece)
             self.sources[self.current].tokens += len(piece)
             if ended:
