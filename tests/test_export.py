@@ -178,3 +178,43 @@ def test_export_from_a_tensor_parallel_checkpoint(tmp_path: Path, corpus: Path) 
     with torch.no_grad():
         diff = (LlamaForCausalLM.from_pretrained(out)(tokens).logits - trainer_logits(job, step, tokens)).abs().max()
     assert diff.item() <= 1e-5
+
+
+EXPORT_MEMORY = """
+import resource, sys, torch, torch.distributed.checkpoint as dcp
+from pathlib import Path
+from trainer.config import AnvilConfig
+from trainer.export import export
+from trainer.model import Transformer
+cfg = AnvilConfig(job={"name": "big"}, model={"dim": 512, "n_layers": 24, "n_heads": 8, "vocab_size": 32000},
+                  data={"seq_len": 256})
+root = Path(sys.argv[1])
+if sys.argv[2] == "make":  # in its own process: the model must not set this process's peak
+    model = Transformer(cfg.model, 256)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(root / "step-1"), no_dist=True)
+    (root / "step-1" / "COMPLETE").write_text("{}")
+    print(sum(p.numel() * 4 for p in model.parameters()), max(p.numel() * 4 for p in model.parameters()))
+else:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    export(cfg, root / "step-1", root / "hf", shard_bytes=32 * 2**20)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def test_export_memory_stays_near_the_largest_tensor(tmp_path: Path) -> None:
+    """A 109M-parameter model (436 MB in fp32) exports with peak memory growing by a few of its largest
+    tensors (the 65 MB embedding), not by the model's size."""
+    import subprocess
+    import sys
+
+    from tests.train_helpers import trainer_env
+
+    def run(phase: str) -> list[int]:
+        done = subprocess.run([sys.executable, "-c", EXPORT_MEMORY, str(tmp_path), phase], capture_output=True,
+                              text=True, env=trainer_env(), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return list(map(int, done.stdout.split()))
+
+    size, largest = run("make")
+    (grown,) = run("export")
+    assert size > 400e6 and 0 < grown < 4 * largest < 0.6 * size, (size, largest, grown)
