@@ -79,6 +79,14 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int, asyn
     for step in range(11, 21):
         assert abs(again[step] - reference[step]) <= 1e-6, (step, again[step], reference[step])
 
+    # The final checkpoint is resumable: the finished run is extended by raising train.steps.
+    config = json.loads((resumed / "config.json").read_text())
+    config["train"]["steps"] = 24
+    (resumed / "config.json").write_text(json.dumps(config))
+    done = run_trainer(resumed, ranks)
+    assert done.returncode == 0 and "(step 20)" in done.stdout, done.stderr[-3000:]
+    assert sorted(losses(resumed)) == list(range(1, 25))
+
 
 def _wait(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
     """Poll fast until `predicate` holds (True) or the trainer exits (False)."""
