@@ -129,7 +129,9 @@ class Trainer:
         except EvalError as exc:
             raise TrainingError(f"eval.every is set, but {exc}") from None
         tokenizer = Tokenizer.from_file(self.cfg.data.tokenizer)
-        tokens = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        # One by one: encode_batch would start the tokenizer's thread pool in this process, which must not
+        # exist when the loader forks its workers.
+        tokens = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
         return tokens, texts, tokenizer.token_to_id(self.cfg.data.eos_token)
 
     def evaluate(self) -> None:
