@@ -44,8 +44,7 @@ def model_card(cfg: AnvilConfig, job_dir: Path, step: int) -> str:
         f"# {cfg.job.name} (step {step})", "",
         f"A Llama-architecture model ({num_params(m) / 1e6:.1f}M parameters: {m.n_layers} layers, width {m.dim}, "
         f"{m.n_heads} heads, {m.n_kv_heads or m.n_heads} key/value heads, vocabulary {m.vocab_size}) trained with "
-        "[Anvil](https://github.com/) and exported from its checkpoint at step "
-        f"{step}. It loads in `transformers` with no custom code"
+        f"Anvil and exported from its checkpoint at step {step}. It loads in `transformers` with no custom code"
         + (" (muP's multipliers are folded into the weights)." if m.mup.enabled else "."), "",
     ]
     if summary:
