@@ -120,6 +120,14 @@ def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpu
     a, b = tensors(first), tensors(second)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # The same through the command line, and a folder that is no HF model.
+    from trainer.conversion import main
+
+    assert main(["--from-hf", str(first), str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "step-0" / checkpoint.COMPLETE).is_file()
+    assert main(["--from-hf", str(tmp_path / "cli"), str(tmp_path / "nothing")]) == 2
+    assert not (tmp_path / "nothing").exists()
+
     # A new job starts from the imported weights (its own optimizer and step 0).
     new = make_job(tmp_path, "from-hf", corpus, f"checkpoint.init_from={dcp_step}", f"model.tie_embeddings={tied}",
                    "train.steps=1")
