@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
 
 from tests.test_export import trained_step, trainer_model
-from trainer.evaluate import EvalError, heldout_bits_per_byte, heldout_texts, run_lm_eval
+from trainer.evaluate import EvalError, heldout_bits_per_byte, heldout_set, run_lm_eval
 from trainer.export import export
 from trainer.train import load_job_config
 
@@ -24,11 +23,7 @@ def test_lm_eval_bits_per_byte_equal_the_trainers_heldout_loss(tmp_path: Path, c
     assert (job / "eval" / "step-6" / "results.json").is_file()
     assert 0.0 <= summary["anvil_mc"]["acc"] <= 1.0
 
-    texts = heldout_texts(cfg)
-    tokenizer = Tokenizer.from_file(cfg.data.tokenizer)
-    tokens = [tokenizer.encode(t).ids for t in texts]
-    ours = heldout_bits_per_byte(trainer_model(job, step), tokens, texts, cfg.data.seq_len,
-                                 tokenizer.token_to_id(cfg.data.eos_token))
+    ours = heldout_bits_per_byte(trainer_model(job, step), heldout_set(cfg), cfg.data.seq_len)
     theirs = summary["anvil_heldout"]["bits_per_byte"]
     assert abs(ours - theirs) <= 1e-4 * ours, (ours, theirs)
     # The same number, computed during training by the 2 FSDP ranks (eval.every) and logged.

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from trainer.files import write_atomic
+
 COMPLETE = "COMPLETE"
 LOADER_PREFIX = "loader.dp"
 log = logging.getLogger(__name__)
@@ -114,9 +116,7 @@ def _mark_complete(root: Path, step: int, keep: int) -> None:
     path = step_path(root, step)
     marker = {"step": step, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-    tmp = path / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps(marker) + "\n")
-    tmp.replace(path / COMPLETE)
+    write_atomic(path / COMPLETE, json.dumps(marker) + "\n")
     prune(root, keep)
 
 

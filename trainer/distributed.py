@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from trainer.config import AnvilConfig
+
+
+def log(rank: int, message: str) -> None:
+    """One line of a rank's log, prefixed with its rank and node (the tests and users grep for these)."""
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"anvil[rank {rank} {node}]: {message}", flush=True)
+
 
 CACHE_VARIABLES = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MIOPEN_USER_DB_PATH")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,26 @@ def heldout_texts(cfg: AnvilConfig) -> list[str]:
     if not texts:
         raise EvalError(f"eval.heldout: {cfg.eval.heldout} holds no text")
     return texts
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out documents, tokenized as training packs them: no specials added, after one EOS."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    prefix_id: int
+
+
+def heldout_set(cfg: AnvilConfig) -> HeldOut:
+    from tokenizers import Tokenizer
+
+    texts = heldout_texts(cfg)
+    tokenizer = Tokenizer.from_file(cfg.data.tokenizer)
+    # One by one: encode_batch would start the tokenizer's thread pool in this process, and the trainer's
+    # loader forks its workers later.
+    tokens = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    return HeldOut(texts, tokens, tokenizer.token_to_id(cfg.data.eos_token))
 
 
 def write_tasks(cfg: AnvilConfig, folder: Path, tasks: list[str]) -> None:
@@ -112,19 +133,19 @@ def print_results(summary: dict, title: str) -> None:
 
 
 @torch.no_grad()
-def heldout_bits_per_byte(model: torch.nn.Module, token_lists: list[list[int]], texts: list[str], seq_len: int,
-                          prefix_id: int, device: torch.device | str = "cpu") -> float:
+def heldout_bits_per_byte(model: torch.nn.Module, heldout: HeldOut, seq_len: int,
+                          device: torch.device | str = "cpu") -> float:
     """The trainer's held-out loss in bits per byte: each document after one EOS (as packed in training),
     scored in windows of at most `seq_len` predictions, each seeing up to `seq_len` tokens. Under FSDP or TP
     every rank must call it with the same documents (the forward passes are collectives)."""
     total_nll = torch.zeros((), device=device, dtype=torch.float64)
-    for tokens in token_lists:
-        seq = torch.tensor([prefix_id, *tokens], device=device)
+    for tokens in heldout.tokens:
+        seq = torch.tensor([heldout.prefix_id, *tokens], device=device)
         targets = torch.tensor(tokens, device=device)
         for start in range(0, len(tokens), seq_len):
             end = min(start + seq_len, len(tokens))
             window = seq[max(0, end - seq_len):end].unsqueeze(0)
             logits = model(window)[0, -(end - start):].float()
             total_nll += F.cross_entropy(logits, targets[start:end], reduction="sum")
-    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    total_bytes = sum(len(t.encode("utf-8")) for t in heldout.texts)
     return total_nll.item() / math.log(2) / total_bytes

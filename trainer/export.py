@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 from trainer.config import AnvilConfig, ModelConfig
+from trainer.files import staged_dir
 from trainer.model import ffn_dim, param_plan
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -47,15 +47,17 @@ def hf_name(name: str) -> str:
     return f"model.layers.{layer}.{_BLOCK[module]}.{leaf}"
 
 
+_TOP_BACK = {v: k for k, v in _TOP.items()}
+_BLOCK_BACK = {v: k for k, v in _BLOCK.items()}
+
+
 def our_name(name: str) -> str:
     """transformers' Llama name → ours (the reverse of `hf_name`)."""
-    reverse_top = {v: k for k, v in _TOP.items()}
-    if name in reverse_top:
-        return reverse_top[name]
-    reverse_block = {v: k for k, v in _BLOCK.items()}
+    if name in _TOP_BACK:
+        return _TOP_BACK[name]
     _, _, layer, rest = name.split(".", 3)
     module, leaf = rest.rsplit(".", 1)
-    return f"layers.{layer}.{reverse_block[module]}.{leaf}"
+    return f"layers.{layer}.{_BLOCK_BACK[module]}.{leaf}"
 
 
 def hf_config(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, bos_id: int | None, eos_id: int | None
@@ -170,15 +172,12 @@ def write_tokenizer(tokenizer_json: Path, out: Path, bos: str | None, eos: str) 
 
 def export(job_cfg: AnvilConfig, step_dir: Path, out: Path, dtype: torch.dtype = torch.float32,
            shard_bytes: int = 2 * 2**30, card: str | None = None) -> Path:
-    """Write the folder next to `out`, then move it into place: a folder at `out` is always complete."""
+    """Write the folder (staged beside `out`, then renamed into place: a folder at `out` is always complete)."""
     if out.exists():
         raise ExportError(f"{out} already exists: give a new output folder (nothing was written)")
     if not (step_dir / "COMPLETE").is_file():
         raise ExportError(f"{step_dir} is not a complete checkpoint (no COMPLETE marker): it was interrupted")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         cfg = job_cfg.model
         write_safetensors(hf_tensors(step_dir, cfg, dtype), tmp, shard_bytes)
         bos_id = eos_id = None
@@ -198,9 +197,5 @@ def export(job_cfg: AnvilConfig, step_dir: Path, out: Path, dtype: torch.dtype =
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if card is not None:
             (tmp / "README.md").write_text(card)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 

@@ -8,8 +8,6 @@ with its `COMPLETE` marker, holding the model only: `init_from` takes weights, n
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors import safe_open
 from trainer import checkpoint
 from trainer.config import ModelConfig
 from trainer.export import ExportError, folded, our_name
+from trainer.files import staged_dir
 from trainer.model import param_plan
 
 
@@ -86,14 +85,8 @@ def import_hf(hf_dir: Path, cfg: ModelConfig, out_root: Path) -> Path:
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ExportError(f"{hf_dir}: missing tensors for this model: {', '.join(missing[:4])}")
-    tmp = out_root.with_name(f".{out_root.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_dir(out_root) as tmp:
         step = checkpoint.step_path(tmp, 0)
         dcp.save({"model": state}, checkpoint_id=str(step), no_dist=True)
         (step / checkpoint.COMPLETE).write_text(json.dumps({"step": 0, "from": str(hf_dir)}) + "\n")
-        tmp.rename(out_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return checkpoint.step_path(out_root, 0)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import NAME_PATTERN, SBATCH_WORD, SECRET_NAME, AnvilConfig
+from trainer.files import write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,18 +97,6 @@ def config_differences(old: dict, new: dict, limit: int = 8) -> list[str]:
     return lines
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_job(cfg: AnvilConfig, script: str, job: JobDir, force: bool = False) -> bool:
     """Create the job directory (atomically), or refresh an existing one for the same config.
 
@@ -132,8 +121,8 @@ def write_job(cfg: AnvilConfig, script: str, job: JobDir, force: bool = False) -
                 + "\n  Use --name to start a new job, or --force to replace its config and script "
                 "(logs and checkpoints are kept, and it resumes from them)."
             )
-        _write_atomic(job.config, config_text)
-        _write_atomic(job.script, script, 0o755)
+        write_atomic(job.config, config_text)
+        write_atomic(job.script, script, 0o755)
         job.logs.mkdir(exist_ok=True)
         job.checkpoints.mkdir(exist_ok=True)
         return False
@@ -214,7 +203,7 @@ def record_submission(job: JobDir, executor: str, command: list[str], job_id: st
     git = dict(git_state())
     diff = git.pop("diff")
     if diff:
-        _write_atomic(job.path / "git.diff", redact_secrets(diff))
+        write_atomic(job.path / "git.diff", redact_secrets(diff))
     entry = {
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "executor": executor,
@@ -231,5 +220,5 @@ def record_submission(job: JobDir, executor: str, command: list[str], job_id: st
         except json.JSONDecodeError:
             record = {"submissions": [], "note": "an unreadable earlier submit.json was replaced"}
     record.setdefault("submissions", []).append(entry)
-    _write_atomic(job.submissions, json.dumps(record, indent=2) + "\n")
+    write_atomic(job.submissions, json.dumps(record, indent=2) + "\n")
     return entry

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer.config import AnvilConfig
+from trainer.distributed import log
+from trainer.files import write_atomic
 from trainer.model import ParamPlan
 
 METRICS = "metrics.jsonl"
@@ -53,8 +53,7 @@ class MetricsLogger:
 
     def line(self, message: str) -> None:
         if self.enabled:
-            node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-            self.console.print(f"anvil[rank 0 {node}]: {message}", markup=False)
+            log(0, message)
 
     def start(self, resumed_step: int) -> None:
         """Cut history back to the restored step and open (or continue) the wandb run."""
@@ -63,9 +62,7 @@ class MetricsLogger:
         if self.path.exists():
             kept = [row for row in self.path.read_text().splitlines()
                     if row.strip() and json.loads(row).get("step", 0) <= resumed_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(f"{row}\n" for row in kept))
-            tmp.replace(self.path)
+            write_atomic(self.path, "".join(f"{row}\n" for row in kept))
         if self.cfg.metrics.wandb.enabled:
             self.run = self._wandb_run()
 
@@ -74,9 +71,7 @@ class MetricsLogger:
 
         id_file = self.job_dir / WANDB_ID
         if not id_file.exists():
-            tmp = id_file.with_suffix(".tmp")
-            tmp.write_text(uuid.uuid4().hex[:12] + "\n")  # wandb run ids: lowercase letters and digits
-            tmp.replace(id_file)
+            write_atomic(id_file, uuid.uuid4().hex[:12] + "\n")  # wandb run ids: lowercase letters and digits
         w = self.cfg.metrics.wandb
         run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, id=id_file.read_text().strip(),
                          resume="allow", name=self.cfg.job.name, dir=str(self.job_dir),
@@ -130,5 +125,4 @@ class MetricsLogger:
         for (role, std, lr, wd), (tensors, params) in rows.items():
             table.add_row(role, str(tensors), f"{params:,}", "ones" if std is None else f"{std:.4g}",
                           f"{lr:.4g}", f"{wd:.4g}")
-        if self.enabled:
-            self.console.print(table)
+        self.console.print(table)

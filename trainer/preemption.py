@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import lifecycle
+from trainer.files import write_atomic
 
 
 class PreemptionWatch:
@@ -40,6 +41,4 @@ class PreemptionWatch:
     def mark_preempted(self, step: int) -> None:
         """Call after the checkpoint is complete: tells the batch shell to requeue."""
         if dist.get_rank() == 0:
-            tmp = self.marker.with_suffix(".tmp")
-            tmp.write_text(f"{step}\n")
-            tmp.replace(self.marker)
+            write_atomic(self.marker, f"{step}\n")

@@ -13,7 +13,6 @@ import gc
 import json
 import math
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -37,8 +36,8 @@ from trainer.config import AnvilConfig
 from trainer.config_checks import world_size
 from trainer.data.loader import build_loader
 from trainer.data.sources import DataError
-from trainer.distributed import init_distributed
-from trainer.evaluate import EvalError, heldout_bits_per_byte, heldout_texts
+from trainer.distributed import init_distributed, log
+from trainer.evaluate import EvalError, heldout_bits_per_byte, heldout_set
 from trainer.metrics import MetricsLogger, memory_gib, mfu
 from trainer.model import flops_per_token, num_params, param_plan, plain_name
 from trainer.optim import build_optimizer, build_scheduler
@@ -51,11 +50,6 @@ EXIT_ERROR = 2
 
 class TrainingError(Exception):
     """A problem a person must fix; the message says what."""
-
-
-def log(rank: int, message: str) -> None:
-    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    print(f"anvil[rank {rank} {node}]: {message}", flush=True)
 
 
 def load_job_config(job_dir: Path) -> AnvilConfig:
@@ -109,7 +103,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.watch = PreemptionWatch(job_dir, device)
-        self.heldout = self._heldout() if cfg.eval.every else None
+        self.heldout = None
+        if cfg.eval.every:
+            try:
+                self.heldout = heldout_set(cfg)
+            except EvalError as exc:
+                raise TrainingError(f"eval.every is set, but {exc}") from None
         self.step = 0
         self.tokens_seen = 0
         self.saved_step: int | None = None  # known to every rank alike (the marker file may lag on others)
@@ -121,23 +120,9 @@ class Trainer:
         self.autocast = (torch.autocast(device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not layout.fsdp else contextlib.nullcontext())
 
-    def _heldout(self) -> tuple[list[list[int]], list[str], int]:
-        from tokenizers import Tokenizer
-
-        try:
-            texts = heldout_texts(self.cfg)
-        except EvalError as exc:
-            raise TrainingError(f"eval.every is set, but {exc}") from None
-        tokenizer = Tokenizer.from_file(self.cfg.data.tokenizer)
-        # One by one: encode_batch would start the tokenizer's thread pool in this process, which must not
-        # exist when the loader forks its workers.
-        tokens = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
-        return tokens, texts, tokenizer.token_to_id(self.cfg.data.eos_token)
-
     def evaluate(self) -> None:
-        tokens, texts, eos_id = self.heldout
         with torch.no_grad(), self.autocast:
-            bpb = heldout_bits_per_byte(self.model, tokens, texts, self.cfg.data.seq_len, eos_id, self.device)
+            bpb = heldout_bits_per_byte(self.model, self.heldout, self.cfg.data.seq_len, self.device)
         self.metrics.log_eval(self.step, {"heldout_bits_per_byte": bpb})
 
     # -- checkpoints ---------------------------------------------------------------------------------------
