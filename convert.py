@@ -2,7 +2,7 @@
 
 import sys
 
-from trainer.conversion import main
+from trainer.export.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from trainer.submission import main
+from trainer.launch.submit import main
 
 if __name__ == "__main__":
     sys.exit(main())

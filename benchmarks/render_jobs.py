@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from trainer.config_checks import all_problems  # noqa: E402
-from trainer.config_sources import load_config  # noqa: E402
-from trainer.jobdir import REPO_ROOT, job_dir, record_submission, write_job  # noqa: E402
-from trainer.render import render_script  # noqa: E402
+from trainer.launch import jobdir  # noqa: E402
+from trainer.launch.checks import all_problems  # noqa: E402
+from trainer.launch.jobdir import job_dir, record_submission, write_job  # noqa: E402
+from trainer.launch.layers import load_config  # noqa: E402
+from trainer.launch.render import render_script  # noqa: E402
 
 
 def overrides(i: int) -> list[str]:
@@ -38,11 +39,11 @@ def overrides(i: int) -> list[str]:
 def floor(root: Path, n: int, script: str, config: str) -> None:
     for i in range(n):
         path = root / f"bench-{i}"
-        (path / "logs").mkdir(parents=True)
-        (path / "checkpoints").mkdir()
-        (path / "config.json").write_text(config)
-        (path / "slurm.sh").write_text(script)
-        (path / "submit.json").write_text("{}")
+        (path / jobdir.LOGS).mkdir(parents=True)
+        (path / jobdir.CHECKPOINTS).mkdir()
+        (path / jobdir.CONFIG).write_text(config)
+        (path / jobdir.SCRIPT).write_text(script)
+        (path / jobdir.SUBMISSIONS).write_text("{}")
 
 
 def validate(root: Path, n: int) -> None:
@@ -54,7 +55,7 @@ def validate_render(root: Path, n: int) -> None:
     for i in range(n):
         cfg = load_config(None, overrides(i))
         all_problems(cfg, filesystem=False)
-        render_script(cfg, root / cfg.job.name, REPO_ROOT)
+        render_script(cfg, root / cfg.job.name)
 
 
 def anvil(root: Path, n: int) -> None:
@@ -62,7 +63,7 @@ def anvil(root: Path, n: int) -> None:
         cfg = load_config(None, overrides(i))
         all_problems(cfg, filesystem=False)
         job = job_dir(root, cfg.job.name)
-        write_job(cfg, render_script(cfg, job.path, REPO_ROOT), job)
+        write_job(cfg, render_script(cfg, job.path), job)
         record_submission(job, "slurm", ["sbatch", "--parsable", str(job.script)], str(1000 + i))
 
 
@@ -75,7 +76,7 @@ def main() -> None:
     os.environ.pop("ANVIL_JOBS_DIR", None)
 
     sample = load_config(None, overrides(0))
-    script = render_script(sample, Path("/tmp/bench-0"), REPO_ROOT)
+    script = render_script(sample, Path("/tmp/bench-0"))
     config = sample.model_dump_json(indent=2)
     variants = {
         "floor": lambda root: floor(root, args.jobs, script, config),

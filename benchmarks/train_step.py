@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from trainer import checkpoint
-from trainer.config_sources import load_config
 from trainer.data.loader import build_loader
 from trainer.data.tools import build_demo
-from trainer.model import Transformer, ffn_dim
-from trainer.parallelize import build_layout
-from trainer.train import Trainer
+from trainer.launch.jobdir import JobDir
+from trainer.launch.layers import load_config
+from trainer.train.loop import Trainer
+from trainer.train.model import Transformer
+from trainer.train.parallelize import build_layout
 
 
 def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, hf: bool = False) -> None:
@@ -51,7 +51,7 @@ def hf_model(cfg) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = cfg.model
-    config = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=ffn_dim(m),
+    config = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.ffn_hidden,
                          num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
                          num_key_value_heads=m.n_kv_heads or m.n_heads, rms_norm_eps=m.norm_eps,
                          rope_theta=m.rope_theta, max_position_embeddings=cfg.data.seq_len,
@@ -89,8 +89,8 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29611", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("gloo")
     batch = next(iter(build_loader(cfg.data, 0, 0, 1, args.batch)))
-    job = work / "job"
-    job.mkdir()
+    job = JobDir(work / "job")
+    job.path.mkdir()
     trainer = Trainer(cfg, job, 0, build_layout(cfg, "cpu"), torch.device("cpu"))
 
     bare = Transformer(cfg.model, args.seq)
@@ -133,7 +133,7 @@ def main() -> None:
     console = Console(width=130)
     console.print(table)
     stall = statistics.median(saves)
-    console.print(f"checkpoint save (sync, {checkpoint.step_path(job / 'checkpoints', 1).parent}): median "
+    console.print(f"checkpoint save (sync, {job.checkpoints}): median "
                   f"{stall * 1000:.0f} ms = {100 * stall / (interval * anvil):.2f}% of step time at the default "
                   f"interval of {interval} steps")
     console.print(f"anvil / bare = {anvil / statistics.median(times['bare PyTorch (same model)']):.3f} (goal ≤ 1.03); "

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer.jobdir import REPO_ROOT
-from trainer.submission import main as submit_main
+from trainer.launch.submit import main as submit_main
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The checkout under test (its scripts, README and entry scripts)."""
 CLUSTER_SCRIPT = REPO_ROOT / "scripts" / "local_slurm.sh"
 
 

@@ -14,17 +14,19 @@ import torch
 import torch.distributed as dist
 
 from trainer.data.loader import build_loader
-from trainer.distributed import init_distributed
-from trainer.parallelize import build_layout
-from trainer.train import Trainer, load_job_config
+from trainer.launch.jobdir import JobDir
+from trainer.train.distributed import init_distributed
+from trainer.train.loop import Trainer
+from trainer.train.parallelize import build_layout
 
 
 def main(job_dir: str, out: str, steps: int = 10) -> None:
-    cfg = load_job_config(Path(job_dir))
+    job = JobDir(Path(job_dir))
+    cfg = job.read_config()
     ranks = init_distributed(cfg)
     torch.manual_seed(cfg.train.seed)
     layout = build_layout(cfg, "cpu")
-    trainer = Trainer(cfg, Path(job_dir), ranks.rank, layout, torch.device("cpu"))
+    trainer = Trainer(cfg, job, ranks.rank, layout, torch.device("cpu"))
     t = cfg.train
     per_rank = t.global_batch_size // layout.dp_size
     batches = iter(build_loader(cfg.data, t.seed, 0, 1, t.global_batch_size))

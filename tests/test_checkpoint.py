@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from trainer import checkpoint
-from trainer.config import ModelConfig
-from trainer.model import Transformer
+from trainer.launch import jobdir
+from trainer.launch.config import ModelConfig
+from trainer.train import checkpoint
+from trainer.train.model import Transformer
 
 
 def model(dim: int = 64, seed: int = 0) -> Transformer:
@@ -24,7 +24,7 @@ def test_save_load_round_trip_with_loader_states(tmp_path: Path) -> None:
     a, b = model(seed=1), model(seed=2)
     loader_states = {0: {"workers": {"0": {"sources": {"web": {"shards": {"3": [0, 1, 2, 3, 4]}}}}}}, 1: {"x": 1}}
     checkpoint.save(tmp_path, 10, {"model": a.state_dict(), "step": 10}, loader_states, keep=3)
-    assert (tmp_path / "step-10" / checkpoint.COMPLETE).is_file()
+    assert (tmp_path / "step-10" / jobdir.COMPLETE).is_file()
     state = {"model": b.state_dict(), "step": 0}
     loaded = checkpoint.load(tmp_path, 10, state)
     b.load_state_dict(state["model"])
@@ -32,22 +32,22 @@ def test_save_load_round_trip_with_loader_states(tmp_path: Path) -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def test_retention_and_interrupted_saves(tmp_path: Path, caplog) -> None:
+def test_retention_and_interrupted_saves(tmp_path: Path) -> None:
     m = model()
     for step in (10, 20, 30, 40):
         checkpoint.save(tmp_path, step, {"model": m.state_dict()}, {}, keep=2)
-    assert [s for s, _, _ in checkpoint.list_steps(tmp_path)] == [30, 40]
+    assert [s for s, _, _ in jobdir.list_steps(tmp_path)] == [30, 40]
     # A save killed midway: the directory exists, the marker does not.
     checkpoint.save(tmp_path, 50, {"model": m.state_dict()}, {}, keep=2)
-    (tmp_path / "step-50" / checkpoint.COMPLETE).unlink()
-    with caplog.at_level(logging.WARNING):
-        assert checkpoint.latest_complete(tmp_path) == 40
-    assert "skipping" in caplog.text and "step-50" in caplog.text
+    (tmp_path / "step-50" / jobdir.COMPLETE).unlink()
+    assert jobdir.latest_complete(tmp_path) == 40
+    # Reported as skipped when the trainer resumes (tests/test_train.py checks the message in its log).
+    assert jobdir.interrupted_saves(tmp_path) == [tmp_path / "step-50"]
     with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
         checkpoint.load(tmp_path, 50, {"model": m.state_dict()})
     checkpoint.save(tmp_path, 50, {"model": m.state_dict()}, {}, keep=2)  # the same step again, after a restart
-    assert [(s, c) for s, _, c in checkpoint.list_steps(tmp_path)] == [(40, True), (50, True)]
-    assert checkpoint.latest_complete(tmp_path / "nothing") is None
+    assert [(s, c) for s, _, c in jobdir.list_steps(tmp_path)] == [(40, True), (50, True)]
+    assert jobdir.latest_complete(tmp_path / "nothing") is None
 
 
 def test_checkpoint_of_another_model_is_refused_clearly(tmp_path: Path) -> None:

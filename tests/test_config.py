@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from trainer.config import walltime_seconds
-from trainer.config_sources import ConfigError, load_config
+from trainer.launch.config import walltime_seconds
+from trainer.launch.layers import ConfigError, load_config
 
 
 def write(path: Path, text: str) -> Path:
@@ -63,6 +65,33 @@ def test_config_json_does_not_read_the_environment(monkeypatch: pytest.MonkeyPat
     cfg = load_config(None, ["job.name=x"], environ={})
     monkeypatch.setenv("ANVIL_OPTIM__LR", "0.9")
     assert type(cfg).model_validate_json(cfg.model_dump_json()).optim.lr == cfg.optim.lr
+
+
+def test_loading_reads_only_the_environment_it_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers are merged as data: nothing process-wide is swapped, so concurrent loads (a sweep validating points
+    in threads) each see their own environment, and os.environ is never touched."""
+    monkeypatch.setenv("ANVIL_OPTIM__LR", "0.9")
+    before = dict(os.environ)
+    cfg = load_config(None, ["job.name=x"], environ={"ANVIL_OPTIM__WEIGHT_DECAY": "0.3"})
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (3e-4, 0.3)
+    assert dict(os.environ) == before
+    assert load_config(None, ["job.name=x"]).optim.lr == 0.9  # by default, the process's environment
+
+    def load(i: int) -> tuple[int, int]:
+        got = load_config(None, [f"job.name=t{i}"], environ={"ANVIL_TRAIN__SEED": str(i)})
+        return i, got.train.seed
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(load, range(200)))
+    assert all(i == seed for i, seed in results)
+
+
+def test_environment_sets_map_keys_one_at_a_time_keeping_their_case() -> None:
+    environ = {"ANVIL_CLUSTER__ENV": '{"A": "1"}', "ANVIL_CLUSTER__ENV__NCCL_DEBUG": "INFO",
+               "anvil_optim__lr": "0.5", "ANVIL_CLUSTER__PARTITIONS__Short__MAX_TIME": "30"}
+    cfg = load_config(None, ["job.name=x"], environ=environ)
+    assert cfg.cluster.env == {"A": "1", "NCCL_DEBUG": "INFO"} and cfg.optim.lr == 0.5
+    assert cfg.cluster.partitions["Short"].max_time == "00:30:00"
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

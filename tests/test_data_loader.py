@@ -250,7 +250,7 @@ def test_file_vanishing_between_epochs(tmp_path: Path) -> None:
 
 
 def test_default_dataset_names(tmp_path: Path, corpus) -> None:
-    from trainer.config import DataConfig, DatasetSpec
+    from trainer.launch.config import DataConfig, DatasetSpec
 
     path, tokenizer = corpus
     cfg = DataConfig(datasets=[DatasetSpec(path=str(path)), DatasetSpec(path=f"{path}/*.parquet", weight=2)],

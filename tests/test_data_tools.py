@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
+from tests.conftest import REPO_ROOT
 from tests.data_helpers import write_corpus, write_tokenizer
 from trainer.data import tools
 from trainer.data.__main__ import main as data_main
 from trainer.data.sources import DataError
-from trainer.jobdir import REPO_ROOT
 
 
 def test_convert_jsonl_and_text_files(tmp_path: Path, capsys) -> None:

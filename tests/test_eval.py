@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 
 from tests.test_export import trained_step, trainer_model
-from trainer.evaluate import EvalError, heldout_bits_per_byte, heldout_set, run_lm_eval
-from trainer.export import export
-from trainer.train import load_job_config
+from trainer.export.evaluation import run_lm_eval
+from trainer.export.hf import export
+from trainer.launch.jobdir import JobDir
+from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set
 
 
 def test_lm_eval_bits_per_byte_equal_the_trainers_heldout_loss(tmp_path: Path, corpus: Path) -> None:
     job, step = trained_step(tmp_path, corpus, "src", f"eval.heldout={corpus / 'val'}", "eval.heldout_docs=12",
                              "train.steps=6", "checkpoint.interval=6", "eval.every=3")
-    cfg = load_job_config(job)
+    cfg = JobDir(job).read_config()
     out = export(cfg, step, tmp_path / "hf")
     summary = run_lm_eval(cfg, out, job / "eval" / "step-6")
     assert (job / "eval" / "step-6" / "results.json").is_file()
@@ -35,4 +36,4 @@ def test_lm_eval_bits_per_byte_equal_the_trainers_heldout_loss(tmp_path: Path, c
 def test_heldout_task_without_heldout_data_is_named(tmp_path: Path, corpus: Path) -> None:
     job, step = trained_step(tmp_path, corpus, "src", "train.steps=2")
     with pytest.raises(EvalError, match="eval.heldout is not set"):
-        run_lm_eval(load_job_config(job), tmp_path / "unused", tmp_path / "eval")
+        run_lm_eval(JobDir(job).read_config(), tmp_path / "unused", tmp_path / "eval")

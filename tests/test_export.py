@@ -10,10 +10,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from tests.train_helpers import make_job, run_trainer
-from trainer import checkpoint
-from trainer.export import ExportError, export
-from trainer.model import Transformer
-from trainer.train import load_job_config
+from trainer.export.hf import ExportError, export
+from trainer.launch import jobdir
+from trainer.launch.jobdir import JobDir
+from trainer.train.model import Transformer
 
 MUP = ["model.mup.enabled=true", "model.mup.base_dim=32", "model.mup.input_alpha=3.0", "model.mup.output_alpha=2.0",
        "model.mup.attn_alpha=1.5"]
@@ -26,12 +26,12 @@ def trained_step(tmp_path: Path, corpus: Path, name: str, *overrides: str) -> tu
     done = run_trainer(job, 2)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     root = job / "checkpoints"
-    return job, checkpoint.step_path(root, checkpoint.latest_complete(root))
+    return job, jobdir.step_dir(root, jobdir.latest_complete(root))
 
 
 def trainer_model(job: Path, step_dir: Path) -> Transformer:
     """The trainer's own model with the checkpoint's weights, in one process."""
-    cfg = load_job_config(job)
+    cfg = JobDir(job).read_config()
     model = Transformer(cfg.model, cfg.data.seq_len)
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
@@ -53,7 +53,7 @@ def test_exported_model_gives_the_trainers_logits(tmp_path: Path, corpus: Path, 
 
     job, step = trained_step(tmp_path, corpus, "src", *(MUP if mup else []), f"model.tie_embeddings={tied}",
                              f"model.n_kv_heads={kv_heads}")
-    out = export(load_job_config(job), step, tmp_path / "hf")
+    out = export(JobDir(job).read_config(), step, tmp_path / "hf")
     hf = LlamaForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
     assert hf.config.tie_word_embeddings == tied
     tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
@@ -68,7 +68,7 @@ def test_bf16_export_generates_and_bad_inputs_are_named(tmp_path: Path, corpus: 
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     job, step = trained_step(tmp_path, corpus, "src")
-    cfg = load_job_config(job)
+    cfg = JobDir(job).read_config()
     out = export(cfg, step, tmp_path / "bf16", dtype=torch.bfloat16, shard_bytes=100_000)
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # sharded, with an index
     model = LlamaForCausalLM.from_pretrained(out)
@@ -87,7 +87,7 @@ def test_bf16_export_generates_and_bad_inputs_are_named(tmp_path: Path, corpus: 
 
 
 def test_convert_cli_names_what_is_missing(tmp_path: Path, corpus: Path, capsys) -> None:
-    from trainer.conversion import main
+    from trainer.export.cli import main
 
     job = make_job(tmp_path, "untrained", corpus)
     assert main([str(job), str(tmp_path / "out")]) == 2
@@ -106,10 +106,10 @@ def test_convert_cli_names_what_is_missing(tmp_path: Path, corpus: Path, capsys)
 def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpus: Path, tied: bool) -> None:
     from safetensors.torch import load_file
 
-    from trainer.hf_import import import_hf, model_config
+    from trainer.export.hf_import import import_hf, model_config
 
     job, step = trained_step(tmp_path, corpus, "src", f"model.tie_embeddings={tied}")
-    cfg = load_job_config(job)
+    cfg = JobDir(job).read_config()
     first = export(cfg, step, tmp_path / "first")
     dcp_step = import_hf(first, model_config(first), tmp_path / "imported")
     second = export(cfg, dcp_step, tmp_path / "second")
@@ -121,10 +121,10 @@ def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpu
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # The same through the command line, and a folder that is no HF model.
-    from trainer.conversion import main
+    from trainer.export.cli import main
 
     assert main(["--from-hf", str(first), str(tmp_path / "cli")]) == 0
-    assert (tmp_path / "cli" / "step-0" / checkpoint.COMPLETE).is_file()
+    assert (tmp_path / "cli" / "step-0" / jobdir.COMPLETE).is_file()
     assert main(["--from-hf", str(tmp_path / "cli"), str(tmp_path / "nothing")]) == 2
     assert not (tmp_path / "nothing").exists()
 
@@ -138,8 +138,8 @@ def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpu
 def test_upload_dry_run_lists_the_files_and_a_missing_token_is_named(tmp_path: Path, corpus: Path, capsys,
                                                                      monkeypatch) -> None:
     """No network here: everything up to the Hub calls is exercised, and the calls are recorded."""
-    from trainer import hub
-    from trainer.conversion import main
+    from trainer.export import hub
+    from trainer.export.cli import main
 
     for name in hub.TOKEN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -181,7 +181,7 @@ def test_export_from_a_tensor_parallel_checkpoint(tmp_path: Path, corpus: Path) 
     from transformers import LlamaForCausalLM
 
     job, step = trained_step(tmp_path, corpus, "tp", "parallel.tp=2", *MUP)
-    out = export(load_job_config(job), step, tmp_path / "hf")
+    out = export(JobDir(job).read_config(), step, tmp_path / "hf")
     tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (LlamaForCausalLM.from_pretrained(out)(tokens).logits - trainer_logits(job, step, tokens)).abs().max()
@@ -191,9 +191,9 @@ def test_export_from_a_tensor_parallel_checkpoint(tmp_path: Path, corpus: Path) 
 EXPORT_MEMORY = """
 import sys, torch, torch.distributed.checkpoint as dcp
 from pathlib import Path
-from trainer.config import AnvilConfig
-from trainer.export import export
-from trainer.model import Transformer
+from trainer.launch.config import AnvilConfig
+from trainer.export.hf import export
+from trainer.train.model import Transformer
 cfg = AnvilConfig(job={"name": "big"}, model={"dim": 512, "n_layers": 24, "n_heads": 8, "vocab_size": 32000},
                   data={"seq_len": 256})
 root = Path(sys.argv[1])

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config_sources import load_config
-from trainer.jobdir import JobDirError, job_dir, write_job
+from trainer.launch.jobdir import JobDirError, job_dir, write_job
+from trainer.launch.layers import load_config
 
 
 def test_dry_run_writes_nothing_and_shows_the_script(submit, jobs_dir: Path) -> None:
     code, out, err = submit("--name", "dry", "--dry-run", "--executor", "slurm")
     assert code == 0, err
-    assert "#SBATCH --job-name=dry" in out and f"would write {jobs_dir}/dry/ and run: sbatch --parsable" in out
+    assert "#SBATCH --job-name=dry" in out and f"would write {jobs_dir}/dry/ and run: sbatch --parsable" in err
     assert list(jobs_dir.iterdir()) == []
 
 
@@ -86,7 +86,7 @@ def test_submit_cli_refuses_a_changed_config(submit, jobs_dir: Path, tmp_path: P
 
 
 def test_secret_values_are_redacted_from_saved_text() -> None:
-    from trainer.jobdir import redact_secrets
+    from trainer.launch.jobdir import redact_secrets
 
     environ = {"HF_TOKEN": "hf_abcdefgh123", "MY_API_KEY": "k-9876543210", "HOME": "/root", "SHORT_TOKEN": "abc"}
     diff = "+token = 'hf_abcdefgh123'\n+key = 'k-9876543210'\n+home = '/root'\n+x = 'abc'\n"

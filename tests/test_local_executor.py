@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import SECRETS, assert_no_secrets, events, wait_for
-from trainer.jobdir import REPO_ROOT
+from tests.conftest import REPO_ROOT, SECRETS, assert_no_secrets, events, wait_for
+from trainer.launch.executor import JobState
+from trainer.launch.jobdir import JobDir
+from trainer.launch.local import LocalExecutor
 
 HOSTILE = "it's $(touch CANARY) `touch CANARY`; \"quoted\" \\ $HOME"
 
@@ -80,7 +81,10 @@ def test_ctrl_c_checkpoints_and_stops(jobs_dir: Path, tmp_path: Path, tiny: list
     proc = start_submit(["--name", "interrupted", *tiny, "train.steps=600"], jobs_dir, tmp_path)
     job = jobs_dir / "interrupted"
     wait_for(lambda: (job / "logs").is_dir() and "step 1/600" in log_text(job), 120, "training to start", 0.05)
-    proc.send_signal(signal.SIGINT)
+    # Another process sees the live run, and stopping it from there is the same Ctrl-C.
+    executor, local_id = LocalExecutor(), json.loads((job / "submit.json").read_text())["submissions"][-1]["job_id"]
+    assert executor.states([JobDir(job)])[job] == JobState("RUNNING", local_id, "local", f"process {proc.pid}")
+    assert executor.cancel([JobDir(job)]) == [local_id]
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, out + err
     assert "stopped at a checkpoint; run the same command again to resume" in out
@@ -88,3 +92,5 @@ def test_ctrl_c_checkpoints_and_stops(jobs_dir: Path, tmp_path: Path, tiny: list
     assert events(job) == [("start", 0), ("requeue", 0)]
     stopped = int((job / "PREEMPTED").read_text())
     assert (job / "checkpoints" / f"step-{stopped}" / "COMPLETE").is_file()
+    assert executor.states([JobDir(job)])[job] == JobState(
+        "PREEMPTED", local_id, "job directory", f"stopped at the checkpoint of step {stopped}")

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import ModelConfig, MupConfig
-from trainer.export import hf_name
-from trainer.model import Transformer, num_params, param_plan
+from trainer.export.hf import hf_name
+from trainer.launch.config import ModelConfig, MupConfig
+from trainer.train.model import Transformer, num_params, param_plan
 
 
 def build(cfg: ModelConfig, seq_len: int = 32, seed: int = 0) -> Transformer:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import ModelConfig, MupConfig, OptimConfig
-from trainer.model import Transformer
-from trainer.optim import build_optimizer, build_scheduler, lr_factor
+from trainer.launch.config import ModelConfig, MupConfig, OptimConfig
+from trainer.train.model import Transformer
+from trainer.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def test_groups_carry_the_mup_multipliers() -> None:

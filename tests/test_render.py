@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config_sources import load_config
-from trainer.render import RenderError, render_script
+from trainer.launch.layers import load_config
+from trainer.launch.render import RenderError, render_script
 
 GOLDEN = Path(__file__).parent / "golden"
 JOB_DIR, CODE_DIR = Path("/scratch/project_465000001/anvil/jobs/run-1"), Path("/scratch/project_465000001/anvil")

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import SECRETS, assert_no_secrets, events, wait_for
 from tests.train_helpers import losses, run_trainer
-from trainer import slurm
+from trainer.launch import slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -28,12 +28,23 @@ def log_of(job: Path, job_id: str) -> str:
     return path.read_text() if path.exists() else ""
 
 
+def job_state(job_id: str) -> str | None:
+    """PENDING, RUNNING, COMPLETED, ...; None once SLURM has forgotten the job (MinJobAge)."""
+    return slurm.queue([job_id]).get(job_id, (None, ""))[0]
+
+
+def restarts(job_id: str) -> str | None:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    match = re.search(r"\bRestarts=(\d+)", out.stdout)
+    return match.group(1) if match else None
+
+
 def watch_states(job_id: str, timeout: float) -> list[str]:
     """Every distinct state the job passes through until it ends (or SLURM forgets it)."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = slurm.job_state(job_id)
+        state = job_state(job_id)
         if state and (not seen or seen[-1] != state):
             seen.append(state)
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", None):
@@ -99,7 +110,7 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_uninterrupted_loss(submit,
     # SLURM holds a requeued job until its old credential expires (cred_expire=10 here: ~20 s); forcing an
     # earlier start gets it killed as "Job credential revoked", so the test waits like a user would.
     assert watch_states(job_id, 300)[-1] == "COMPLETED"
-    assert slurm.job_field(job_id, "Restarts") == "1"
+    assert restarts(job_id) == "1"
     assert events(job) == [("start", 0), ("requeue", 0), ("start", 1), ("done", 1)]
     assert (job / "RESTARTS").read_text().strip() == "1" and (job / "DONE").is_file()
     log = log_of(job, job_id)  # one file, appended by both attempts
@@ -162,14 +173,14 @@ def test_a_job_still_queued_is_not_submitted_twice(submit, jobs_dir: Path) -> No
     assert code == 0, err
     job_id = submitted_id(out)
     try:
-        assert slurm.job_state(job_id) == "PENDING"
+        assert job_state(job_id) == "PENDING"
         code, out, err = submit("--name", "queued", "cluster.sbatch_extra={begin: now+600}", "--executor", "slurm")
         assert code == 2 and f"already queued or running as SLURM job {job_id}" in err and f"scancel {job_id}" in err
         record = json.loads((jobs_dir / "queued" / "submit.json").read_text())["submissions"]
         assert [r["job_id"] for r in record] == [job_id]
     finally:
         subprocess.run(["scancel", job_id])
-    wait_for(lambda: slurm.job_state(job_id) == "CANCELLED", 30, "the cancellation")
+    wait_for(lambda: job_state(job_id) == "CANCELLED", 30, "the cancellation")
     code, out, err = submit("--name", "queued", "cluster.sbatch_extra={begin: now+600}", "--executor", "slurm")
     assert code == 0, err  # once it is gone, resubmitting is fine
     subprocess.run(["scancel", submitted_id(out)])

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import free_port, losses, make_job, run_trainer, trainer_command, trainer_env
-from trainer import checkpoint
+from trainer.launch import jobdir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +65,7 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int, asyn
     reference = losses(straight)
     assert sorted(reference) == list(range(1, 21))
     assert ("staged (writing in the background)" in done.stdout) == async_save
-    assert all((straight / "checkpoints" / f"step-{s}" / checkpoint.COMPLETE).is_file() for s in (5, 10, 15, 20))
+    assert all((straight / "checkpoints" / f"step-{s}" / jobdir.COMPLETE).is_file() for s in (5, 10, 15, 20))
 
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
@@ -101,7 +101,7 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
 
 
 def _saving(root: Path) -> bool:
-    return any(path.is_dir() and not (path / checkpoint.COMPLETE).exists() for path in root.glob("step-*"))
+    return any(path.is_dir() and not (path / jobdir.COMPLETE).exists() for path in root.glob("step-*"))
 
 
 def _logged_step(log: Path) -> int:
@@ -127,7 +127,7 @@ def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_che
         with log.open("w") as out:
             proc = subprocess.Popen(trainer_command(job, 1), stdout=out, stderr=subprocess.STDOUT,
                                     env=trainer_env(), start_new_session=True)
-            saved_before = checkpoint.latest_complete(root)
+            saved_before = jobdir.latest_complete(root)
             if attempt % 2 == 0:
                 target = rng.randint((saved_before or 0) + 1, (saved_before or 0) + 6)
                 moment = "during a step"
@@ -144,9 +144,12 @@ def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_che
         if saved_before is not None:  # it resumed from the newest complete checkpoint, losing nothing before it
             assert f"resumed from {root / f'step-{saved_before}'} (step {saved_before})" in text, text[-2000:]
         attempt += 1
+    leftover = jobdir.interrupted_saves(root)  # the last kill cut a save short
     done = run_trainer(job)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert kills == {"during a step": 5, "during a checkpoint write": 5}
+    assert leftover and all(f"skipping {path}: incomplete (interrupted while saving)" in done.stdout
+                            for path in leftover), (leftover, done.stdout[-2000:])
     final = losses(job)
     assert sorted(final) == list(range(1, 41))
     for step, loss in reference.items():

@@ -1,7 +1,7 @@
 #!/bin/bash
 # shellcheck disable=SC2016  # single-quoted values are literal on purpose: nothing in them may expand
-# Anvil job script, rendered by submit.py from templates/slurm.sh.j2; the frozen config is config.json
-# beside it. Resubmit it as is, from any directory: `sbatch <path to this file>`. It resumes.
+# Anvil job script, rendered by submit.py from trainer/launch/templates/slurm.sh.j2; the frozen config is
+# config.json beside it. Resubmit it as is, from any directory: `sbatch <path to this file>`. It resumes.
 #SBATCH --job-name=run-1
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

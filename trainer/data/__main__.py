@@ -10,10 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer.data import tools
-from trainer.data.sources import DataError
+from trainer.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="jsonl (one object per line) or text files (one document each) -> Parquet")
@@ -39,30 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--tokenizer")
     args = parser.parse_args(argv)
     console = Console(highlight=False)
-    try:
-        if args.command == "convert":
-            files = tools.write_parquet(tools.read_inputs(args.inputs, args.text_field), args.out,
-                                        args.rows_per_file, args.row_group_rows)
-            console.print(f"wrote {len(files)} file(s) to {args.out}", markup=False)
-        elif args.command == "tokenizer":
-            texts = tools.iter_texts(args.dataset, args.text_column, int(args.max_mb * 1e6))
-            tools.train_tokenizer(texts, args.out, args.vocab_size)
-            console.print(f"wrote {args.out}", markup=False)
-        elif args.command == "demo":
-            summary = tools.build_demo(args.out, args.max_mb, args.vocab_size)
-            console.print(f"demo corpus in {args.out}: {summary}", markup=False)
-        else:
-            info = tools.inspect(args.dataset, args.text_column, args.tokenizer)
-            table = Table("file", "rows", "row groups", "MB")
-            for f in info["files"]:
-                table.add_row(f["file"], str(f["rows"]), str(f["row_groups"]), f"{f['bytes'] / 1e6:.1f}")
-            console.print(table)
-            extra = f", ~{info['estimated_tokens']:,} tokens" if "estimated_tokens" in info else ""
-            console.print(f"{info['rows']:,} rows in {info['row_groups']} row groups, "
-                          f"{info['bytes'] / 1e6:.1f} MB{extra}", markup=False)
-    except DataError as exc:
-        Console(stderr=True).print(f"error: {exc}", style="red", markup=False, soft_wrap=True)
-        return 2
+    if args.command == "convert":
+        files = tools.write_parquet(tools.read_inputs(args.inputs, args.text_field), args.out,
+                                    args.rows_per_file, args.row_group_rows)
+        console.print(f"wrote {len(files)} file(s) to {args.out}", markup=False)
+    elif args.command == "tokenizer":
+        texts = tools.iter_texts(args.dataset, args.text_column, int(args.max_mb * 1e6))
+        tools.train_tokenizer(texts, args.out, args.vocab_size)
+        console.print(f"wrote {args.out}", markup=False)
+    elif args.command == "demo":
+        summary = tools.build_demo(args.out, args.max_mb, args.vocab_size)
+        console.print(f"demo corpus in {args.out}: {summary}", markup=False)
+    else:
+        info = tools.inspect(args.dataset, args.text_column, args.tokenizer)
+        table = Table("file", "rows", "row groups", "MB")
+        for f in info["files"]:
+            table.add_row(f["file"], str(f["rows"]), str(f["row_groups"]), f"{f['bytes'] / 1e6:.1f}")
+        console.print(table)
+        extra = f", ~{info['estimated_tokens']:,} tokens" if "estimated_tokens" in info else ""
+        console.print(f"{info['rows']:,} rows in {info['row_groups']} row groups, "
+                      f"{info['bytes'] / 1e6:.1f} MB{extra}", markup=False)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.config import DataConfig
+from trainer.launch.config import DataConfig
 from trainer.data.sources import DataError, open_source
 from trainer.data.stream import StreamSpec, WorkerStream, load_tokenizer, set_tokenizer_threads
 
@@ -144,7 +145,7 @@ class TokenLoader:
             raise ValueError(f"dp_rank {dp_rank} outside 0..{dp_size - 1}")
         self.spec, self.batch_size, self.prefetch, self.pin_memory = spec, batch_size, prefetch, pin_memory
         self.shape = LoaderShape(dp_rank, dp_size, num_workers)
-        self.cores = cores or len(__import__("os").sched_getaffinity(0))
+        self.cores = cores or len(os.sched_getaffinity(0))
         self._states: dict[int, dict] = {}  # global worker id -> stream state after its last consumed batch
         self._next = 0  # logical worker whose batch is due next
 

@@ -17,8 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trainer.errors import AnvilError
 
-class DataError(Exception):
+
+class DataError(AnvilError):
     """Bad or missing training data; the message names the file and what to do."""
 
 
@@ -45,7 +47,7 @@ class Source:
 
     def epoch_order(self, epoch: int, seed: int) -> np.ndarray:
         """Row-group order for an epoch: a permutation reseeded per epoch and per dataset."""
-        rng = np.random.default_rng([seed, _stable_hash(self.name), epoch])
+        rng = np.random.default_rng([seed, stable_hash(self.name), epoch])
         return rng.permutation(len(self.units))
 
     def shard_units(self, shard: int, n_shards: int, epoch: int, seed: int) -> np.ndarray:
@@ -93,7 +95,8 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def _stable_hash(text: str) -> int:
+def stable_hash(text: str) -> int:
+    """A seed from a name, the same in every process and run (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.sources import DataError, Source, _stable_hash
-
-CURSOR_FIELDS = ("epoch", "unit", "window", "doc", "offset")
+from trainer.data.sources import DataError, Source, stable_hash
 
 
 @dataclass(frozen=True)
@@ -122,7 +120,7 @@ class ShardReader:
                 continue
             self._next_window += 1
             docs = self._tokenize(texts)
-            rng = np.random.default_rng([self.spec.seed, _stable_hash(self.source.name), self.shard, epoch,
+            rng = np.random.default_rng([self.spec.seed, stable_hash(self.source.name), self.shard, epoch,
                                          unit_pos, window])
             order = rng.permutation(len(docs))
             if self.cursor[3] >= len(docs):  # an all-empty window

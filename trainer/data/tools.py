@@ -73,14 +73,15 @@ def read_inputs(paths: list[Path], text_field: str = "text") -> Iterator[str]:
 
 
 def iter_texts(path: str, text_column: str = "text", limit_bytes: int | None = None) -> Iterator[str]:
-    """Every document of a Parquet dataset, in file order (for tokenizer training and inspection)."""
+    """Every document of a Parquet dataset, in file order (for tokenizer training and inspection); with
+    `limit_bytes`, the documents up to the first one that reaches that much UTF-8 text in all."""
     source = open_source(Path(path).name, path, text_column, 1.0)
     seen = 0
     for unit in source.units:
         for window in source.read_windows(unit, 1024):
             for text in window:
                 yield text
-                seen += len(text)
+                seen += len(text.encode("utf-8"))
                 if limit_bytes is not None and seen >= limit_bytes:
                     return
 

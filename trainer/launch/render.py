@@ -8,25 +8,27 @@ which let through only plain words that need no quoting (`#SBATCH` lines have no
 from __future__ import annotations
 
 import functools
+import importlib.resources
 import re
 import shlex
 from pathlib import Path
 
 import jinja2
 
-from trainer import lifecycle
-from trainer.config import ENV_NAME, SBATCH_WORD, SECRET_NAME, AnvilConfig
+from trainer.errors import AnvilError
+from trainer.launch import jobdir
+from trainer.launch.config import ENV_NAME, SBATCH_WORD, SECRET_NAME, AnvilConfig
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR = Path(str(importlib.resources.files("trainer.launch") / "templates"))
 SCRIPT_TEMPLATE = "slurm.sh.j2"
 
 
-class RenderError(ValueError):
+class RenderError(AnvilError):
     """A value that cannot be placed into the script safely."""
 
 
 class _Raw(str):
-    """Text a filter has checked to be safe as is."""
+    """Text a filter has checked, or this module has composed, to be safe as is."""
 
 
 def _finalize(value: object) -> str:
@@ -69,21 +71,23 @@ def _template() -> jinja2.Template:
     return env.get_template(SCRIPT_TEMPLATE)
 
 
-def render_script(cfg: AnvilConfig, job_dir: Path, code_dir: Path) -> str:
+def render_script(cfg: AnvilConfig, job_dir: Path, code_dir: Path = jobdir.CODE_DIR) -> str:
     """The batch script for `cfg`, with absolute paths so `sbatch` works from any directory."""
+    job = jobdir.JobDir(job_dir)
     cluster = cfg.cluster
     cpus_per_rank = max(cluster.cores_per_node // cluster.devices_per_node, 1)
     python = cluster.python if cluster.venv is None else str(Path(cluster.venv) / "bin" / "python")
     return _template().render(
         job=cfg.job,
         cluster=cluster,
-        job_dir=str(job_dir),
+        job_dir=str(job.path),
         code_dir=str(code_dir),
-        logs_dir=str(job_dir / "logs"),
+        log_out=str(job.logs / jobdir.sbatch_log("out")),
+        log_err=str(job.logs / jobdir.sbatch_log("err")),
+        env_report=_Raw(jobdir.env_report_name("$SLURM_JOB_ID", "$RESTART")),  # expanded by the script
         python=python,
         cpus_per_rank=cpus_per_rank,
         threads_per_rank=cpus_per_rank,
-        preempted_exit=lifecycle.PREEMPTED_EXIT,
-        markers=lifecycle,
+        layout=jobdir,  # every name in the job directory, its markers and exit codes
         secret_names=SECRET_NAME.pattern,
     )

@@ -1,7 +1,7 @@
 """Checks that span sections or touch the filesystem, run before anything is written.
 
-Each returns readable problems naming the fields to change; `submit.py` refuses to go on while
-any remain, so a job never reaches the queue only to fail on its first line.
+Each returns readable problems naming the fields to change; `submit.py` (and a sweep, for every point)
+refuses to go on while any remain, so a job never reaches the queue only to fail on its first line.
 """
 
 from __future__ import annotations
@@ -10,24 +10,12 @@ import glob
 import math
 from pathlib import Path
 
-from trainer.config import AnvilConfig, format_walltime, walltime_seconds
-
-
-def world_size(cfg: AnvilConfig) -> int:
-    return cfg.cluster.nodes * cfg.cluster.devices_per_node
-
-
-def dp_shard_degree(cfg: AnvilConfig) -> int:
-    """`parallel.dp_shard`, with -1 resolved to the ranks left after replication and TP."""
-    p = cfg.parallel
-    if p.dp_shard != -1:
-        return p.dp_shard
-    return max(world_size(cfg) // (p.dp_replicate * p.tp), 1)
+from trainer.launch.config import AnvilConfig, format_walltime, walltime_seconds
 
 
 def parallel_problems(cfg: AnvilConfig) -> list[str]:
     p, c, m, t = cfg.parallel, cfg.cluster, cfg.model, cfg.train
-    world = world_size(cfg)
+    world = cfg.world_size
     problems = []
     alloc = f"cluster.nodes × cluster.devices_per_node = {c.nodes} × {c.devices_per_node} = {world} ranks"
     if p.dp_shard == -1:
@@ -41,7 +29,7 @@ def parallel_problems(cfg: AnvilConfig) -> list[str]:
             f"parallel: dp_replicate × dp_shard × tp = {p.dp_replicate} × {p.dp_shard} × {p.tp} = "
             f"{p.dp_replicate * p.dp_shard * p.tp}, but {alloc}; make them equal (or set parallel.dp_shard=-1)"
         )
-    kv_heads = m.n_kv_heads or m.n_heads
+    kv_heads = m.kv_heads
     if m.n_heads % p.tp:
         problems.append(f"model.n_heads: {m.n_heads} heads cannot be split over parallel.tp = {p.tp} ranks")
     if kv_heads % p.tp:
@@ -50,8 +38,8 @@ def parallel_problems(cfg: AnvilConfig) -> list[str]:
         problems.append(f"model.n_kv_heads: {kv_heads} must divide model.n_heads = {m.n_heads}")
     if m.dim % m.n_heads:
         problems.append(f"model.dim: {m.dim} is not divisible by model.n_heads = {m.n_heads}")
-    elif (m.dim // m.n_heads) % 2:
-        problems.append(f"model.dim: the head size dim / n_heads = {m.dim // m.n_heads} must be even for RoPE")
+    elif m.head_dim % 2:
+        problems.append(f"model.dim: the head size dim / n_heads = {m.head_dim} must be even for RoPE")
     if p.tp > 1:
         if m.tie_embeddings:
             problems.append("model.tie_embeddings: tied embeddings cannot be split with parallel.tp > 1 "
@@ -63,7 +51,7 @@ def parallel_problems(cfg: AnvilConfig) -> list[str]:
             problems.append(f"data.seq_len: {cfg.data.seq_len} is not divisible by parallel.tp = {p.tp} "
                             "(sequence parallelism splits the sequence)")
     if not problems:
-        dp = p.dp_replicate * dp_shard_degree(cfg)
+        dp = cfg.dp_size
         per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:
             fits = math.ceil(t.global_batch_size / per_step) * per_step

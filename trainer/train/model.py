@@ -19,18 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ModelConfig
-
-
-def ffn_dim(cfg: ModelConfig) -> int:
-    if cfg.ffn_dim is not None:
-        return cfg.ffn_dim
-    hidden = int(8 * cfg.dim / 3)
-    return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
-
-
-def width_mult(cfg: ModelConfig) -> float:
-    return cfg.dim / cfg.mup.base_dim if cfg.mup.enabled else 1.0
+from trainer.launch.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -66,16 +55,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.head_dim
         self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
-        # muP: alpha * sqrt(base head dim) / head dim; the head dim is fixed across widths here (heads grow),
-        # so this equals SP's 1/sqrt(head dim) at alpha = 1 and both parametrizations agree at the base width.
-        self.scale = (cfg.mup.attn_alpha if cfg.mup.enabled else 1.0) / math.sqrt(self.head_dim)
-        self.rope = apply_rope  # a fused kernel may take its place (trainer/liger.py)
+        self.scale = cfg.attn_scale  # muP's attn_alpha / sqrt(head dim); SP's 1 / sqrt(head dim)
+        self.rope = apply_rope  # a fused kernel may take its place (liger.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -91,7 +78,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = ffn_dim(cfg)
+        hidden = cfg.ffn_hidden
         self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
@@ -121,9 +108,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.input_mult = cfg.mup.input_alpha if cfg.mup.enabled else 1.0
-        self.output_mult = cfg.mup.output_alpha / width_mult(cfg) if cfg.mup.enabled else 1.0
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, max_seq_len, cfg.rope_theta)
+        self.input_mult, self.output_mult = cfg.input_mult, cfg.output_mult
+        cos, sin = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.fused_loss: nn.Module | None = None
@@ -167,7 +153,7 @@ class Transformer(nn.Module):
                 param.copy_(full)
             else:
                 place(param, full)
-        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.max_seq_len, self.cfg.rope_theta,
+        cos, sin = rope_tables(self.cfg.head_dim, self.max_seq_len, self.cfg.rope_theta,
                                device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -208,7 +194,7 @@ def param_plan(cfg: ModelConfig) -> dict[str, ParamPlan]:
     forward multipliers do the scaling); norm gains start at one, no decay. With muP off, m = 1:
     standard parametrization, and both agree at the base width.
     """
-    m = width_mult(cfg)
+    m = cfg.width_mult
     std = cfg.init_std
     plan = {"tok_embeddings.weight": ParamPlan("input", std, 1.0, 1.0),
             "norm.weight": ParamPlan("vector", None, 1.0, 0.0)}
@@ -226,8 +212,8 @@ def param_plan(cfg: ModelConfig) -> dict[str, ParamPlan]:
 
 
 def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
-    kv = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
-    per_layer = cfg.dim * (2 * cfg.dim + 2 * kv) + 3 * cfg.dim * ffn_dim(cfg) + 2 * cfg.dim
+    kv = cfg.kv_heads * cfg.head_dim
+    per_layer = cfg.dim * (2 * cfg.dim + 2 * kv) + 3 * cfg.dim * cfg.ffn_hidden + 2 * cfg.dim
     emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
     return cfg.n_layers * per_layer + cfg.dim + (emb if embeddings else 0)
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainer.config import ModelConfig, OptimConfig
-from trainer.model import param_plan, plain_name
+from trainer.launch.config import ModelConfig, OptimConfig
+from trainer.train.model import param_plan, plain_name
 
 
 def build_optimizer(model: nn.Module, model_cfg: ModelConfig, optim: OptimConfig, fused: bool = False
@@ -24,7 +24,7 @@ def build_optimizer(model: nn.Module, model_cfg: ModelConfig, optim: OptimConfig
     for name, param in model.named_parameters():
         entry = plan.get(plain_name(name))
         if entry is None:
-            raise KeyError(f"parameter {name} has no muP role in trainer.model.param_plan")
+            raise KeyError(f"parameter {name} has no muP role in trainer.train.model.param_plan")
         groups[(entry.lr_mult, entry.wd_mult)].append(param)
     param_groups = [
         {"params": params, "lr": optim.lr * lr_mult, "weight_decay": optim.weight_decay * wd_mult, "lr_mult": lr_mult}

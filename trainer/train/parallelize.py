@@ -26,9 +26,8 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from trainer.config import AnvilConfig
-from trainer.config_checks import dp_shard_degree
-from trainer.model import Transformer
+from trainer.launch.config import AnvilConfig
+from trainer.train.model import Transformer
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -57,7 +56,7 @@ class Layout:
 
 def build_layout(cfg: AnvilConfig, device_type: str) -> Layout:
     p = cfg.parallel
-    shape = (p.dp_replicate, dp_shard_degree(cfg), p.tp)
+    shape = (p.dp_replicate, cfg.dp_shard, p.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
     replicate, shard, tp_rank = (mesh.get_local_rank(d) for d in MESH_DIMS)
     return Layout(mesh, dp_rank=replicate * shape[1] + shard, dp_size=shape[0] * shape[1], tp_rank=tp_rank,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.config import AnvilConfig
+from trainer.launch.config import AnvilConfig
 
 
 def log(rank: int, message: str) -> None:

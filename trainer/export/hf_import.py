@@ -1,6 +1,6 @@
 """A local Hugging Face Llama folder → a DCP checkpoint a job can start from (`checkpoint.init_from`).
 
-The reverse of `export.py`: names mapped back, muP's multipliers of the *target* model config divided out
+The reverse of `hf.py`: names mapped back, muP's multipliers of the *target* model config divided out
 again (with muP off nothing changes, so HF → DCP → HF is bit-identical). The result is a `step-0` directory
 with its `COMPLETE` marker, holding the model only: `init_from` takes weights, never an optimizer.
 """
@@ -14,11 +14,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
-from trainer import checkpoint
-from trainer.config import ModelConfig
-from trainer.export import ExportError, folded, our_name
+from trainer.export.hf import ExportError, folded, our_name
 from trainer.files import staged_dir
-from trainer.model import param_plan
+from trainer.launch.config import ModelConfig
+from trainer.launch.jobdir import mark_complete, step_dir
+from trainer.train.model import param_plan
 
 
 def model_config(hf_dir: Path, **overrides) -> ModelConfig:
@@ -86,7 +86,7 @@ def import_hf(hf_dir: Path, cfg: ModelConfig, out_root: Path) -> Path:
     if missing:
         raise ExportError(f"{hf_dir}: missing tensors for this model: {', '.join(missing[:4])}")
     with staged_dir(out_root) as tmp:
-        step = checkpoint.step_path(tmp, 0)
+        step = step_dir(tmp, 0)
         dcp.save({"model": state}, checkpoint_id=str(step), no_dist=True)
-        (step / checkpoint.COMPLETE).write_text(json.dumps({"step": 0, "from": str(hf_dir)}) + "\n")
-    return checkpoint.step_path(out_root, 0)
+        mark_complete(step, {"step": 0, "from": str(hf_dir)})
+    return step_dir(out_root, 0)

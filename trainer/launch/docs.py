@@ -1,7 +1,7 @@
 """Generate the README's configuration reference from the pydantic tree, so it cannot drift.
 
-`python -m trainer.docs` prints it; `python -m trainer.docs --write README.md` replaces the marked
-region in the README; a test fails when the README is stale.
+`python -m trainer.launch.docs` prints it; `python -m trainer.launch.docs --write README.md` replaces the
+marked region in the README; a test fails when the README is stale.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from trainer.config import AnvilConfig
+from trainer.launch.config import AnvilConfig
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 

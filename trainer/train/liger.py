@@ -12,7 +12,7 @@ import types
 
 import torch
 
-from trainer.model import Attention, FeedForward, RMSNorm, Transformer, apply_rope
+from trainer.train.model import Attention, FeedForward, RMSNorm, Transformer, apply_rope
 
 
 def liger_problem(device: torch.device, tp: int) -> str | None:

@@ -22,9 +22,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from trainer.config import AnvilConfig, ModelConfig
+from trainer.errors import AnvilError
 from trainer.files import staged_dir
-from trainer.model import ffn_dim, param_plan
+from trainer.launch.config import AnvilConfig, ModelConfig
+from trainer.launch.jobdir import is_complete
+from trainer.train.model import param_plan
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
@@ -34,7 +36,7 @@ _BLOCK = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj"
           "ffn_norm": "post_attention_layernorm"}
 
 
-class ExportError(Exception):
+class ExportError(AnvilError):
     """A checkpoint or output that cannot be exported; the message says which and why."""
 
 
@@ -64,9 +66,9 @@ def hf_config(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, bos_id: 
               ) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": ffn_dim(cfg),
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads, "head_dim": cfg.dim // cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "rope_scaling": None, "max_position_embeddings": max_positions, "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
@@ -99,14 +101,12 @@ def folded(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """The tensor with muP's forward multipliers folded in (identity with muP off)."""
     if not cfg.mup.enabled:
         return tensor
-    input_mult = cfg.mup.input_alpha
-    output_mult = cfg.mup.output_alpha / (cfg.dim / cfg.mup.base_dim)
     if name == "tok_embeddings.weight":
-        return tensor * input_mult
+        return tensor * cfg.input_mult
     if name == "norm.weight":
-        return tensor * (output_mult / input_mult if cfg.tie_embeddings else output_mult)
+        return tensor * (cfg.output_mult / cfg.input_mult if cfg.tie_embeddings else cfg.output_mult)
     if name.endswith("attention.wq.weight"):
-        return tensor * cfg.mup.attn_alpha  # attn_alpha/√d_head over HF's 1/√d_head
+        return tensor * cfg.attn_mult  # the trainer's softmax scale over HF's 1/√d_head
     return tensor
 
 
@@ -175,8 +175,8 @@ def export(job_cfg: AnvilConfig, step_dir: Path, out: Path, dtype: torch.dtype =
     """Write the folder (staged beside `out`, then renamed into place: a folder at `out` is always complete)."""
     if out.exists():
         raise ExportError(f"{out} already exists: give a new output folder (nothing was written)")
-    if not (step_dir / "COMPLETE").is_file():
-        raise ExportError(f"{step_dir} is not a complete checkpoint (no COMPLETE marker): it was interrupted")
+    if not is_complete(step_dir):
+        raise ExportError(f"{step_dir} is not a complete checkpoint (no completion marker): it was interrupted")
     with staged_dir(out) as tmp:
         cfg = job_cfg.model
         write_safetensors(hf_tensors(step_dir, cfg, dtype), tmp, shard_bytes)

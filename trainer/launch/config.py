@@ -1,19 +1,19 @@
 """The typed configuration tree: one pydantic model, the single source of truth for a job.
 
 Every field carries a docstring; the README's configuration reference is generated from them
-(`python -m trainer.docs`). Sources and their precedence live in `config_sources.py`; checks that
-span several sections live in `config_checks.py`. Nothing here imports torch: the orchestration
-side must start in a fraction of a second on a login node.
+(`python -m trainer.launch.docs`). Values derived from several fields (world size, head size, muP
+multipliers, ...) are properties here, computed once for every part that needs them. Sources and their
+precedence live in `layers.py`; checks that span several sections live in `checks.py`. Nothing here
+imports torch: the launch side must start in a fraction of a second on a login node.
 """
 
 from __future__ import annotations
 
-import contextvars
+import math
 import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 """Job, sweep and profile names: they become directory names and SLURM job names."""
@@ -111,7 +111,7 @@ class ClusterConfig(Section):
     defaults of this section; the YAML file, environment and command line override them."""
 
     profile: str = "local"
-    """Cluster profile: a name in `templates/clusters/` or a path to a profile YAML file."""
+    """Cluster profile: a name in `trainer/launch/templates/clusters/` or a path to a profile YAML file."""
     launcher: Literal["torchrun", "srun"] = "torchrun"
     """`torchrun`: one task per node starts the ranks; `srun`: one task per device, ranks from SLURM."""
     device: Literal["cpu", "cuda", "rocm"] = "cpu"
@@ -233,6 +233,48 @@ class ModelConfig(Section):
     """Standard deviation of the initial weights (scaled by 1/sqrt(m) for hidden weights under muP)."""
     mup: MupConfig = MupConfig()
     """Maximal update parametrization."""
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads in use (`n_kv_heads`, or one per attention head)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The SwiGLU hidden size in use: `ffn_dim`, or 8/3 · dim rounded up to `multiple_of`."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        return self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
+
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier m = dim / base_dim (1 with muP off: standard parametrization)."""
+        return self.dim / self.mup.base_dim if self.mup.enabled else 1.0
+
+    @property
+    def input_mult(self) -> float:
+        """Multiplier on the embedding output."""
+        return self.mup.input_alpha if self.mup.enabled else 1.0
+
+    @property
+    def output_mult(self) -> float:
+        """Multiplier on the readout's input: output_alpha / m under muP."""
+        return self.mup.output_alpha / self.width_mult if self.mup.enabled else 1.0
+
+    @property
+    def attn_mult(self) -> float:
+        """Attention logits relative to standard 1/sqrt(head_dim): attn_alpha under muP. Heads keep their size
+        across widths here (they grow in number), so alpha · sqrt(base head dim) / head dim = alpha / sqrt(head_dim)."""
+        return self.mup.attn_alpha if self.mup.enabled else 1.0
+
+    @property
+    def attn_scale(self) -> float:
+        """The softmax scale of q·k."""
+        return self.attn_mult / math.sqrt(self.head_dim)
 
 
 class ParallelConfig(Section):
@@ -370,8 +412,8 @@ class MetricsConfig(Section):
 
 class EvalConfig(Section):
     tasks: list[str] = ["anvil_heldout", "anvil_mc"]
-    """lm-eval tasks: the local ones shipped in `evals/` (`anvil_heldout`: bits per byte on `eval.heldout`;
-    `anvil_mc`: a small multiple-choice set) or any lm-eval task available offline."""
+    """lm-eval tasks: the local ones shipped in `trainer/export/evals/` (`anvil_heldout`: bits per byte on
+    `eval.heldout`; `anvil_mc`: a small multiple-choice set) or any lm-eval task available offline."""
     heldout: str | None = None
     """Parquet dataset of held-out text for `anvil_heldout` (e.g. the demo's `data/demo/val`)."""
     heldout_docs: int = Field(default=200, ge=1)
@@ -385,35 +427,9 @@ class EvalConfig(Section):
     training model itself (the same number lm-eval reports on the export), into metrics.jsonl and wandb."""
 
 
-LOWER_LAYERS: contextvars.ContextVar[tuple[dict, dict, dict]] = contextvars.ContextVar("anvil_lower_layers")
-"""The YAML file, cluster profile and model flavor of the load in progress (set by `config_sources.load_config`)."""
-
-
-class AnvilConfig(BaseSettings):
-    """The whole job. Sources, lowest to highest: defaults < cluster profile < YAML < `ANVIL_*` env < CLI."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="ANVIL_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-        use_attribute_docstrings=True,
-        nested_model_default_partial_update=True,
-    )
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """CLI overrides (init) > environment > YAML file > cluster profile > model flavor > defaults."""
-        yaml_data, profile, flavor = LOWER_LAYERS.get(({}, {}, {}))
-        return (
-            init_settings,
-            env_settings,
-            InitSettingsSource(settings_cls, yaml_data),
-            InitSettingsSource(settings_cls, {"cluster": profile} if profile else {}),
-            InitSettingsSource(settings_cls, {"model": flavor} if flavor else {}),
-        )
+class AnvilConfig(Section):
+    """The whole job. Sources, lowest to highest (merged in `layers.py`): defaults < model flavor < cluster
+    profile < YAML < `ANVIL_*` env < CLI."""
 
     job: JobConfig
     """The job: its name and lifecycle."""
@@ -435,6 +451,24 @@ class AnvilConfig(BaseSettings):
     """What is logged, where."""
     eval: EvalConfig = EvalConfig()
     """Evaluation of exported models with lm-eval."""
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the allocation gives: nodes × devices per node."""
+        return self.cluster.nodes * self.cluster.devices_per_node
+
+    @property
+    def dp_shard(self) -> int:
+        """`parallel.dp_shard`, with -1 resolved to the ranks left after replication and TP."""
+        p = self.parallel
+        if p.dp_shard != -1:
+            return p.dp_shard
+        return max(self.world_size // (p.dp_replicate * p.tp), 1)
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: replicas × shard group size (TP ranks of one group read the same data)."""
+        return self.parallel.dp_replicate * self.dp_shard
 
 
 SECTIONS = tuple(AnvilConfig.model_fields)

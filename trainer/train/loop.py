@@ -1,4 +1,4 @@
-"""`python -m trainer.train jobs/<name>`: what slurm.sh runs on every rank.
+"""The training loop: what `python -m trainer.train jobs/<name>` (slurm.sh, on every rank) runs.
 
 Reads only the job's `config.json`; builds the mesh, the loader and the parallelized model; resumes from
 the newest complete checkpoint; trains; checkpoints every `checkpoint.interval` steps, on preemption
@@ -15,12 +15,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import ValidationError
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,35 +31,24 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.distributed_c10d import _set_pg_timeout
 from torch.distributed.tensor import DTensor
 
-from trainer import checkpoint, lifecycle, liger
-from trainer.config import AnvilConfig
-from trainer.config_checks import world_size
 from trainer.data.loader import build_loader
-from trainer.data.sources import DataError
-from trainer.distributed import init_distributed, log
-from trainer.evaluate import EvalError, heldout_bits_per_byte, heldout_set
-from trainer.metrics import MetricsLogger, memory_gib, mfu
-from trainer.model import flops_per_token, num_params, param_plan, plain_name
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.parallelize import Layout, build_layout, build_model
-from trainer.preemption import PreemptionWatch
-
-EXIT_ERROR = 2
-"""Bad input (config, data, checkpoint) or a NaN loss: fixing it needs a person, so nothing is retried here."""
-
-
-class TrainingError(Exception):
-    """A problem a person must fix; the message says what."""
+from trainer.errors import EXIT_REFUSED, AnvilError
+from trainer.launch import jobdir
+from trainer.launch.config import AnvilConfig
+from trainer.launch.jobdir import JobDir
+from trainer.train import checkpoint, liger
+from trainer.train.distributed import init_distributed, log
+from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set
+from trainer.train.metrics import MetricsLogger, memory_gib, mfu
+from trainer.train.model import flops_per_token, num_params, param_plan, plain_name
+from trainer.train.optim import build_optimizer, build_scheduler
+from trainer.train.parallelize import Layout, build_layout, build_model
+from trainer.train.preemption import PreemptionWatch
 
 
-def load_job_config(job_dir: Path) -> AnvilConfig:
-    path = job_dir / "config.json"
-    try:
-        return AnvilConfig.model_validate_json(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        sys.exit(f"anvil: {path} not found: give the job directory that submit.py created")
-    except ValidationError as exc:
-        sys.exit(f"anvil: {path} is not a valid Anvil config ({exc.error_count()} problems):\n{exc}")
+class TrainingError(AnvilError):
+    """A problem a person must fix (bad input, a NaN loss): the trainer exits with EXIT_REFUSED, which the batch
+    script does not retry."""
 
 
 def compute_dtype(cfg: AnvilConfig) -> torch.dtype:
@@ -69,23 +58,11 @@ def compute_dtype(cfg: AnvilConfig) -> torch.dtype:
     return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
-def init_from_step(path: Path) -> tuple[Path, int]:
-    """`checkpoint.init_from`: a job directory (its newest complete step) or one `step-N` directory."""
-    if (path / checkpoint.COMPLETE).is_file() and path.name.startswith("step-"):
-        return path.parent, int(path.name.removeprefix("step-"))
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    step = checkpoint.latest_complete(root)
-    if step is None:
-        raise TrainingError(f"checkpoint.init_from: {path} holds no complete checkpoint "
-                            "(give a job directory that has saved one, or a checkpoints/step-N directory)")
-    return root, step
-
-
 class Trainer:
-    def __init__(self, cfg: AnvilConfig, job_dir: Path, rank: int, layout: Layout, device: torch.device):
-        self.cfg, self.job_dir, self.rank, self.layout, self.device = cfg, job_dir, rank, layout, device
-        self.ckpt_root = job_dir / "checkpoints"
-        self.metrics = MetricsLogger(cfg, job_dir, enabled=rank == 0)
+    def __init__(self, cfg: AnvilConfig, job: JobDir, rank: int, layout: Layout, device: torch.device):
+        self.cfg, self.job, self.rank, self.layout, self.device = cfg, job, rank, layout, device
+        self.ckpt_root = job.checkpoints
+        self.metrics = MetricsLogger(cfg, job, enabled=rank == 0)
         t = cfg.train
         self.accum = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
         self.dtype = compute_dtype(cfg)
@@ -102,7 +79,7 @@ class Trainer:
                 self.metrics.line("Liger kernels on: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy")
         self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
-        self.watch = PreemptionWatch(job_dir, device)
+        self.watch = PreemptionWatch(job, device)
         self.heldout = None
         if cfg.eval.every:
             try:
@@ -144,7 +121,8 @@ class Trainer:
         if self.pending is not None and wait:
             self.finish_pending_save()
         how = "saved" if self.pending is None else "staged (writing in the background)"
-        self.metrics.line(f"checkpoint step-{self.step} {how} in {time.perf_counter() - started:.2f} s")
+        self.metrics.line(f"checkpoint {jobdir.step_dir(self.ckpt_root, self.step).name} {how} in "
+                          f"{time.perf_counter() - started:.2f} s")
 
     def finish_pending_save(self) -> None:
         if self.pending is not None:
@@ -152,15 +130,18 @@ class Trainer:
             pending.finish()
 
     def restore(self) -> None:
-        latest = checkpoint.latest_complete(self.ckpt_root)
+        for path in jobdir.interrupted_saves(self.ckpt_root):
+            self.metrics.line(f"skipping {path}: incomplete (interrupted while saving)")
+        latest = jobdir.latest_complete(self.ckpt_root)
         if latest is not None:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optim": optim_state, "train": b""}
             try:
                 loader_states = checkpoint.load(self.ckpt_root, latest, state)
             except checkpoint.CheckpointError as exc:
-                older = [s for s, _, complete in checkpoint.list_steps(self.ckpt_root) if complete and s < latest]
-                fallback = (f"move {checkpoint.step_path(self.ckpt_root, latest)} away to resume from step-{older[-1]}"
+                older = [s for s, _, complete in jobdir.list_steps(self.ckpt_root) if complete and s < latest]
+                fallback = (f"move {jobdir.step_dir(self.ckpt_root, latest)} away to resume from "
+                            f"{jobdir.step_dir(self.ckpt_root, older[-1]).name}"
                             if older else "start over with a new job name (--name)")
                 raise TrainingError(f"{exc}. If the model config is unchanged the checkpoint is damaged: {fallback}"
                                     ) from None
@@ -170,20 +151,17 @@ class Trainer:
             self.step, self.tokens_seen = train["step"], train["tokens_seen"]
             self.saved_step = self.step
             self.scheduler.load_state_dict(train["scheduler"])
-            try:
-                self.loader.load_state_dict(loader_states)
-            except DataError as exc:
-                raise TrainingError(str(exc)) from None
-            self.metrics.line(f"resumed from {checkpoint.step_path(self.ckpt_root, latest)} (step {self.step})")
+            self.loader.load_state_dict(loader_states)
+            self.metrics.line(f"resumed from {jobdir.step_dir(self.ckpt_root, latest)} (step {self.step})")
         elif self.cfg.checkpoint.init_from is not None:
-            root, step = init_from_step(Path(self.cfg.checkpoint.init_from))
+            root, step = jobdir.checkpoint_source(Path(self.cfg.checkpoint.init_from))
             state = {"model": get_model_state_dict(self.model)}
             try:
                 checkpoint.load(root, step, state)
             except checkpoint.CheckpointError as exc:
                 raise TrainingError(f"checkpoint.init_from: {exc}") from None
             set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
-            self.metrics.line(f"initialised weights from {checkpoint.step_path(root, step)} "
+            self.metrics.line(f"initialised weights from {jobdir.step_dir(root, step)} "
                               "(its optimizer state and step are not used)")
 
     # -- one optimizer step ----------------------------------------------------------------------------------
@@ -270,7 +248,7 @@ class Trainer:
                 self.save(wait=True)
                 self.watch.mark_preempted(self.step)
                 self.metrics.line(f"preempted after step {self.step}; checkpoint saved, requeue requested")
-                return lifecycle.PREEMPTED_EXIT
+                return jobdir.PREEMPTED_EXIT
             fetch = time.perf_counter()
             micro_batches = self._next_micro_batches(batches)
             data_wait += time.perf_counter() - fetch
@@ -280,16 +258,20 @@ class Trainer:
             try:
                 out = self.train_step(micro_batches)
             except FloatingPointError as exc:
+                latest = jobdir.latest_complete(self.ckpt_root)
+                newest = "none" if latest is None else jobdir.step_dir(self.ckpt_root, latest).name
                 raise TrainingError(
                     f"step {self.step + 1}: {exc}. Nothing was saved from this state; the newest complete "
-                    f"checkpoint is step-{checkpoint.latest_complete(self.ckpt_root)}. Lower optim.lr, raise "
+                    f"checkpoint is {newest}. Lower optim.lr, raise "
                     "optim.warmup_steps or set optim.grad_clip, and resubmit") from None
             self.step += 1
             if self.pending is not None and self.pending.done():  # mark a background save complete promptly
                 self.finish_pending_save()
             self.tokens_seen += out["tokens"]
             window_tokens += out["tokens"]
-            window_loss += out["loss"]  # no host sync until the next log line
+            # Added on the device; read at the next log line. (Each step still syncs with the host three times:
+            # the global token count, the finite-gradient check and the preemption flag.)
+            window_loss += out["loss"]
             window_steps += 1
             if self.step == 1:  # start-up (compilation, first collectives) is over: hangs now fail fast
                 timeout = dt.timedelta(seconds=cfg.parallel.step_timeout_s)
@@ -323,19 +305,23 @@ class Trainer:
         return 0
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
         sys.exit("usage: python -m trainer.train jobs/<name>")
-    job_dir = Path(argv[1]).resolve()
-    cfg = load_job_config(job_dir)
+    job = JobDir(Path(argv[0]).resolve())
+    try:
+        cfg = job.read_config()
+    except AnvilError as exc:  # before any rank exists: to stderr, as the batch script's error log shows it
+        print(f"anvil: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     ranks = init_distributed(cfg, timeout_s=cfg.parallel.init_timeout_s)
-    expected = world_size(cfg)
+    expected = cfg.world_size
     if ranks.world_size != expected:
         if ranks.rank == 0:
             log(0, f"the allocation has {ranks.world_size} ranks but the config asks for cluster.nodes × "
                    f"cluster.devices_per_node = {expected}; fix the config (or the sbatch options you added)")
         dist.destroy_process_group()
-        return EXIT_ERROR
+        return EXIT_REFUSED
     device = torch.device("cpu") if cfg.cluster.device == "cpu" else torch.device("cuda", ranks.local_rank)
     log(ranks.rank, f"rank {ranks.rank}/{ranks.world_size} on {device}; "
                     f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')}")
@@ -343,11 +329,11 @@ def main(argv: list[str]) -> int:
     trainer = None
     try:
         layout = build_layout(cfg, device.type)
-        trainer = Trainer(cfg, job_dir, ranks.rank, layout, device)
+        trainer = Trainer(cfg, job, ranks.rank, layout, device)
         code = trainer.run()
-    except (TrainingError, DataError, checkpoint.CheckpointError) as exc:
+    except AnvilError as exc:
         log(ranks.rank, f"error: {exc}")
-        code = EXIT_ERROR
+        code = EXIT_REFUSED
     finally:
         if trainer is not None:
             trainer.metrics.finish()
@@ -355,5 +341,3 @@ def main(argv: list[str]) -> int:
     return code
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

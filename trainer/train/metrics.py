@@ -10,20 +10,17 @@ import json
 import math
 import resource
 import uuid
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from trainer.config import AnvilConfig
-from trainer.distributed import log
 from trainer.files import write_atomic
-from trainer.model import ParamPlan
-
-METRICS = "metrics.jsonl"
-WANDB_ID = "wandb-run-id"
+from trainer.launch.config import AnvilConfig
+from trainer.launch.jobdir import JobDir
+from trainer.train.distributed import log
+from trainer.train.model import ParamPlan
 
 
 def memory_gib(device: torch.device) -> float:
@@ -45,9 +42,9 @@ def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak_tflops: flo
 
 
 class MetricsLogger:
-    def __init__(self, cfg: AnvilConfig, job_dir: Path, enabled: bool):
-        self.cfg, self.job_dir, self.enabled = cfg, job_dir, enabled
-        self.path = job_dir / METRICS
+    def __init__(self, cfg: AnvilConfig, job: JobDir, enabled: bool):
+        self.cfg, self.job, self.enabled = cfg, job, enabled
+        self.path = job.metrics
         self.console = Console(highlight=False, soft_wrap=True)
         self.run = None
 
@@ -69,12 +66,12 @@ class MetricsLogger:
     def _wandb_run(self):
         import wandb  # imported only when enabled: it takes a second and spawns a service process
 
-        id_file = self.job_dir / WANDB_ID
+        id_file = self.job.wandb_id
         if not id_file.exists():
             write_atomic(id_file, uuid.uuid4().hex[:12] + "\n")  # wandb run ids: lowercase letters and digits
         w = self.cfg.metrics.wandb
         run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, id=id_file.read_text().strip(),
-                         resume="allow", name=self.cfg.job.name, dir=str(self.job_dir),
+                         resume="allow", name=self.cfg.job.name, dir=str(self.job.path),
                          config=self.cfg.model_dump(mode="json"))
         run.define_metric("step")
         run.define_metric("*", step_metric="step")

@@ -1,7 +1,8 @@
-"""DCP checkpoints in `jobs/<name>/checkpoints/step-N/`: complete only once the marker is written.
+"""DCP checkpoints in the job directory's checkpoint steps: complete only once the marker is written.
 
-A crash, kill -9 or preemption mid-write leaves a step directory without `COMPLETE`; it is never
-resumed from, and it is removed by the next save. The loader state of every DP rank goes into the
+A crash, kill -9 or preemption mid-write leaves a step directory without its completion marker; it is never
+resumed from, and it is removed by the next save. The step directories, the marker and the lookup of the newest
+complete step belong to the job directory (`trainer.launch.jobdir`). The loader state of every DP rank goes into the
 same checkpoint (key `loader.dp<rank>`, JSON: no pickle to execute), so a restore can hand it to a
 different number of DP ranks.
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,40 +19,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from trainer.files import write_atomic
+from trainer.errors import AnvilError
+from trainer.launch.jobdir import is_complete, list_steps, mark_complete, step_dir
 
-COMPLETE = "COMPLETE"
 LOADER_PREFIX = "loader.dp"
-log = logging.getLogger(__name__)
 
 
-class CheckpointError(Exception):
+class CheckpointError(AnvilError):
     """A checkpoint that cannot be used; the message names it and what to do."""
-
-
-def step_path(root: Path, step: int) -> Path:
-    return root / f"step-{step}"
-
-
-def list_steps(root: Path) -> list[tuple[int, Path, bool]]:
-    """(step, directory, complete) for every step directory, oldest first."""
-    found = []
-    for path in root.glob("step-*") if root.is_dir() else []:
-        match = re.fullmatch(r"step-(\d+)", path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path, (path / COMPLETE).is_file()))
-    return sorted(found)
-
-
-def latest_complete(root: Path) -> int | None:
-    """The newest complete step; newer incomplete ones (an interrupted save) are skipped with a warning."""
-    latest = None
-    for step, path, complete in list_steps(root):
-        if complete:
-            latest = step
-        elif latest is None or step > latest:
-            log.warning("skipping %s: incomplete (interrupted while saving)", path)
-    return latest
 
 
 def _rank() -> int:
@@ -93,7 +66,7 @@ def save(root: Path, step: int, state: dict[str, Any], loader_states: dict[int, 
     with training collectives), tensors are staged to host memory and written in the background: the
     returned `PendingSave` must be finished before the next save and before exiting.
     """
-    path = step_path(root, step)
+    path = step_dir(root, step)
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if path.exists():  # a leftover of an interrupted save of this very step
@@ -113,10 +86,8 @@ def save(root: Path, step: int, state: dict[str, Any], loader_states: dict[int, 
 
 
 def _mark_complete(root: Path, step: int, keep: int) -> None:
-    path = step_path(root, step)
-    marker = {"step": step, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-              "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-    write_atomic(path / COMPLETE, json.dumps(marker) + "\n")
+    mark_complete(step_dir(root, step), {"step": step, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                                         "world_size": dist.get_world_size() if dist.is_initialized() else 1})
     prune(root, keep)
 
 
@@ -126,15 +97,15 @@ def prune(root: Path, keep: int) -> None:
     complete = [s for s, _, c in steps if c]
     keep_steps = set(complete[-keep:])
     newest = complete[-1] if complete else -1
-    for step, path, is_complete in steps:
-        if (is_complete and step not in keep_steps) or (not is_complete and step < newest):
+    for step, path, whole in steps:
+        if (whole and step not in keep_steps) or (not whole and step < newest):
             shutil.rmtree(path, ignore_errors=True)
 
 
 def load(root: Path, step: int, state: dict[str, Any]) -> list[dict]:
     """Load `state` in place from step `step`; returns the loader states of all DP ranks that saved one."""
-    path = step_path(root, step)
-    if not (path / COMPLETE).is_file():
+    path = step_dir(root, step)
+    if not is_complete(path):
         raise CheckpointError(f"{path} is not a complete checkpoint")
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()

@@ -1,25 +1,30 @@
-"""Where a config comes from: defaults < cluster profile < YAML file < `ANVIL_*` environment < CLI.
+"""Where a config comes from: defaults < model flavor < cluster profile < YAML file < `ANVIL_*` environment < CLI.
 
-The layering itself is pydantic-settings' (deep-merged sources); this module reads the YAML file and
-the profile, parses `a.b=value` overrides, and turns every failure into one readable line per
-problem that names the field, the offending value and which source it came from.
+Each source becomes plain nested data here (the YAML file and the profile read, `a.b=value` overrides and
+`ANVIL_*` variables parsed); the layers are deep-merged and validated once against the tree in `config.py`.
+Every failure becomes one readable line per problem naming the field, the offending value and its source.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import importlib.resources
+import json
 import os
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trainer.config import (
+from trainer.errors import AnvilError
+from trainer.launch.config import (
     ENV_NAME,
-    LOWER_LAYERS,
     MODEL_FLAVORS,
     NAME_PATTERN,
     SBATCH_WORD,
@@ -28,8 +33,7 @@ from trainer.config import (
     AnvilConfig,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PROFILES_DIR = REPO_ROOT / "templates" / "clusters"
+PROFILES_DIR = Path(str(importlib.resources.files("trainer.launch") / "templates" / "clusters"))
 ENV_PREFIX = "ANVIL_"
 RUNTIME_ENV = frozenset({"ANVIL_EXECUTOR", "ANVIL_JOBS_DIR", "ANVIL_SLURM_NODES", "ANVIL_REQUIRE_SLURM"})
 """`ANVIL_*` variables that steer the tools rather than the config; every other one must name a field."""
@@ -43,7 +47,7 @@ PATTERN_HELP = {
 }
 
 
-class ConfigError(Exception):
+class ConfigError(AnvilError):
     """A config that cannot run; carries one readable line per problem."""
 
     def __init__(self, problems: list[str], header: str = "invalid configuration"):
@@ -158,27 +162,98 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
-def _env_layer(environ: Mapping[str, str]) -> dict[str, str]:
-    """`ANVIL_*` config variables and the dotted field path each one sets (for checks and messages)."""
-    out = {}
-    for name in environ:
-        if name.upper().startswith(ENV_PREFIX) and name.upper() not in RUNTIME_ENV:
-            out[name] = ".".join(name[len(ENV_PREFIX):].lower().split("__"))
-    return out
+def _unwrap(annotation: Any) -> Any:
+    """The type under `Annotated[...]` and `X | None`."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(members) != 1:
+                return annotation
+            annotation = members[0]
+        else:
+            return annotation
 
 
-def _check_env_names(environ: Mapping[str, str]) -> list[str]:
-    """pydantic-settings silently ignores `ANVIL_FOO` when `foo` is no section; a typo should fail."""
-    problems = []
-    for name, path in sorted(_env_layer(environ).items()):
-        section = path.split(".")[0]
-        if section not in SECTIONS:
-            problems.append(
-                f"environment variable {name}: '{section}' is not a config section "
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _type_at(path: list[str]) -> Any:
+    """The (unwrapped) type of the config value at `path`; None where no field is."""
+    current: Any = AnvilConfig
+    for part in path:
+        origin = typing.get_origin(current)
+        if _is_model(current):
+            field = current.model_fields.get(part)
+            if field is None:
+                return None
+            current = _unwrap(field.annotation)
+        elif origin is dict:
+            current = _unwrap(typing.get_args(current)[1])
+        elif origin in (list, tuple) and part.isdigit():
+            current = _unwrap(typing.get_args(current)[0])
+        else:
+            return None
+    return current
+
+
+def _is_structured(annotation: Any) -> bool:
+    return _is_model(annotation) or typing.get_origin(annotation) in (dict, list, tuple)
+
+
+@dataclass
+class EnvLayer:
+    """The `ANVIL_*` config variables of one environment: parsed here and nowhere else."""
+
+    data: dict[str, Any]
+    """Their values as nested data (strings; JSON-decoded where the field holds a list, map or section)."""
+    paths: dict[str, str]
+    """Variable name -> the dotted field path it sets (to say where a bad value came from)."""
+    problems: list[str]
+
+
+def environment_layer(environ: Mapping[str, str]) -> EnvLayer:
+    """`ANVIL_<SECTION>__<FIELD>[__...]=value` for every name but the tools' own (RUNTIME_ENV).
+
+    Field names are matched without regard to case; keys of maps (`ANVIL_CLUSTER__ENV__NCCL_DEBUG`) keep theirs.
+    """
+    layer = EnvLayer({}, {}, [])
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in RUNTIME_ENV:
+            continue
+        parts, current = [], AnvilConfig
+        for raw in name[len(ENV_PREFIX):].split("__"):
+            part = raw.lower() if _is_model(current) or current is None else raw
+            parts.append(part)
+            current = _type_at(parts)
+        if parts[0] not in SECTIONS:
+            layer.problems.append(
+                f"environment variable {name}: '{parts[0]}' is not a config section "
                 f"(expected ANVIL_<SECTION>__<FIELD> with SECTION one of {', '.join(SECTIONS)}; "
                 f"or one of {', '.join(sorted(RUNTIME_ENV))})"
             )
-    return problems
+            continue
+        value: Any = environ[name]
+        if _is_structured(current):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                layer.problems.append(f"environment variable {name}: {'.'.join(parts)} takes a list or mapping "
+                                      f"written as JSON (e.g. '{{\"KEY\": \"value\"}}'); {exc}")
+                continue
+        node = layer.data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                layer.problems.append(f"environment variable {name} conflicts with another ANVIL_* variable")
+                break
+        else:
+            node[parts[-1]] = value
+            layer.paths[name] = ".".join(parts)
+    return layer
 
 
 def _get(data: Any, path: list[str]) -> tuple[bool, Any]:
@@ -194,32 +269,26 @@ def _get(data: Any, path: list[str]) -> tuple[bool, Any]:
 
 def _keys_at(path: list[str]) -> list[str]:
     """The field names a model accepts at `path` (for 'unknown key' messages)."""
-    model: Any = AnvilConfig
-    for part in path:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
-            return []
-        annotation = model.model_fields[part].annotation
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-        model = next((c for c in candidates if issubclass(c, BaseModel)), None)
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
+    model = _type_at(path)
+    return list(model.model_fields) if _is_model(model) else []
 
 
+@dataclass
 class _Layers:
     """The sources of one load, in precedence order, to say where a bad value came from."""
 
-    def __init__(self, cli: dict, environ: Mapping[str, str], yaml_data: dict, yaml_name: str,
-                 profile: dict, profile_name: str):
-        self.cli, self.environ, self.yaml, self.profile = cli, environ, yaml_data, profile
-        self.yaml_name, self.profile_name = yaml_name, profile_name
-        self.env_paths = _env_layer(environ)
+    cli: dict
+    env: EnvLayer
+    yaml: dict
+    yaml_name: str
+    profile: dict
+    profile_name: str
 
     def origin(self, path: list[str]) -> str:
         if _get(self.cli, path)[0]:
             return "from the command line"
         dotted = ".".join(path)
-        for name, env_path in self.env_paths.items():
+        for name, env_path in self.env.paths.items():
             if dotted == env_path or dotted.startswith(env_path + "."):
                 return f"from environment variable {name}"
         if _get(self.yaml, path)[0]:
@@ -258,30 +327,39 @@ def _describe(error: dict, layers: _Layers) -> str:
     return f"{path}: {message}{value}" + (f" ({origin})" if origin else "")
 
 
-def _flavor(cli: dict, environ: Mapping[str, str], yaml_data: dict) -> object:
-    """The model flavor named by the highest source that names one."""
-    found, value = _get(cli, ["model", "flavor"])
-    if found:
-        return value
-    env = next((v for k, v in environ.items() if k.upper() == "ANVIL_MODEL__FLAVOR"), None)
-    if env is not None:
-        return env
-    return _get(yaml_data, ["model", "flavor"])[1]
+def _merge(*layers: dict) -> dict:
+    """Layers deep-merged, later ones winning: maps merge key by key, anything else is replaced."""
+    out: dict = {}
+    for layer in layers:
+        _merge_into(out, layer)
+    return out
 
 
-def load_config(config_file: Path | None, overrides: list[str] = (), environ: Mapping[str, str] | None = None,
+def _merge_into(base: dict, layer: dict) -> None:
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge_into(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def load_config(config_file: Path | None, overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None,
                 ) -> AnvilConfig:
-    """Resolve every source into one validated config, or raise ConfigError listing each problem."""
-    environ = os.environ if environ is None else environ
+    """Resolve every source into one validated config, or raise ConfigError listing each problem.
+
+    The layers are merged as data, lowest first: model flavor < cluster profile < YAML file < environment <
+    command line; then validated once. Nothing process-wide is read or changed but `environ` (default
+    os.environ), which is only read.
+    """
     cli = parse_overrides(list(overrides))
     yaml_data = read_yaml(config_file) if config_file is not None else {}
     yaml_name = str(config_file) if config_file is not None else "the config file"
+    env = environment_layer(os.environ if environ is None else environ)
+    upper = _merge(yaml_data, env.data, cli)  # the sources that choose the profile and the flavor
 
-    problems = _check_env_names(environ)
-    env_profile = next((v for k, v in environ.items() if k.upper() == "ANVIL_CLUSTER__PROFILE"), None)
-    found, cli_profile = _get(cli, ["cluster", "profile"])
-    _, yaml_profile = _get(yaml_data, ["cluster", "profile"])
-    profile_name = str(cli_profile if found else env_profile or yaml_profile or "local")
+    problems = list(env.problems)
+    _, chosen = _get(upper, ["cluster", "profile"])
+    profile_name = str(chosen or "local")
     profile_path = find_profile(profile_name)
     if not profile_path.is_file():
         problems.append(
@@ -297,22 +375,11 @@ def load_config(config_file: Path | None, overrides: list[str] = (), environ: Ma
     if problems:
         raise ConfigError(problems)
 
-    layers = _Layers(cli, environ, yaml_data, yaml_name, profile, str(profile_path))
-    token = LOWER_LAYERS.set((yaml_data, profile, MODEL_FLAVORS.get(_flavor(cli, environ, yaml_data), {})))
-    saved_environ = None
-    if environ is not os.environ:  # pydantic-settings reads os.environ; swap it for the duration
-        saved_environ = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(environ)
+    _, flavor = _get(upper, ["model", "flavor"])
+    flavor_layer = {"model": MODEL_FLAVORS[flavor]} if isinstance(flavor, str) and flavor in MODEL_FLAVORS else {}
+    merged = _merge(flavor_layer, {"cluster": profile}, upper)
     try:
-        cfg = AnvilConfig(**cli)
+        return AnvilConfig.model_validate(merged)
     except ValidationError as exc:
+        layers = _Layers(cli, env, yaml_data, yaml_name, profile, str(profile_path))
         raise ConfigError([_describe(e, layers) for e in exc.errors()]) from None
-    except Exception as exc:  # pydantic-settings raises SettingsError for malformed env JSON
-        raise ConfigError([f"environment: {exc}"]) from None
-    finally:
-        LOWER_LAYERS.reset(token)
-        if saved_environ is not None:
-            os.environ.clear()
-            os.environ.update(saved_environ)
-    return cfg

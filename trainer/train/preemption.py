@@ -8,19 +8,18 @@ filesystem every step; one all-reduce makes the decision common to all ranks.
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from trainer import lifecycle
 from trainer.files import write_atomic
+from trainer.launch.jobdir import JobDir
 
 
 class PreemptionWatch:
-    def __init__(self, job_dir: Path, device: torch.device):
-        self.trigger = job_dir / lifecycle.PREEMPT
-        self.marker = job_dir / lifecycle.PREEMPTED
+    def __init__(self, job: JobDir, device: torch.device):
+        self.trigger = job.preempt
+        self.marker = job.preempted
         self.device = device
         self.signalled = False
         # SIGTERM: SLURM's cancellation/time limit (and torchrun's forwarding of it); SIGUSR2: srun-launched

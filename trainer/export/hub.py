@@ -11,20 +11,21 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from trainer.config import AnvilConfig
-from trainer.metrics import METRICS
-from trainer.model import num_params
+from trainer.errors import AnvilError
+from trainer.launch.config import AnvilConfig
+from trainer.launch.jobdir import JobDir
+from trainer.train.model import num_params
 
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-class HubError(Exception):
+class HubError(AnvilError):
     """An upload that cannot start; the message says what to set."""
 
 
-def training_summary(job_dir: Path, step: int) -> dict:
-    """What metrics.jsonl says about the run up to `step` (empty if it was not kept)."""
-    path = job_dir / METRICS
+def training_summary(job: JobDir, step: int) -> dict:
+    """What the job's metrics say about the run up to `step` (empty if they were not kept)."""
+    path = job.metrics
     if not path.is_file():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -36,14 +37,14 @@ def training_summary(job_dir: Path, step: int) -> dict:
             "first_logged_loss": rows[0].get("loss")}
 
 
-def model_card(cfg: AnvilConfig, job_dir: Path, step: int) -> str:
-    summary = training_summary(job_dir, step)
+def model_card(cfg: AnvilConfig, job: JobDir, step: int) -> str:
+    summary = training_summary(job, step)
     m = cfg.model
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [anvil, llama]", "---", "",
         f"# {cfg.job.name} (step {step})", "",
         f"A Llama-architecture model ({num_params(m) / 1e6:.1f}M parameters: {m.n_layers} layers, width {m.dim}, "
-        f"{m.n_heads} heads, {m.n_kv_heads or m.n_heads} key/value heads, vocabulary {m.vocab_size}) trained with "
+        f"{m.n_heads} heads, {m.kv_heads} key/value heads, vocabulary {m.vocab_size}) trained with "
         f"Anvil and exported from its checkpoint at step {step}. It loads in `transformers` with no custom code"
         + (" (muP's multipliers are folded into the weights)." if m.mup.enabled else "."), "",
     ]

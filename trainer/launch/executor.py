@@ -1,0 +1,109 @@
+"""Where a job runs: the executor interface, and the state of many jobs in one call.
+
+Two implementations: `slurm.SlurmExecutor` (sbatch, scancel, one squeue — plus sacct where accounting exists —
+for any number of jobs) and `local.LocalExecutor` (the job's own slurm.sh, run on this machine as a one-node
+allocation). A job its executor no longer knows (SLURM forgets finished jobs after MinJobAge; a local run has
+ended) is described by its job directory: the batch script's markers and events.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from trainer.launch.jobdir import DONE, FAILED, PREEMPTED, JobDir, known_job_ids, read_events
+
+ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                           "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"})
+"""States in which a job may still run or write to its directory."""
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What is known of a job directory's latest job."""
+
+    state: str
+    """SLURM's word (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ...), or from the job directory:
+    PREEMPTED (stopped at a checkpoint and not requeued), UNKNOWN (gone, with no end recorded), NOT_SUBMITTED."""
+    job_id: str | None
+    source: str
+    """Where it was read: squeue, sacct, local (a live local run) or the job directory."""
+    detail: str = ""
+    """SLURM's pending reason, the FAILED marker's reason, the preempted step, ..."""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+@dataclass
+class Submission:
+    executor: str
+    job_id: str
+    command: list[str]
+    exit_code: int | None = None
+    """Set by executors that run the job to its end before returning (local)."""
+
+
+class Executor(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def command(self, job: JobDir) -> list[str]:
+        """The command `submit` runs for this job."""
+
+    @abstractmethod
+    def submit(self, job: JobDir, announce: Callable[[Submission], None] | None = None) -> Submission:
+        """Submit the job directory's script (recorded in submit.json); `announce` is called once the job has
+        an id, before a local run starts."""
+
+    @abstractmethod
+    def cancel(self, jobs: Sequence[JobDir]) -> list[str]:
+        """Stop whatever of these jobs is queued or running (one command for all); returns the job ids."""
+
+    @abstractmethod
+    def live_states(self, jobs: Sequence[JobDir]) -> dict[Path, JobState]:
+        """What the executor itself knows of these jobs, in one query: {job path: state} for those it knows."""
+
+    def states(self, jobs: Sequence[JobDir]) -> dict[Path, JobState]:
+        """Every job's state: the executor's where it knows the job, else what the job directory says."""
+        live = self.live_states(jobs)
+        return {job.path: live.get(job.path) or recorded_state(job) for job in jobs}
+
+
+def recorded_state(job: JobDir) -> JobState:
+    """A job its executor no longer knows, from its directory alone."""
+    ids = known_job_ids(job)
+    if not ids:
+        return JobState("NOT_SUBMITTED", None, "job directory")
+    latest = ids[-1]
+    started = [e for e in read_events(job) if e["event"] == "start"]
+    if not started or str(started[-1]["job_id"]) != latest:  # every attempt's start clears the old markers
+        return JobState("UNKNOWN", latest, "job directory", "left the queue without starting (cancelled?)")
+    outcome = job.outcome()
+    if outcome is None:
+        return JobState("UNKNOWN", latest, "job directory",
+                        "started, then left the queue with no end recorded (killed, or its node failed)")
+    marker, text = outcome
+    if marker == DONE:
+        return JobState("COMPLETED", latest, "job directory")
+    if marker == FAILED:
+        return JobState("FAILED", latest, "job directory", text.splitlines()[0] if text else "")
+    assert marker == PREEMPTED
+    return JobState("PREEMPTED", latest, "job directory", f"stopped at the checkpoint of step {text or '?'}")
+
+
+def executor_for(name: str) -> Executor:
+    """`slurm`, `local`, or `auto` (SLURM where sbatch is on PATH, else local)."""
+    from trainer.launch import local, slurm  # they build on this module
+
+    if name == "auto":
+        name = "slurm" if slurm.available() else "local"
+    if name == "slurm":
+        return slurm.SlurmExecutor()
+    if name == "local":
+        return local.LocalExecutor()
+    raise ValueError(f"no executor '{name}' (expected auto, slurm or local)")

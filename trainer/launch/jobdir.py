@@ -1,0 +1,454 @@
+"""The job directory: every name in it, its markers and exit codes, the record of submissions and the lookup of
+checkpoint steps. This module spells them once; the batch script, the trainer, the exporter, the executors and
+the sweep tool all ask it.
+
+```
+jobs/<name>/
+  config.json     the frozen config (the trainer reads only this)
+  slurm.sh        the batch script;  submit.json + git.diff: every submission and the code it ran
+  logs/           <name>-<jobid>.out/.err, env-<jobid>-<restart>.txt
+  checkpoints/    step-N/ (DCP), complete once step-N/COMPLETE exists
+  metrics.jsonl   one JSON row per logged step;  wandb/, wandb-run-id
+  events.jsonl    one JSON line per attempt start, requeue, done, failed (written by the batch script)
+  eval/step-N/    lm-eval results of the export of step N
+  RESTARTS  PREEMPT  PREEMPTED  DONE  FAILED  local-run.json   markers (see below)
+```
+
+A job directory is created atomically (it appears complete or not at all), and a different config is never
+written over an existing job without `--force`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import getpass
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+import trainer
+from trainer.errors import AnvilError
+from trainer.files import staged_dir, write_atomic
+from trainer.launch.config import NAME_PATTERN, SBATCH_WORD, SECRET_NAME, AnvilConfig
+
+CODE_DIR = Path(trainer.__file__).resolve().parent.parent
+"""Where the ranks import this trainer from (`slurm.sh` changes into it): the checkout, or site-packages."""
+
+CONFIG = "config.json"
+SCRIPT = "slurm.sh"
+SUBMISSIONS = "submit.json"
+GIT_DIFF = "git.diff"
+LOGS = "logs"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+EVENTS = "events.jsonl"
+"""One JSON line per attempt start, requeue and end, appended by the batch shell."""
+WANDB_ID = "wandb-run-id"
+EVAL = "eval"
+LOCAL_RUN = "local-run.json"
+"""The local executor's record of the run in progress (its process id), so that other commands can see and stop it."""
+
+PREEMPT = "PREEMPT"
+"""Trigger written by the batch shell when SLURM asks the job to stop: checkpoint and exit."""
+PREEMPTED = "PREEMPTED"
+"""Written by the trainer after its preemption checkpoint (holds the step): requeue me."""
+DONE = "DONE"
+"""The run finished; holds the job id and time."""
+FAILED = "FAILED"
+"""The run stopped for good; holds the reason, then the job id."""
+RESTARTS = "RESTARTS"
+"""SLURM_RESTART_COUNT of the current attempt."""
+COMPLETE = "COMPLETE"
+"""In `checkpoints/step-N/`: the step is whole (written last, atomically)."""
+
+PREEMPTED_EXIT = 75
+"""Exit code of a trainer that checkpointed on request and wants to be requeued (EX_TEMPFAIL). A file as well as a
+code, because torchrun reports any failing worker as exit code 1."""
+
+_LOG = "{name}-{job_id}.{stream}"
+_ENV_REPORT = "env-{job_id}-{restart}.txt"
+_STEP = "step-{step}"
+_STEP_PATTERN = re.compile(r"step-(\d+)")
+
+
+class JobDirError(AnvilError):
+    """A job directory or checkpoint that cannot be used as asked; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class JobDir:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def script(self) -> Path:
+        return self.path / SCRIPT
+
+    @property
+    def submissions(self) -> Path:
+        return self.path / SUBMISSIONS
+
+    @property
+    def git_diff(self) -> Path:
+        return self.path / GIT_DIFF
+
+    @property
+    def logs(self) -> Path:
+        return self.path / LOGS
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def events(self) -> Path:
+        return self.path / EVENTS
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.path / WANDB_ID
+
+    @property
+    def local_run(self) -> Path:
+        return self.path / LOCAL_RUN
+
+    @property
+    def preempt(self) -> Path:
+        return self.path / PREEMPT
+
+    @property
+    def preempted(self) -> Path:
+        return self.path / PREEMPTED
+
+    @property
+    def done(self) -> Path:
+        return self.path / DONE
+
+    @property
+    def failed(self) -> Path:
+        return self.path / FAILED
+
+    @property
+    def restarts(self) -> Path:
+        return self.path / RESTARTS
+
+    def log(self, job_id: str, stream: str = "out") -> Path:
+        """The batch script's stdout (`out`) or stderr (`err`) for one SLURM job (every attempt appends)."""
+        return self.logs / _LOG.format(name=self.name, job_id=job_id, stream=stream)
+
+    def eval_dir(self, step: int) -> Path:
+        return self.path / EVAL / _STEP.format(step=step)
+
+    def read_config(self) -> AnvilConfig:
+        """The frozen config, or a JobDirError naming the file."""
+        try:
+            return AnvilConfig.model_validate_json(self.config.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise JobDirError(f"{self.config} not found: give the job directory that submit.py created") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise JobDirError(f"{self.config} cannot be read: {exc}") from None
+        except ValidationError as exc:
+            raise JobDirError(
+                f"{self.config} is not a valid Anvil config ({exc.error_count()} problems):\n{exc}") from None
+
+    def outcome(self) -> tuple[str, str] | None:
+        """How the last attempt ended, by its markers: (DONE | FAILED | PREEMPTED, the marker's text), or None."""
+        for name in (DONE, FAILED, PREEMPTED):
+            path = self.path / name
+            with contextlib.suppress(OSError):
+                return name, path.read_text(encoding="utf-8", errors="replace").strip()
+        return None
+
+
+def sbatch_log(stream: str) -> str:
+    """The log name as an `#SBATCH --output` pattern (SLURM fills in %x, the job name, and %j, the job id)."""
+    return _LOG.format(name="%x", job_id="%j", stream=stream)
+
+
+def env_report_name(job_id: str, restart: str) -> str:
+    """Under logs/: the environment report of one attempt (the batch script passes shell variables)."""
+    return _ENV_REPORT.format(job_id=job_id, restart=restart)
+
+
+def jobs_root(override: str | None = None) -> Path:
+    """`--jobs-dir`, else $ANVIL_JOBS_DIR, else `jobs/` in the Anvil checkout (or, for an installed Anvil,
+    in the current directory)."""
+    default = CODE_DIR / "jobs" if (CODE_DIR / "pyproject.toml").is_file() else Path.cwd() / "jobs"
+    root = override or os.environ.get("ANVIL_JOBS_DIR") or default
+    return Path(root).expanduser().resolve()
+
+
+def job_dir(root: Path, name: str) -> JobDir:
+    """The directory for `name`, which can never lie outside `root`."""
+    if not re.fullmatch(NAME_PATTERN, name) or name in (".", ".."):
+        raise JobDirError(f"job name '{name}' is not allowed: use letters, digits, '.', '_' or '-'")
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise JobDirError(f"job name '{name}' would leave {root}")
+    if not re.fullmatch(SBATCH_WORD, str(path)):
+        raise JobDirError(
+            f"the job directory {path} contains characters SLURM cannot take in #SBATCH --output; "
+            "move the Anvil checkout or set --jobs-dir to a plain path"
+        )
+    return JobDir(path)
+
+
+# -- checkpoint steps ----------------------------------------------------------------------------------------------
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """`root/step-N`: where checkpoint step N of a checkpoints folder lives."""
+    return root / _STEP.format(step=step)
+
+
+def step_of(path: Path) -> int | None:
+    """N for a `step-N` directory, else None."""
+    match = _STEP_PATTERN.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def mark_complete(path: Path, record: dict[str, Any]) -> None:
+    """Declare a step whole: its last write."""
+    write_atomic(path / COMPLETE, json.dumps(record) + "\n")
+
+
+def list_steps(root: Path) -> list[tuple[int, Path, bool]]:
+    """(step, directory, complete) for every step directory, oldest first."""
+    found = []
+    for path in root.glob("step-*") if root.is_dir() else []:
+        step = step_of(path)
+        if step is not None and path.is_dir():
+            found.append((step, path, is_complete(path)))
+    return sorted(found)
+
+
+def latest_complete(root: Path) -> int | None:
+    """The newest complete step (newer incomplete ones are interrupted saves, never resumed from)."""
+    complete = [step for step, _, done in list_steps(root) if done]
+    return complete[-1] if complete else None
+
+
+def interrupted_saves(root: Path) -> list[Path]:
+    """Step directories newer than the newest complete one and without the marker: saves cut short."""
+    latest = latest_complete(root)
+    return [path for step, path, done in list_steps(root) if not done and (latest is None or step > latest)]
+
+
+def pick_step(root: Path, step: int | None = None) -> Path:
+    """The newest complete step, or step `step`, refusing missing and incomplete ones by name."""
+    complete = [s for s, _, done in list_steps(root) if done]
+    listing = ", ".join(_STEP.format(step=s) for s in complete) or "none"
+    if step is None:
+        if not complete:
+            raise JobDirError(f"{root} holds no complete checkpoint yet: train the job first")
+        return step_dir(root, complete[-1])
+    path = step_dir(root, step)
+    if not path.is_dir():
+        raise JobDirError(f"{path} does not exist; complete checkpoints: {listing}")
+    if step not in complete:
+        raise JobDirError(f"{path} is incomplete (interrupted while saving); complete checkpoints: {listing}")
+    return path
+
+
+def checkpoint_source(path: Path) -> tuple[Path, int]:
+    """`checkpoint.init_from`: a job directory (its newest complete step), a checkpoints folder, or one
+    complete `step-N` directory; returns (checkpoints folder, step)."""
+    step = step_of(path)
+    if step is not None and is_complete(path):
+        return path.parent, step
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    latest = latest_complete(root)
+    if latest is None:
+        raise JobDirError(f"checkpoint.init_from: {path} holds no complete checkpoint "
+                          "(give a job directory that has saved one, or a checkpoints/step-N directory)")
+    return root, latest
+
+
+# -- creating a job and recording its submissions --------------------------------------------------------------------
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def config_differences(old: dict, new: dict, limit: int = 8) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    lines = [f"{k}: {json.dumps(a.get(k, '<unset>'))} -> {json.dumps(b.get(k, '<unset>'))}" for k in keys[:limit]]
+    if len(keys) > limit:
+        lines.append(f"... and {len(keys) - limit} more")
+    return lines
+
+
+def write_job(cfg: AnvilConfig, script: str, job: JobDir, force: bool = False) -> bool:
+    """Create the job directory (atomically), or refresh an existing one for the same config.
+
+    Returns True if the directory was new. A different config under the same name is refused unless
+    `force`, which replaces config.json and slurm.sh but keeps logs and checkpoints.
+    """
+    config_text = cfg.model_dump_json(indent=2) + "\n"
+    if job.path.exists():
+        if not job.config.is_file():
+            raise JobDirError(
+                f"{job.path} exists but is not an Anvil job directory (no {CONFIG}); pick another name"
+            )
+        old_text = job.config.read_text(encoding="utf-8")
+        if old_text != config_text and not force:
+            try:
+                diff = config_differences(json.loads(old_text), json.loads(config_text))
+            except json.JSONDecodeError:
+                diff = [f"(the existing {CONFIG} is not valid JSON)"]
+            raise JobDirError(
+                f"job '{cfg.job.name}' already exists at {job.path} with a different config:\n    "
+                + "\n    ".join(diff)
+                + "\n  Use --name to start a new job, or --force to replace its config and script "
+                "(logs and checkpoints are kept, and it resumes from them)."
+            )
+        write_atomic(job.config, config_text)
+        write_atomic(job.script, script, 0o755)
+        job.logs.mkdir(exist_ok=True)
+        job.checkpoints.mkdir(exist_ok=True)
+        return False
+    try:
+        with staged_dir(job.path) as staging:  # the directory appears complete or not at all
+            new = JobDir(staging)
+            new.config.write_text(config_text, encoding="utf-8")
+            new.script.write_text(script, encoding="utf-8")
+            os.chmod(new.script, 0o755)
+            new.logs.mkdir()
+            new.checkpoints.mkdir()
+    except OSError:
+        if job.path.exists():
+            raise JobDirError(f"{job.path} appeared while it was being created; submit again") from None
+        raise
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def git_state() -> dict[str, Any]:
+    """Commit and uncommitted changes of the code a job runs, for reproducing it later."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(CODE_DIR), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if sha is None:
+        return {"sha": None, "dirty": None, "diff": ""}
+    status = git("status", "--porcelain") or ""
+    diff = git("diff", "HEAD") or ""
+    return {
+        "sha": sha.strip(),
+        "dirty": bool(status.strip()),
+        "untracked": sum(1 for line in status.splitlines() if line.startswith("??")),
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+        "diff": diff,
+    }
+
+
+def read_events(job: JobDir) -> list[dict[str, Any]]:
+    """The batch script's events, oldest first; a line cut short by a crash is skipped."""
+    events = []
+    with contextlib.suppress(OSError):
+        for line in job.events.read_text(errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                event = json.loads(line)
+                if isinstance(event, dict) and "event" in event and "job_id" in event:
+                    events.append(event)
+    return events
+
+
+def known_job_ids(job: JobDir) -> list[str]:
+    """Job ids this directory has run under, oldest first: the submission records and the script's own events
+    (a resubmission with a plain `sbatch slurm.sh` appears in the events only)."""
+    seen: list[tuple[str, str]] = []  # (time, id)
+    if job.submissions.is_file():
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, AttributeError, OSError):
+            seen += [(s.get("time", ""), str(s["job_id"]))
+                     for s in json.loads(job.submissions.read_text())["submissions"] if s.get("job_id")]
+    seen += [(str(event.get("time", "")), str(event["job_id"])) for event in read_events(job)]
+    first: dict[str, dt.datetime] = {}
+    for time, job_id in seen:
+        when = _parse_time(time)
+        if job_id not in first or when < first[job_id]:
+            first[job_id] = when
+    return sorted(first, key=first.__getitem__)  # by first appearance (sorted is stable for equal times)
+
+
+def _parse_time(text: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return dt.datetime.min.replace(tzinfo=dt.UTC)
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def redact_secrets(text: str, environ: dict[str, str] | None = None) -> str:
+    """Replace the values of secret-named environment variables (tokens, keys) wherever they appear."""
+    environ = os.environ if environ is None else environ
+    for name, value in environ.items():
+        if SECRET_NAME.search(name) and len(value) >= 8:
+            text = text.replace(value, f"<{name} redacted>")
+    return text
+
+
+def record_submission(job: JobDir, executor: str, command: list[str], job_id: str | None) -> dict:
+    """Append this submission to submit.json (and the uncommitted diff, if any, to git.diff).
+
+    The diff is the user's own code, but a token pasted into it must not be copied into the job directory
+    any more than one in the environment: the values of secret-named variables are redacted from it.
+    """
+    git = dict(git_state())
+    diff = git.pop("diff")
+    if diff:
+        write_atomic(job.git_diff, redact_secrets(diff))
+    entry = {
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "executor": executor,
+        "job_id": job_id,
+        "command": command,
+        "host": socket.gethostname(),
+        "user": getpass.getuser(),
+        "git": git,
+    }
+    record = {"submissions": []}
+    if job.submissions.is_file():
+        try:
+            record = json.loads(job.submissions.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            record = {"submissions": [], "note": f"an unreadable earlier {SUBMISSIONS} was replaced"}
+    record.setdefault("submissions", []).append(entry)
+    write_atomic(job.submissions, json.dumps(record, indent=2) + "\n")
+    return entry

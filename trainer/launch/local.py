@@ -1,0 +1,181 @@
+"""The local executor: a job's `slurm.sh` run on this machine, as SLURM would on a one-node allocation.
+
+For laptops and machines with no cluster: the same script, the same markers and logs, the same requeue protocol
+(the script exits with PREEMPTED_EXIT where it would call `scontrol requeue`, and the executor runs it again).
+Ctrl-C plays the part of SLURM's USR2: the trainer checkpoints and stops; a second Ctrl-C kills. While it runs,
+`local-run.json` in the job directory names this process, so that other commands see the run and can stop it
+(`cancel` is a Ctrl-C from afar).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+from trainer.files import write_atomic
+from trainer.launch.config import AnvilConfig
+from trainer.launch.executor import Executor, JobState, Submission
+from trainer.launch.jobdir import PREEMPTED_EXIT, JobDir, record_submission
+
+
+def new_job_id() -> str:
+    """Numeric like SLURM's (the script derives a port from it), and unlikely to repeat."""
+    return str(int(time.time() * 1000) % 10**9)
+
+
+def _pump(source: IO[bytes], sink: IO[bytes], echo: IO[bytes] | None) -> None:
+    for line in iter(source.readline, b""):
+        sink.write(line)
+        sink.flush()
+        if echo is not None:
+            echo.write(line)
+            echo.flush()
+
+
+def _environment(cfg: AnvilConfig, job_id: str, restart: int) -> dict[str, str]:
+    host = socket.gethostname()
+    env = dict(os.environ)
+    env.pop("SLURM_RESTART_COUNT", None)
+    env.update(
+        ANVIL_EXECUTOR="local",
+        SLURM_JOB_ID=job_id,
+        SLURM_JOBID=job_id,
+        SLURM_JOB_NAME=cfg.job.name,
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_NNODES="1",
+        SLURM_JOB_NODELIST=host,
+        SLURMD_NODENAME=host,
+        SLURM_NODEID="0",
+        SLURM_NTASKS="1",
+        SLURM_CPUS_ON_NODE=str(cfg.cluster.cores_per_node),
+        SLURM_SUBMIT_DIR=os.getcwd(),
+    )
+    if restart:  # SLURM sets it only on a requeued run
+        env["SLURM_RESTART_COUNT"] = str(restart)
+    return env
+
+
+def _attempt(cfg: AnvilConfig, job: JobDir, job_id: str, restart: int, echo: bool) -> tuple[int, bool]:
+    """One run of the script; returns its exit code and whether the user interrupted it."""
+    interrupted = False
+    with open(job.log(job_id, "out"), "ab") as out, open(job.log(job_id, "err"), "ab") as err:
+        proc = subprocess.Popen(
+            ["bash", str(job.script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_environment(cfg, job_id, restart),
+            cwd=job.path,
+            start_new_session=True,  # Ctrl-C reaches us, not the job; we forward it as SLURM would
+        )
+        pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, out, sys.stdout.buffer if echo else None)),
+            threading.Thread(target=_pump, args=(proc.stderr, err, sys.stderr.buffer if echo else None)),
+        ]
+        for t in pumps:
+            t.start()
+
+        def on_interrupt(signum, frame):
+            nonlocal interrupted
+            if not interrupted:
+                interrupted = True
+                print("\nanvil: stopping: the trainer checkpoints first (Ctrl-C again to kill)", file=sys.stderr)
+                proc.send_signal(signal.SIGUSR2)
+            else:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            rc = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            for t in pumps:
+                t.join()
+    return rc, interrupted
+
+
+def run_local(cfg: AnvilConfig, job: JobDir, job_id: str, echo: bool = True) -> int:
+    """Run the job to its end (requeues included); returns the script's final exit code."""
+    restart = 0
+    while True:
+        rc, interrupted = _attempt(cfg, job, job_id, restart, echo)
+        if rc != PREEMPTED_EXIT or interrupted:
+            return rc
+        restart += 1
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (tells it from a later process that reuses the pid), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after the parenthesised command name
+
+
+def _live_run(job: JobDir) -> dict | None:
+    """The record of this job's local run, if that run is alive on this host."""
+    try:
+        record = json.loads(job.local_run.read_text())
+        pid, host, started = int(record["pid"]), record["host"], record["started"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host != socket.gethostname() or _process_start(pid) != started:
+        return None
+    return record
+
+
+class LocalExecutor(Executor):
+    name = "local"
+
+    def __init__(self, echo: bool = True) -> None:
+        self.echo = echo
+
+    def command(self, job: JobDir) -> list[str]:
+        return ["bash", str(job.script)]
+
+    def submit(self, job: JobDir, announce: Callable[[Submission], None] | None = None) -> Submission:
+        """Runs the job here, now, to its end (or until interrupted); `exit_code` holds the script's."""
+        cfg = job.read_config()
+        job_id = new_job_id()
+        command = self.command(job)
+        record_submission(job, self.name, command, job_id)
+        submission = Submission(self.name, job_id, command)
+        if announce is not None:
+            announce(submission)
+        pid = os.getpid()
+        write_atomic(job.local_run, json.dumps({"job_id": job_id, "pid": pid, "host": socket.gethostname(),
+                                                "started": _process_start(pid)}) + "\n")
+        try:
+            submission.exit_code = run_local(cfg, job, job_id, echo=self.echo)
+        finally:
+            job.local_run.unlink(missing_ok=True)
+        return submission
+
+    def cancel(self, jobs: Sequence[JobDir]) -> list[str]:
+        """Interrupt each live local run, as Ctrl-C in its terminal would: it checkpoints and stops."""
+        cancelled = []
+        for job in jobs:
+            record = _live_run(job)
+            if record is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(record["pid"]), signal.SIGINT)
+                    cancelled.append(str(record["job_id"]))
+        return cancelled
+
+    def live_states(self, jobs: Sequence[JobDir]) -> dict[Path, JobState]:
+        states = {}
+        for job in jobs:
+            record = _live_run(job)
+            if record is not None:
+                states[job.path] = JobState("RUNNING", str(record["job_id"]), "local", f"process {record['pid']}")
+        return states

@@ -1,0 +1,177 @@
+"""`submit.py`: validate a config, create its job directory, submit it (sbatch or the local executor).
+
+Non-interactive by design: everything is decided by arguments, and every refusal says how to proceed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from trainer.errors import AnvilError, run_command
+from trainer.launch.checks import all_problems
+from trainer.launch.config import AnvilConfig
+from trainer.launch.executor import Submission, executor_for
+from trainer.launch.jobdir import JobDir, JobDirError, job_dir, jobs_root, write_job
+from trainer.launch.layers import ConfigError, load_config
+from trainer.launch.render import RenderError, render_script
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="submit.py",
+        description="Validate a config, create jobs/<name>/ and submit it to SLURM (or run it locally).",
+        epilog="Overrides take dotted paths: optim.lr=1e-3 cluster.nodes=2 'data.datasets=[{path: data/x}]'. "
+        "Environment: ANVIL_<SECTION>__<FIELD>=value. Precedence: defaults < cluster profile < YAML < env < CLI.",
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                   help="a YAML config file (optional), then overrides")
+    p.add_argument("--name", help="job name (same as job.name=NAME)")
+    p.add_argument("--cluster", metavar="PROFILE", help="cluster profile (same as cluster.profile=PROFILE)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the script (exactly, to stdout); write and submit nothing")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--force", action="store_true",
+                   help="replace the config and script of an existing job of this name (its logs and checkpoints stay)")
+    p.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
+                   help="slurm: sbatch; local: run here as a one-node allocation; auto: slurm if sbatch exists")
+    p.add_argument("--jobs-dir", help="where job directories go (default: $ANVIL_JOBS_DIR or jobs/)")
+    return p
+
+
+def split_items(items: Sequence[str]) -> tuple[Path | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]`: the optional config file first, then overrides."""
+    config_file, overrides = None, []
+    for i, item in enumerate(items):
+        if "=" in item:
+            overrides.append(item)
+        elif i == 0:
+            config_file = Path(item)
+            if not config_file.exists() and config_file.suffix not in (".yaml", ".yml"):
+                raise ConfigError(
+                    [f"'{item}' is neither a YAML config file nor an override (which looks like section.field=value)"],
+                    "invalid arguments",
+                )
+        else:
+            raise ConfigError(
+                [f"'{item}': only the first argument may be a config file; overrides look like section.field=value"],
+                "invalid arguments",
+            )
+    return config_file, overrides
+
+
+def absolute_paths(cfg: AnvilConfig) -> AnvilConfig:
+    """Relative paths are relative to where submit.py runs; the frozen config holds absolute ones."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().absolute())
+
+    data = cfg.data.model_copy(update={
+        "datasets": [d.model_copy(update={"path": absolute(d.path)}) for d in cfg.data.datasets],
+        "tokenizer": absolute(cfg.data.tokenizer) if cfg.data.tokenizer else None,
+    })
+    cluster = cfg.cluster
+    update = {"venv": absolute(cluster.venv) if cluster.venv else None}
+    if cluster.container is not None:
+        update["container"] = cluster.container.model_copy(update={"image": absolute(cluster.container.image)})
+    return cfg.model_copy(update={"data": data, "cluster": cluster.model_copy(update=update)})
+
+
+def _print_exactly(out: Console, text: str, lexer: str) -> None:
+    """Highlighted on a terminal; byte for byte otherwise (`--dry-run > job.sh` must be the script itself)."""
+    if out.is_terminal:
+        out.print(Syntax(text, lexer, theme="ansi_dark", word_wrap=True))
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`submit.py [CONFIG.yaml] [key=value ...] [options]`; returns the exit code."""
+    return run_command(_submit, argv)
+
+
+def _submit(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    config_file, overrides = split_items(args.items)
+    if args.name is not None:
+        overrides.append(f"job.name={args.name}")
+    if args.cluster is not None:
+        overrides.append(f"cluster.profile={args.cluster}")
+    cfg = absolute_paths(load_config(config_file, overrides))
+    executor = executor_for(args.executor)
+    problems = all_problems(cfg)
+    if executor.name == "local" and cfg.cluster.nodes > 1:
+        problems.append(f"cluster.nodes: the local executor runs one node, not {cfg.cluster.nodes}; "
+                        "set cluster.nodes=1 or submit to a SLURM cluster")
+    if problems:
+        raise ConfigError(problems)
+
+    if args.print_config:
+        _print_exactly(out, cfg.model_dump_json(indent=2), "json")
+        return 0
+
+    try:
+        job = job_dir(jobs_root(args.jobs_dir), cfg.job.name)
+        script = render_script(cfg, job.path)
+    except (JobDirError, RenderError) as exc:
+        raise JobDirError(f"cannot create the job: {exc}") from None
+
+    if args.dry_run:
+        _print_exactly(out, script, "bash")
+        command = " ".join(executor.command(job))
+        err.print(f"dry run: would write {job.path}/ and run: {command}", markup=False, soft_wrap=True)
+        return 0
+
+    if job.path.exists():
+        state = executor.states([job])[job.path]
+        if state.active:
+            raise AnvilError(
+                f"job '{cfg.job.name}' is already queued or running as {executor.name.upper()} job {state.job_id}: a "
+                f"second copy would write the same checkpoints. Wait for it, or "
+                + (f"`scancel {state.job_id}` first." if executor.name == "slurm" else "stop it (Ctrl-C) first."))
+    try:
+        created = write_job(cfg, script, job, force=args.force)
+    except JobDirError as exc:
+        raise JobDirError(f"cannot create the job: {exc}") from None
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("job", cfg.job.name)
+    table.add_row("directory", f"{job.path}" + ("" if created else "  (existing job: it resumes)"))
+    table.add_row("ranks", f"{cfg.cluster.nodes} node(s) × {cfg.cluster.devices_per_node} ({cfg.cluster.profile})")
+
+    def announce(submission: Submission) -> None:
+        log = job.log(submission.job_id)
+        if executor.name == "slurm":
+            table.add_row("SLURM job", submission.job_id)
+            table.add_row("logs", f"{log} (.err)")
+            table.add_row("watch", f"squeue -j {submission.job_id}; tail -f {log}")
+            table.add_row("resubmit", f"sbatch {job.script}")
+        else:
+            table.add_row("local run", submission.job_id)
+            table.add_row("logs", f"{log} (.err)")
+        out.print(table)
+
+    submission = executor.submit(job, announce)
+    if submission.exit_code is None:
+        return 0
+    out.print(f"anvil: job {cfg.job.name} {_outcome(job, submission.exit_code)}", markup=False, soft_wrap=True)
+    return submission.exit_code
+
+
+def _outcome(job: JobDir, rc: int) -> str:
+    if rc == 0:
+        return "finished (DONE)"
+    if job.preempted.exists():
+        return "stopped at a checkpoint; run the same command again to resume"
+    return f"stopped with exit code {rc}; see {job.failed} and the logs"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
