@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 from tests.conftest import REPO_ROOT, SECRETS, assert_no_secrets, events, wait_for
 from trainer.launch.executor import JobState
 from trainer.launch.jobdir import JobDir
-from trainer.launch.local import LocalExecutor
+from trainer.launch.local import LocalExecutor, mark_running
 
 HOSTILE = "it's $(touch CANARY) `touch CANARY`; \"quoted\" \\ $HOME"
 
@@ -81,10 +82,10 @@ def test_ctrl_c_checkpoints_and_stops(jobs_dir: Path, tmp_path: Path, tiny: list
     proc = start_submit(["--name", "interrupted", *tiny, "train.steps=600"], jobs_dir, tmp_path)
     job = jobs_dir / "interrupted"
     wait_for(lambda: (job / "logs").is_dir() and "step 1/600" in log_text(job), 120, "training to start", 0.05)
-    # Another process sees the live run, and stopping it from there is the same Ctrl-C.
+    # Another process sees the live run.
     executor, local_id = LocalExecutor(), json.loads((job / "submit.json").read_text())["submissions"][-1]["job_id"]
     assert executor.states([JobDir(job)])[job] == JobState("RUNNING", local_id, "local", f"process {proc.pid}")
-    assert executor.cancel([JobDir(job)]) == [local_id]
+    proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, out + err
     assert "stopped at a checkpoint; run the same command again to resume" in out
@@ -94,3 +95,26 @@ def test_ctrl_c_checkpoints_and_stops(jobs_dir: Path, tmp_path: Path, tiny: list
     assert (job / "checkpoints" / f"step-{stopped}" / "COMPLETE").is_file()
     assert executor.states([JobDir(job)])[job] == JobState(
         "PREEMPTED", local_id, "job directory", f"stopped at the checkpoint of step {stopped}")
+
+
+def test_cancel_from_another_process_is_a_ctrl_c_and_is_recorded(tmp_path: Path) -> None:
+    """`cancel` finds the live run through local-run.json, interrupts it and records a cancel event; the record
+    left by a process that has ended is not taken for a live run."""
+    job = JobDir(tmp_path / "job")
+    job.path.mkdir()
+    code = ("import time\ntry:\n    print('ready', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            "    print('interrupted')\n")
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert run.stdout.readline() == "ready\n"  # its Ctrl-C handler is in place
+        mark_running(job, "42", run.pid)
+        executor = LocalExecutor()
+        assert executor.states([job])[job.path] == JobState("RUNNING", "42", "local", f"process {run.pid}")
+        assert executor.cancel([job]) == ["42"]
+        assert run.wait(timeout=30) == 0 and run.stdout.read().strip() == "interrupted"
+    finally:
+        run.kill()
+    (job.path / "submit.json").write_text(json.dumps({"submissions": [{"job_id": "42", "executor": "local"}]}))
+    assert executor.states([job])[job.path] == JobState("CANCELLED", "42", "job directory")
+    assert [e["event"] for e in map(json.loads, job.events.read_text().splitlines())] == ["cancel"]
+    assert executor.cancel([job]) == []  # nothing live any more

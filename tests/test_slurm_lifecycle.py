@@ -150,6 +150,7 @@ def test_crash_loop_stops_at_the_restart_limit(submit, jobs_dir: Path) -> None:
     assert watch_states(job_id, 60)[-1] == "FAILED"
     reason = (job / "FAILED").read_text()
     assert "restart limit reached (job.max_restarts = 2) after: trainer exited with code" in reason
+    assert "(refused: " in reason and "config.json is not a valid Anvil config" in reason  # the trainer's own
     assert events(job) == [("start", 0), ("requeue", 0), ("start", 1), ("requeue", 1), ("start", 2), ("failed", 2)]
     assert "config.json is not a valid Anvil config" in (job / "logs" / f"crashes-{job_id}.err").read_text()
 

@@ -164,6 +164,9 @@ def test_nan_loss_stops_with_a_message_and_saves_nothing_of_it(tmp_path: Path, c
     assert re.search(message, done.stdout), done.stdout[-2000:]
     assert "Lower optim.lr" in done.stdout and "Traceback" not in done.stderr
     assert not list((job / "checkpoints").glob("step-*"))
+    # Recorded for the batch script's FAILED reason and for sweep.py retry: a refusal, which would repeat.
+    assert re.fullmatch(r"refused: rank 0: step 1: loss \S+, gradient norm (nan|inf)\. Nothing was saved.*\n",
+                        (job / "ERROR").read_text())
 
 
 def test_damaged_checkpoint_and_another_models_checkpoint_are_named(tmp_path: Path, corpus: Path) -> None:

@@ -37,6 +37,7 @@ PREEMPT_FILE="$JOB_DIR"/PREEMPT
 PREEMPTED_FILE="$JOB_DIR"/PREEMPTED
 DONE_FILE="$JOB_DIR"/DONE
 FAILED_FILE="$JOB_DIR"/FAILED
+ERROR_FILE="$JOB_DIR"/ERROR
 EVENTS_FILE="$JOB_DIR"/events.jsonl
 SECRET_NAMES='TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL|PRIVATE_KEY'
 RESTART=${SLURM_RESTART_COUNT:-0}
@@ -44,11 +45,18 @@ LOCAL=0
 if [ "${ANVIL_EXECUTOR:-slurm}" = local ]; then LOCAL=1; fi
 cd "$CODE_DIR"
 
-# event NAME [REASON]: one JSON line per lifecycle event, for status tools (reasons are our own words).
+# event NAME [REASON]: one JSON line per lifecycle event, for status tools (the reason made safe for JSON).
 event() {
+    local reason
+    reason=$(printf '%s' "${2:-}" | tr -d '\000-\037' | sed 's/\\/\\\\/g; s/"/\\"/g')
     printf '{"time": "%s", "event": "%s", "job_id": "%s", "restart": %d, "nodes": "%s", "reason": "%s"}\n' \
-        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$1" "$SLURM_JOB_ID" "$RESTART" "${SLURM_JOB_NODELIST:-}" "${2:-}" \
+        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$1" "$SLURM_JOB_ID" "$RESTART" "${SLURM_JOB_NODELIST:-}" "$reason" \
         >>"$EVENTS_FILE"
+}
+
+# trainer_error: the first line of the trainer's own reason for stopping, if it wrote one.
+trainer_error() {
+    if [ -s "$ERROR_FILE" ]; then printf ' (%s)' "$(head -n 1 "$ERROR_FILE" | cut -c1-300)"; fi
 }
 
 fail() {
@@ -86,7 +94,7 @@ report_environment() {
 
 # A new attempt starts clean: markers left by the previous one would mislead the trainer and status.
 mkdir -p "$JOB_DIR/logs" "$JOB_DIR/checkpoints"
-rm -f "$PREEMPT_FILE" "$PREEMPTED_FILE" "$DONE_FILE" "$FAILED_FILE"
+rm -f "$PREEMPT_FILE" "$PREEMPTED_FILE" "$DONE_FILE" "$FAILED_FILE" "$ERROR_FILE"
 echo "$RESTART" >"$JOB_DIR"/RESTARTS
 event start
 echo "anvil: job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart $RESTART on ${SLURM_JOB_NODELIST:-?} at $(date -u)"
@@ -158,7 +166,7 @@ elif [ "$STEP_RC" -eq 0 ]; then
     event "done"
     echo "anvil: DONE"
 elif [ "$RETRY_ON_FAILURE" = 1 ]; then
-    requeue "trainer exited with code $STEP_RC"
+    requeue "trainer exited with code $STEP_RC$(trainer_error)"
 else
-    fail "trainer exited with code $STEP_RC; see $JOB_DIR/logs/" "$STEP_RC"
+    fail "trainer exited with code $STEP_RC$(trainer_error); see $JOB_DIR/logs/" "$STEP_RC"
 fi

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -52,26 +52,40 @@ class Executor(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def command(self, job: JobDir) -> list[str]:
+    def command(self, job: JobDir, after: str | None = None) -> list[str]:
         """The command `submit` runs for this job."""
 
     @abstractmethod
-    def submit(self, job: JobDir, announce: Callable[[Submission], None] | None = None) -> Submission:
+    def submit(self, job: JobDir, announce: Callable[[Submission], None] | None = None,
+               after: str | None = None) -> Submission:
         """Submit the job directory's script (recorded in submit.json); `announce` is called once the job has
-        an id, before a local run starts."""
+        an id, before a local run starts. `after`: start only once that job has ended (SLURM; a local run
+        starts when the previous one has ended anyway)."""
 
     @abstractmethod
     def cancel(self, jobs: Sequence[JobDir]) -> list[str]:
-        """Stop whatever of these jobs is queued or running (one command for all); returns the job ids."""
+        """Stop whatever of these jobs is queued or running (one command for all), recording a `cancel` event in
+        each job directory; returns the job ids."""
 
     @abstractmethod
     def live_states(self, jobs: Sequence[JobDir]) -> dict[Path, JobState]:
         """What the executor itself knows of these jobs, in one query: {job path: state} for those it knows."""
 
     def states(self, jobs: Sequence[JobDir]) -> dict[Path, JobState]:
-        """Every job's state: the executor's where it knows the job, else what the job directory says."""
+        """Every job's state: the executor's where it knows the job, else what the job directory says. For a job
+        that has ended, the directory's reason (the FAILED marker's, with the trainer's own error) is kept."""
         live = self.live_states(jobs)
-        return {job.path: live.get(job.path) or recorded_state(job) for job in jobs}
+        states = {}
+        for job in jobs:
+            known = live.get(job.path)
+            recorded = recorded_state(job) if known is None or not known.active else None
+            if known is None:
+                states[job.path] = recorded
+            elif recorded is not None and recorded.job_id == known.job_id and recorded.detail:
+                states[job.path] = replace(known, detail=recorded.detail)
+            else:
+                states[job.path] = known
+        return states
 
 
 def recorded_state(job: JobDir) -> JobState:
@@ -80,9 +94,12 @@ def recorded_state(job: JobDir) -> JobState:
     if not ids:
         return JobState("NOT_SUBMITTED", None, "job directory")
     latest = ids[-1]
-    started = [e for e in read_events(job) if e["event"] == "start"]
+    events = read_events(job)
+    if any(e["event"] == "cancel" and str(e["job_id"]) == latest for e in events):
+        return JobState("CANCELLED", latest, "job directory")
+    started = [e for e in events if e["event"] == "start"]
     if not started or str(started[-1]["job_id"]) != latest:  # every attempt's start clears the old markers
-        return JobState("UNKNOWN", latest, "job directory", "left the queue without starting (cancelled?)")
+        return JobState("UNKNOWN", latest, "job directory", "left the queue without starting")
     outcome = job.outcome()
     if outcome is None:
         return JobState("UNKNOWN", latest, "job directory",

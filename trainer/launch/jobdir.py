@@ -11,7 +11,7 @@ jobs/<name>/
   metrics.jsonl   one JSON row per logged step;  wandb/, wandb-run-id
   events.jsonl    one JSON line per attempt start, requeue, done, failed (written by the batch script)
   eval/step-N/    lm-eval results of the export of step N
-  RESTARTS  PREEMPT  PREEMPTED  DONE  FAILED  local-run.json   markers (see below)
+  RESTARTS  PREEMPT  PREEMPTED  DONE  FAILED  ERROR  local-run.json   markers (see below)
 ```
 
 A job directory is created atomically (it appears complete or not at all), and a different config is never
@@ -68,6 +68,11 @@ FAILED = "FAILED"
 """The run stopped for good; holds the reason, then the job id."""
 RESTARTS = "RESTARTS"
 """SLURM_RESTART_COUNT of the current attempt."""
+ERROR = "ERROR"
+"""Written by a trainer rank that stops on an error: `<kind>: <its message's first line>`, kind being `refused`
+(bad input, a NaN loss: it would fail again), `oom` (out of memory: it would fail again) or `crash`."""
+REPEATING_ERRORS = ("refused", "oom")
+"""Error kinds a plain retry would meet again."""
 COMPLETE = "COMPLETE"
 """In `checkpoints/step-N/`: the step is whole (written last, atomically)."""
 
@@ -152,6 +157,10 @@ class JobDir:
     @property
     def restarts(self) -> Path:
         return self.path / RESTARTS
+
+    @property
+    def error(self) -> Path:
+        return self.path / ERROR
 
     def log(self, job_id: str, stream: str = "out") -> Path:
         """The batch script's stdout (`out`) or stderr (`err`) for one SLURM job (every attempt appends)."""
@@ -376,6 +385,29 @@ def git_state() -> dict[str, Any]:
         "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
         "diff": diff,
     }
+
+
+def append_event(job: JobDir, event: str, job_id: str, reason: str = "") -> None:
+    """One more line of events.jsonl, as the batch script writes them (the tools add `cancel`)."""
+    line = {"time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "event": event, "job_id": job_id,
+            "restart": 0, "nodes": "", "reason": reason}
+    with open(job.events, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def write_error(job: JobDir, kind: str, message: str) -> None:
+    """The trainer's own reason for stopping, for the FAILED marker and for deciding whether a retry can help."""
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")[:500]
+    write_atomic(job.error, f"{kind}: {first}\n")
+
+
+def read_error(job: JobDir) -> tuple[str, str] | None:
+    """(kind, message) of the trainer's ERROR marker, or None."""
+    try:
+        kind, _, message = job.error.read_text(encoding="utf-8", errors="replace").partition(": ")
+    except OSError:
+        return None
+    return kind.strip(), message.strip()
 
 
 def read_events(job: JobDir) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from typing import IO
 from trainer.files import write_atomic
 from trainer.launch.config import AnvilConfig
 from trainer.launch.executor import Executor, JobState, Submission
-from trainer.launch.jobdir import PREEMPTED_EXIT, JobDir, record_submission
+from trainer.launch.jobdir import PREEMPTED_EXIT, JobDir, append_event, record_submission
 
 
 def new_job_id() -> str:
@@ -122,6 +122,12 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after the parenthesised command name
 
 
+def mark_running(job: JobDir, job_id: str, pid: int) -> None:
+    """Name the process running this job (until it ends), for other commands' states and cancel."""
+    write_atomic(job.local_run, json.dumps({"job_id": job_id, "pid": pid, "host": socket.gethostname(),
+                                            "started": _process_start(pid)}) + "\n")
+
+
 def _live_run(job: JobDir) -> dict | None:
     """The record of this job's local run, if that run is alive on this host."""
     try:
@@ -140,10 +146,11 @@ class LocalExecutor(Executor):
     def __init__(self, echo: bool = True) -> None:
         self.echo = echo
 
-    def command(self, job: JobDir) -> list[str]:
+    def command(self, job: JobDir, after: str | None = None) -> list[str]:
         return ["bash", str(job.script)]
 
-    def submit(self, job: JobDir, announce: Callable[[Submission], None] | None = None) -> Submission:
+    def submit(self, job: JobDir, announce: Callable[[Submission], None] | None = None,
+               after: str | None = None) -> Submission:
         """Runs the job here, now, to its end (or until interrupted); `exit_code` holds the script's."""
         cfg = job.read_config()
         job_id = new_job_id()
@@ -152,9 +159,7 @@ class LocalExecutor(Executor):
         submission = Submission(self.name, job_id, command)
         if announce is not None:
             announce(submission)
-        pid = os.getpid()
-        write_atomic(job.local_run, json.dumps({"job_id": job_id, "pid": pid, "host": socket.gethostname(),
-                                                "started": _process_start(pid)}) + "\n")
+        mark_running(job, job_id, os.getpid())
         try:
             submission.exit_code = run_local(cfg, job, job_id, echo=self.echo)
         finally:
@@ -167,6 +172,7 @@ class LocalExecutor(Executor):
         for job in jobs:
             record = _live_run(job)
             if record is not None:
+                append_event(job, "cancel", str(record["job_id"]), "cancelled: stopped at a checkpoint")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(record["pid"]), signal.SIGINT)
                     cancelled.append(str(record["job_id"]))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trainer.errors import AnvilError
 from trainer.launch.executor import Executor, JobState, Submission
-from trainer.launch.jobdir import JobDir, known_job_ids, record_submission
+from trainer.launch.jobdir import JobDir, append_event, known_job_ids, record_submission
 
 
 class SlurmError(AnvilError):
@@ -54,11 +54,13 @@ class SlurmExecutor(Executor):
     def __init__(self) -> None:
         self.accounting: bool | None = None  # learnt from the first sacct call
 
-    def command(self, job: JobDir) -> list[str]:
-        return ["sbatch", "--parsable", str(job.script)]
+    def command(self, job: JobDir, after: str | None = None) -> list[str]:
+        dependency = [f"--dependency=afterany:{after}"] if after else []
+        return ["sbatch", "--parsable", *dependency, str(job.script)]
 
-    def submit(self, job: JobDir, announce: Callable[[Submission], None] | None = None) -> Submission:
-        command = self.command(job)
+    def submit(self, job: JobDir, announce: Callable[[Submission], None] | None = None,
+               after: str | None = None) -> Submission:
+        command = self.command(job, after)
         out = _run(command)
         job_id = out.stdout.strip().split(";")[0]
         if out.returncode != 0 or not job_id.isdigit():
@@ -73,12 +75,16 @@ class SlurmExecutor(Executor):
         return submission
 
     def cancel(self, jobs: Sequence[JobDir]) -> list[str]:
-        ids = [state.job_id for state in self.live_states(jobs).values() if state.active and state.job_id]
-        if ids:
-            out = _run(["scancel", *ids])
+        live = self.live_states(jobs)
+        chosen = {path: state.job_id for path, state in live.items() if state.active and state.job_id}
+        if chosen:
+            for job in jobs:  # first: the batch script's own events follow the cancellation
+                if job.path in chosen:
+                    append_event(job, "cancel", chosen[job.path], "cancelled with scancel")
+            out = _run(["scancel", *chosen.values()])
             if out.returncode != 0:
                 raise SlurmError(f"scancel failed: {out.stderr.strip() or out.stdout.strip()}")
-        return ids
+        return list(chosen.values())
 
     def live_states(self, jobs: Sequence[JobDir]) -> dict[Path, JobState]:
         """Every id each job ever ran under goes into the one squeue call; per job, the newest active id wins,

@@ -313,13 +313,17 @@ def main(argv: Sequence[str]) -> int:
         cfg = job.read_config()
     except AnvilError as exc:  # before any rank exists: to stderr, as the batch script's error log shows it
         print(f"anvil: {exc}", file=sys.stderr)
+        if job.path.is_dir():
+            jobdir.write_error(job, "refused", str(exc))
         return EXIT_REFUSED
     ranks = init_distributed(cfg, timeout_s=cfg.parallel.init_timeout_s)
     expected = cfg.world_size
     if ranks.world_size != expected:
         if ranks.rank == 0:
-            log(0, f"the allocation has {ranks.world_size} ranks but the config asks for cluster.nodes × "
-                   f"cluster.devices_per_node = {expected}; fix the config (or the sbatch options you added)")
+            message = (f"the allocation has {ranks.world_size} ranks but the config asks for cluster.nodes × "
+                       f"cluster.devices_per_node = {expected}; fix the config (or the sbatch options you added)")
+            log(0, message)
+            jobdir.write_error(job, "refused", message)
         dist.destroy_process_group()
         return EXIT_REFUSED
     device = torch.device("cpu") if cfg.cluster.device == "cpu" else torch.device("cuda", ranks.local_rank)
@@ -333,7 +337,14 @@ def main(argv: Sequence[str]) -> int:
         code = trainer.run()
     except AnvilError as exc:
         log(ranks.rank, f"error: {exc}")
+        jobdir.write_error(job, "refused", f"rank {ranks.rank}: {exc}")
         code = EXIT_REFUSED
+    except (torch.OutOfMemoryError, MemoryError) as exc:  # recorded, so that a retry knows it would repeat
+        jobdir.write_error(job, "oom", f"rank {ranks.rank}: {type(exc).__name__}: {exc}")
+        raise
+    except Exception as exc:
+        jobdir.write_error(job, "crash", f"rank {ranks.rank}: {type(exc).__name__}: {exc}")
+        raise
     finally:
         if trainer is not None:
             trainer.metrics.finish()
