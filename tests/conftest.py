@@ -29,6 +29,16 @@ def jobs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
+def roots(jobs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Fresh jobs/ and sweeps/ roots (through the environment, as a user could set them), run from tmp_path."""
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    monkeypatch.setenv("ANVIL_SWEEPS_DIR", str(sweeps))
+    monkeypatch.chdir(tmp_path)
+    return jobs_dir, sweeps
+
+
+@pytest.fixture
 def submit(jobs_dir: Path, capsys: pytest.CaptureFixture) -> Callable[..., tuple[int, str, str]]:
     """Run submit.py's main in-process; returns (exit code, stdout, stderr). An exception fails the test."""
 

@@ -46,8 +46,9 @@ def test_the_harness_blocks_torch(without_torch) -> None:
 
 
 def test_every_launch_module_imports_without_torch(without_torch) -> None:
-    modules = sorted(f"trainer.launch.{m.name}" for m in pkgutil.iter_modules(trainer.launch.__path__))
-    assert {"trainer.launch.submit", "trainer.launch.executor", "trainer.launch.jobdir"} <= set(modules)
+    modules = sorted(m.name for m in pkgutil.walk_packages(trainer.launch.__path__, "trainer.launch."))
+    assert {"trainer.launch.submit", "trainer.launch.executor", "trainer.launch.jobdir",
+            "trainer.launch.sweep.cli"} <= set(modules)
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"
     done = without_torch("-c", code, *modules)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
@@ -62,6 +63,20 @@ def test_dry_run_and_config_docs_without_torch(without_torch, jobs_dir: Path, cl
     assert list(jobs_dir.iterdir()) == []
     docs = without_torch("-m", "trainer.launch.docs")
     assert docs.returncode == 0 and "| `optim.lr` | float |" in docs.stdout, docs.stderr[-2000:]
+
+
+def test_sweep_submit_dry_run_and_status_without_torch(without_torch, jobs_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text("name: nt\naxes: {optim.lr: [1e-3, 3e-3]}\n")
+    sweeps = ["--sweeps-dir", str(tmp_path / "sweeps")]
+    done = without_torch(str(REPO_ROOT / "sweep.py"), *sweeps, "submit", str(tmp_path / "s.yaml"), "--dry-run",
+                         "--executor", "local")
+    assert done.returncode == 0 and "lr-3e-3" in done.stdout, done.stderr[-2000:]
+    assert list(jobs_dir.iterdir()) == [] and not (tmp_path / "sweeps").exists()
+    job = jobs_dir / "plain"
+    job.mkdir()
+    (job / "config.json").write_text("{}")
+    done = without_torch(str(REPO_ROOT / "sweep.py"), "status", str(job), "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)[0]["state"] == "NOT_SUBMITTED", done.stderr[-2000:]
 
 
 def test_dry_run_redirected_is_the_script_byte_for_byte(without_torch, jobs_dir: Path, tmp_path: Path,

@@ -6,6 +6,7 @@ refuses to go on while any remain, so a job never reaches the queue only to fail
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 from pathlib import Path
@@ -105,20 +106,32 @@ def cluster_problems(cfg: AnvilConfig) -> list[str]:
     return problems
 
 
+def _mtime(path: str) -> int:
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+@functools.lru_cache(maxsize=64)
+def _dataset_problem(path: str, mtime_ns: int) -> str | None:
+    """What is wrong with a dataset path, once per path and version (a sweep repeats it for every point)."""
+    if glob.has_magic(path):
+        return None if glob.glob(path, recursive=True) else f"no file matches '{path}'"
+    if mtime_ns == -1:
+        return f"'{path}' does not exist (expected a directory or Parquet file)"
+    if Path(path).is_dir() and not any(Path(path).rglob("*.parquet")):
+        return f"directory '{path}' holds no .parquet file"
+    return None
+
+
 def filesystem_problems(cfg: AnvilConfig) -> list[str]:
     """Inputs that must exist when the job starts: checked on the login node, where they are visible too."""
     problems = []
     for i, ds in enumerate(cfg.data.datasets):
-        path = Path(ds.path)
-        if glob.has_magic(ds.path):
-            if not glob.glob(ds.path, recursive=True):
-                problems.append(f"data.datasets.{i}.path: no file matches '{ds.path}'")
-        elif not path.exists():
-            problems.append(
-                f"data.datasets.{i}.path: '{ds.path}' does not exist (expected a directory or Parquet file)"
-            )
-        elif path.is_dir() and not any(path.rglob("*.parquet")):
-            problems.append(f"data.datasets.{i}.path: directory '{ds.path}' holds no .parquet file")
+        problem = _dataset_problem(ds.path, _mtime(ds.path))
+        if problem:
+            problems.append(f"data.datasets.{i}.path: {problem}")
     if cfg.data.tokenizer is not None:
         if not Path(cfg.data.tokenizer).is_file():
             problems.append(f"data.tokenizer: '{cfg.data.tokenizer}' is not a file (expected a tokenizer.json)")
@@ -135,13 +148,23 @@ def filesystem_problems(cfg: AnvilConfig) -> list[str]:
     return problems
 
 
-def _tokenizer_problems(cfg: AnvilConfig) -> list[str]:
+@functools.lru_cache(maxsize=16)
+def _vocab_size(path: str, mtime_ns: int, size: int) -> int | str:
+    """A tokenizer's vocabulary (or why it cannot be read), once per file version: a sweep checks hundreds of
+    configs against one tokenizer."""
     from tokenizers import Tokenizer  # only when a tokenizer is configured: keeps plain submits fast
 
     try:
-        size = Tokenizer.from_file(str(cfg.data.tokenizer)).get_vocab_size(with_added_tokens=True)
+        return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
     except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        return [f"data.tokenizer: '{cfg.data.tokenizer}' cannot be read as a tokenizer.json ({exc})"]
+        return str(exc)
+
+
+def _tokenizer_problems(cfg: AnvilConfig) -> list[str]:
+    stat = Path(cfg.data.tokenizer).stat()
+    size = _vocab_size(str(cfg.data.tokenizer), stat.st_mtime_ns, stat.st_size)
+    if isinstance(size, str):
+        return [f"data.tokenizer: '{cfg.data.tokenizer}' cannot be read as a tokenizer.json ({size})"]
     if size > cfg.model.vocab_size:
         return [f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {size} tokens "
                 f"({cfg.data.tokenizer}); set model.vocab_size={size} or more"]

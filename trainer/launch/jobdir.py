@@ -200,21 +200,32 @@ def env_report_name(job_id: str, restart: str) -> str:
     return _ENV_REPORT.format(job_id=job_id, restart=restart)
 
 
-def jobs_root(override: str | None = None) -> Path:
-    """`--jobs-dir`, else $ANVIL_JOBS_DIR, else `jobs/` in the Anvil checkout (or, for an installed Anvil,
-    in the current directory)."""
-    default = CODE_DIR / "jobs" if (CODE_DIR / "pyproject.toml").is_file() else Path.cwd() / "jobs"
-    root = override or os.environ.get("ANVIL_JOBS_DIR") or default
+def tool_root(override: str | None, variable: str, folder: str) -> Path:
+    """Where a tool keeps its folders: the command-line option, else the environment variable, else `folder/` in
+    the Anvil checkout (or, for an installed Anvil, in the current directory)."""
+    default = CODE_DIR / folder if (CODE_DIR / "pyproject.toml").is_file() else Path.cwd() / folder
+    root = override or os.environ.get(variable) or default
     return Path(root).expanduser().resolve()
+
+
+def jobs_root(override: str | None = None) -> Path:
+    """`--jobs-dir`, else $ANVIL_JOBS_DIR, else `jobs/`."""
+    return tool_root(override, "ANVIL_JOBS_DIR", "jobs")
+
+
+def contained(root: Path, name: str, what: str) -> Path:
+    """`root/<name>` for a name that can never lead outside `root` (a `what` name: job, sweep)."""
+    if not re.fullmatch(NAME_PATTERN, name) or name in (".", ".."):
+        raise JobDirError(f"{what} name '{name}' is not allowed: use letters, digits, '.', '_' or '-'")
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise JobDirError(f"{what} name '{name}' would leave {root}")
+    return path
 
 
 def job_dir(root: Path, name: str) -> JobDir:
     """The directory for `name`, which can never lie outside `root`."""
-    if not re.fullmatch(NAME_PATTERN, name) or name in (".", ".."):
-        raise JobDirError(f"job name '{name}' is not allowed: use letters, digits, '.', '_' or '-'")
-    path = (root / name).resolve()
-    if path.parent != root:
-        raise JobDirError(f"job name '{name}' would leave {root}")
+    path = contained(root, name, "job")
     if not re.fullmatch(SBATCH_WORD, str(path)):
         raise JobDirError(
             f"the job directory {path} contains characters SLURM cannot take in #SBATCH --output; "

@@ -35,7 +35,8 @@ from trainer.launch.config import (
 
 PROFILES_DIR = Path(str(importlib.resources.files("trainer.launch") / "templates" / "clusters"))
 ENV_PREFIX = "ANVIL_"
-RUNTIME_ENV = frozenset({"ANVIL_EXECUTOR", "ANVIL_JOBS_DIR", "ANVIL_SLURM_NODES", "ANVIL_REQUIRE_SLURM"})
+RUNTIME_ENV = frozenset({"ANVIL_EXECUTOR", "ANVIL_JOBS_DIR", "ANVIL_SWEEPS_DIR", "ANVIL_SLURM_NODES",
+                         "ANVIL_REQUIRE_SLURM"})
 """`ANVIL_*` variables that steer the tools rather than the config; every other one must name a field."""
 
 PATTERN_HELP = {
@@ -198,6 +199,11 @@ def _type_at(path: list[str]) -> Any:
         else:
             return None
     return current
+
+
+def config_field(path: str) -> Any:
+    """The type of the config field at a dotted path (`optim.lr` -> float), or None if there is none."""
+    return _type_at(path.split(".")) if path else None
 
 
 def _is_structured(annotation: Any) -> bool:
