@@ -301,3 +301,10 @@ def test_local_sweep_runs_points_in_turn_and_a_second_submission_adds_only_new_p
     assert (sweeps / "loc" / "sweep.yaml").read_text() == path.read_text()  # the file as last submitted
     assert sweep_main(["status", "loc", "--watch", "--interval", "0.1"]) == 0  # settled: it stops by itself
     assert "2 COMPLETED" in capsys.readouterr().out
+    # A point's job directory is the one submit.py makes for the same config.
+    from trainer.launch.submit import main as submit_main
+
+    assert submit_main(["--name", "loc.lr-3e-3", *overrides, "optim.lr=3e-3", "--dry-run", "--executor", "local"]) == 0
+    assert capsys.readouterr().out == (jobs / "loc.lr-3e-3" / "slurm.sh").read_text()
+    assert submit_main(["--name", "loc.lr-3e-3", *overrides, "optim.lr=3e-3", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((jobs / "loc.lr-3e-3" / "config.json").read_text())
