@@ -10,7 +10,9 @@ fp32, AdamW, gradient clipping at 1.0 in all three:
 - `bare PyTorch`: the same `Transformer` module in a hand-written loop (forward, cross-entropy, backward,
   clip, AdamW, zero_grad): the floor;
 - `HF LlamaForCausalLM`: transformers' Llama of the same shape (sdpa attention), the same loop.
-Rounds interleave the three so this noisy VM's drift hits each alike; the table shows medians and spreads.
+- `anvil train_step + muP monitors`: the same step as a log step with `metrics.mup_monitors` on (activation
+  hooks, a copy of the weights, the sums): its cost is paid once per `metrics.log_every` steps.
+Rounds interleave them so this noisy VM's drift hits each alike; the table shows medians and spreads.
 Goals: anvil <= 1.03 x bare; HF / anvil >= 1.0.
 """
 
@@ -35,6 +37,7 @@ from trainer.launch.jobdir import JobDir
 from trainer.launch.layers import load_config
 from trainer.train.loop import Trainer
 from trainer.train.model import Transformer
+from trainer.train.monitors import MupMonitor
 from trainer.train.parallelize import build_layout
 
 
@@ -99,8 +102,16 @@ def main() -> None:
     hf = hf_model(cfg)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
+    monitor = MupMonitor(trainer.model, cfg.model)
+
+    def monitored_step() -> None:
+        monitor.arm()
+        trainer.train_step([batch])
+        monitor.collect()
+
     rows = {
         "anvil train_step": lambda: trainer.train_step([batch]),
+        "anvil train_step + muP monitors (a log step)": monitored_step,
         "bare PyTorch (same model)": lambda: bare_step(bare, bare_opt, batch),
         "HF LlamaForCausalLM (sdpa)": lambda: bare_step(hf, hf_opt, batch, hf=True),
     }
@@ -136,6 +147,9 @@ def main() -> None:
     console.print(f"checkpoint save (sync, {job.checkpoints}): median "
                   f"{stall * 1000:.0f} ms = {100 * stall / (interval * anvil):.2f}% of step time at the default "
                   f"interval of {interval} steps")
+    monitored = statistics.median(times["anvil train_step + muP monitors (a log step)"])
+    console.print(f"muP monitors: +{100 * (monitored / anvil - 1):.1f}% on a log step, "
+                  f"+{10 * (monitored / anvil - 1):.2f}% of step time at metrics.log_every = 10")
     console.print(f"anvil / bare = {anvil / statistics.median(times['bare PyTorch (same model)']):.3f} (goal ≤ 1.03); "
                   f"HF / anvil = {statistics.median(times['HF LlamaForCausalLM (sdpa)']) / anvil:.3f} (goal ≥ 1.0)")
 

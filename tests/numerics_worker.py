@@ -2,7 +2,8 @@
 fixed global batch sequence, whatever the parallel layout, so layouts can be compared number for number.
 
 Every rank reads the same global batches (a one-rank loader) and takes its data-parallel slice, as the
-loader would hand it; rank 0 writes the losses and gradient norms as JSON."""
+loader would hand it; rank 0 writes the losses and gradient norms as JSON (and, with metrics.mup_monitors, what
+the muP monitors measured at each step, to `<out>.monitors`)."""
 
 from __future__ import annotations
 
@@ -30,16 +31,22 @@ def main(job_dir: str, out: str, steps: int = 10) -> None:
     t = cfg.train
     per_rank = t.global_batch_size // layout.dp_size
     batches = iter(build_loader(cfg.data, t.seed, 0, 1, t.global_batch_size))
-    record = []
+    record, monitored = [], []
     for _ in range(steps):
         batch = next(batches)
         mine = {k: v[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank] for k, v in batch.items()}
         micro = [{k: v[i:i + t.micro_batch_size] for k, v in mine.items()}
                  for i in range(0, per_rank, t.micro_batch_size)]
+        if trainer.monitor is not None:  # metrics.mup_monitors: every step is watched here
+            trainer.monitor.arm()
         result = trainer.train_step(micro)
         record.append([trainer._reduce_dp(result["loss"]).item(), result["grad_norm"].item()])
+        if trainer.monitor is not None:
+            monitored.append(trainer.monitor.collect())
     if ranks.rank == 0:
         Path(out).write_text(json.dumps(record))
+        if monitored:
+            Path(f"{out}.monitors").write_text(json.dumps(monitored))
     dist.destroy_process_group()
 
 

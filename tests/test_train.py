@@ -213,3 +213,33 @@ def test_compiled_blocks_and_bf16_train_close_to_fp32_eager(tmp_path: Path, corp
     for step, (e, c, b) in enumerate(zip(eager, compiled, bf16, strict=True), 1):
         assert abs(c[0] - e[0]) <= 1e-4, f"compiled: step {step} loss {c[0]} vs eager {e[0]}"
         assert abs(b[0] - e[0]) <= 0.05, f"bf16: step {step} loss {b[0]} vs fp32 {e[0]}"
+
+
+def test_mup_monitors_agree_across_layouts_and_follow_the_learning_rate(tmp_path: Path, corpus: Path) -> None:
+    """metrics.mup_monitors: the per-role activation RMS and update-to-weight ratios, the same from 2 FSDP ranks as
+    from one process on the same global batches, and a 4x learning rate showing as a ~4x hidden update ratio; and
+    in a real run, on log steps only."""
+    settings = ["metrics.mup_monitors=true", "model.mup.enabled=true", "model.mup.base_dim=32",
+                "optim.warmup_steps=0", "optim.schedule=constant", "train.mixed_precision=fp32"]
+    found = {}
+    for ranks, lr in [(1, "1e-3"), (2, "1e-3"), (1, "4e-3")]:
+        job = make_job(tmp_path, f"monitors-{ranks}-{lr}", corpus, *settings, f"optim.lr={lr}",
+                       f"cluster.devices_per_node={ranks}", *(["parallel.dp_shard=2"] if ranks == 2 else []))
+        out = tmp_path / f"monitors-{ranks}-{lr}.json"
+        numerics(job, ranks, out)
+        found[(ranks, lr)] = json.loads(Path(f"{out}.monitors").read_text())
+    one, two, faster = found[(1, "1e-3")], found[(2, "1e-3")], found[(1, "4e-3")]
+    keys = {"mup/act_rms/input", "mup/act_rms/hidden", "mup/act_rms/output", "mup/update_ratio/input",
+            "mup/update_ratio/hidden", "mup/update_ratio/output", "mup/update_ratio/vector"}
+    assert len(one) == 10 and all(set(step) == keys for step in one)
+    for a, b in zip(one, two, strict=True):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    ratio = faster[0]["mup/update_ratio/hidden"] / one[0]["mup/update_ratio/hidden"]
+    assert 3.0 < ratio < 5.0, ratio
+
+    job = make_job(tmp_path, "monitored", corpus, *settings, "train.steps=4", "metrics.log_every=2")
+    done = run_trainer(job)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(keys <= set(r) for r in rows)

@@ -186,8 +186,14 @@ class MupConfig(Section):
     """Multiplier on the readout; the head sees h · output_alpha / m."""
     attn_alpha: float = Field(default=1.0, gt=0)
     """Attention logit scale: attn_alpha · sqrt(base head dim) / head dim."""
+    base_head_dim: int | None = Field(default=None, ge=1)
+    """The head size at the base width (None: this model's, i.e. width grows by adding heads). When width grows
+    the head size, the logits scale as 1/head dim (muP), not 1/sqrt(head dim)."""
     zero_readout: bool = False
     """Initialise the (untied) output head to zero, so every width starts from identical logits."""
+    zero_query: bool = False
+    """Initialise the query projection to zero: with a head size that grows with width, the attention logits then
+    start (and stay) width-independent instead of shrinking as 1/sqrt(head dim) at first."""
 
 
 MODEL_FLAVORS: dict[str, dict] = {
@@ -267,9 +273,11 @@ class ModelConfig(Section):
 
     @property
     def attn_mult(self) -> float:
-        """Attention logits relative to standard 1/sqrt(head_dim): attn_alpha under muP. Heads keep their size
-        across widths here (they grow in number), so alpha · sqrt(base head dim) / head dim = alpha / sqrt(head_dim)."""
-        return self.mup.attn_alpha if self.mup.enabled else 1.0
+        """Attention logits relative to standard 1/sqrt(head_dim): muP's attn_alpha · sqrt(base head dim / head
+        dim); just attn_alpha when width grows by adding heads of a fixed size."""
+        if not self.mup.enabled:
+            return 1.0
+        return self.mup.attn_alpha * math.sqrt((self.mup.base_head_dim or self.head_dim) / self.head_dim)
 
     @property
     def attn_scale(self) -> float:
@@ -406,6 +414,10 @@ class WandbConfig(Section):
 class MetricsConfig(Section):
     log_every: int = Field(default=10, ge=1)
     """Write a line to `metrics.jsonl` every this many steps."""
+    mup_monitors: bool = False
+    """On log steps, also the activation RMS per role (embedding output, residual stream, logits) and each parameter
+    role's update-to-weight RMS ratio (`mup/...` in metrics.jsonl and wandb): under muP they keep their size as
+    width grows. Costs a copy of the rank's parameters on log steps (benchmarks/train_step.py)."""
     wandb: WandbConfig = WandbConfig()
     """Weights & Biases logging."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,19 @@ def make_node_local_caches() -> None:
     for name in CACHE_VARIABLES:
         if os.environ.get(name):
             os.makedirs(os.environ[name], exist_ok=True)
+
+
+def process_group() -> None:
+    """A gloo process group for tools that use the trainer's parallelize step: the one torchrun describes in the
+    environment, else one of this process alone (no port: a file store)."""
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        return
+    fd, store = tempfile.mkstemp(prefix="anvil-pg-")
+    os.close(fd)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
 def init_distributed(cfg: AnvilConfig, timeout_s: float = 300) -> Ranks:

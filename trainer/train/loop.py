@@ -41,6 +41,7 @@ from trainer.train.distributed import init_distributed, log
 from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set
 from trainer.train.metrics import MetricsLogger, memory_gib, mfu
 from trainer.train.model import flops_per_token, num_params, param_plan, plain_name
+from trainer.train.monitors import MupMonitor
 from trainer.train.optim import build_optimizer, build_scheduler
 from trainer.train.parallelize import Layout, build_layout, build_model
 from trainer.train.preemption import PreemptionWatch
@@ -80,6 +81,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.watch = PreemptionWatch(job, device)
+        self.monitor = MupMonitor(self.model, cfg.model) if cfg.metrics.mup_monitors else None
         self.heldout = None
         if cfg.eval.every:
             try:
@@ -214,6 +216,9 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------------
 
+    def _log_step(self, step: int) -> bool:
+        return step % self.cfg.metrics.log_every == 0 or step == self.cfg.train.steps
+
     def _next_micro_batches(self, batches) -> list[dict] | None:
         found = []
         for _ in range(self.accum):
@@ -255,6 +260,9 @@ class Trainer:
             if micro_batches is None:
                 self.metrics.line(f"the data ended (data.epochs = {cfg.data.epochs}) after step {self.step}")
                 break
+            logged = self._log_step(self.step + 1)
+            if self.monitor is not None and logged:
+                self.monitor.arm()
             try:
                 out = self.train_step(micro_batches)
             except FloatingPointError as exc:
@@ -265,6 +273,7 @@ class Trainer:
                     f"checkpoint is {newest}. Lower optim.lr, raise "
                     "optim.warmup_steps or set optim.grad_clip, and resubmit") from None
             self.step += 1
+            monitors = self.monitor.collect() if self.monitor is not None and logged else {}
             if self.pending is not None and self.pending.done():  # mark a background save complete promptly
                 self.finish_pending_save()
             self.tokens_seen += out["tokens"]
@@ -279,7 +288,7 @@ class Trainer:
                     _set_pg_timeout(timeout, group)
             if self.step % cfg.train.gc_every == 0:
                 gc.collect(1)
-            if self.step % cfg.metrics.log_every == 0 or self.step == cfg.train.steps:
+            if logged:
                 elapsed = time.perf_counter() - window_start
                 per_device = window_tokens / elapsed / dist.get_world_size() * self.layout.tp
                 self.metrics.log({
@@ -289,7 +298,7 @@ class Trainer:
                     "tokens_per_s_per_device": per_device,
                     "mfu": mfu(per_device / self.layout.tp, flops, cfg.cluster.mfu_peak_tflops),
                     "memory_gib": memory_gib(self.device), "data_wait": data_wait / elapsed,
-                    "step_time_s": elapsed / window_steps,
+                    "step_time_s": elapsed / window_steps, **monitors,
                 })
                 window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
                 window_loss, window_steps = torch.zeros((), device=self.device), 0

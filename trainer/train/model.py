@@ -61,8 +61,12 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.scale = cfg.attn_scale  # muP's attn_alpha / sqrt(head dim); SP's 1 / sqrt(head dim)
+        self.scale = cfg.attn_scale  # muP's attn_alpha · sqrt(base head dim) / head dim; SP's 1 / sqrt(head dim)
         self.rope = apply_rope  # a fused kernel may take its place (liger.py)
+        # An observation point: with `observe_scores` on (coordinate checks), the attention logits of the causal
+        # positions pass through `scores`, where hooks can see them; training never materialises them.
+        self.scores = nn.Identity()
+        self.observe_scores = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -70,6 +74,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
+        if self.observe_scores:
+            keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            self.scores((q @ keys.transpose(-2, -1) * self.scale)[..., causal])
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(out.transpose(1, 2).reshape(batch, length, -1))
@@ -108,6 +116,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Observation points (identities: no parameters, nothing changes) where hooks see what the first block gets
+        # and the logits, tied head or not: coordinate checks and the muP monitors use them.
+        self.embedded = nn.Identity()
+        self.logits = nn.Identity()
         self.input_mult, self.output_mult = cfg.input_mult, cfg.output_mult
         cos, sin = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -125,7 +137,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[: tokens.shape[1]], self.rope_sin[: tokens.shape[1]]
         else:
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        h = self.tok_embeddings(tokens) * self.input_mult
+        h = self.embedded(self.tok_embeddings(tokens) * self.input_mult)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         h = self.norm(h) * self.output_mult
@@ -133,8 +145,8 @@ class Transformer(nn.Module):
             weight = self.tok_embeddings.weight if self.output is None else self.output.weight
             return self.fused_loss(weight, h.flatten(0, 1), labels.flatten())
         if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return self.output(h)  # through the module, so that a tensor-parallel plan on it applies
+            return self.logits(F.linear(h, self.tok_embeddings.weight))
+        return self.logits(self.output(h))  # through the module, so that a tensor-parallel plan on it applies
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0,
@@ -202,8 +214,10 @@ def param_plan(cfg: ModelConfig) -> dict[str, ParamPlan]:
         readout_std = 0.0 if cfg.mup.enabled and cfg.mup.zero_readout else std
         plan["output.weight"] = ParamPlan("output", readout_std, 1.0, 1.0)
     hidden = ParamPlan("hidden", std / math.sqrt(m), 1.0 / m, m)
+    query = ParamPlan("hidden", 0.0, 1.0 / m, m) if cfg.mup.enabled and cfg.mup.zero_query else hidden
     for i in range(cfg.n_layers):
-        for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+        plan[f"layers.{i}.attention.wq.weight"] = query
+        for name in ("attention.wk", "attention.wv", "attention.wo",
                      "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
             plan[f"layers.{i}.{name}.weight"] = hidden
         for name in ("attention_norm", "ffn_norm"):

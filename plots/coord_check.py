@@ -1,0 +1,13 @@
+"""The muP coordinate check: `python plots/coord_check.py [--widths ...] [--steps N] [--seeds N]
+[--grow heads|head_dim]` (also under torchrun: FSDP over the ranks). Writes plots/coord_check.png and .json;
+exits 1 if a verdict fails."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, when run as a script
+
+from trainer.train.coordcheck import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""muP shown to work, and shown to catch a broken rule: the coordinate check on the trainer's own model (muP flat,
+SP growing: the negative control), each muP rule broken on purpose and caught, and the same numbers from 2 FSDP
+ranks as from one process."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.train_helpers import free_port, trainer_env
+from trainer.launch.config import ModelConfig
+from trainer.launch.jobdir import JobDir
+from trainer.launch.sweep.state import PointRecord, SweepState
+from trainer.launch.sweep.transfer import TransferSpec, analyse, optimum
+from trainer.train import coordcheck, model, optim
+from trainer.train.coordcheck import CoordSpec, measure
+from trainer.train.distributed import process_group
+
+SPEC = CoordSpec(widths=(64, 128, 256, 512), steps=4, seeds=2)
+QUICK = CoordSpec(widths=(64, 128, 256), steps=3, seeds=1)
+"""For the mutations: two octaves, three steps, one seed: each broken rule is caught by a wide margin."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def group() -> None:
+    process_group()
+
+
+def worst(result, modules: str = "") -> float:
+    return max(abs(s) for m, by in result.slopes.items() if modules in m for t, s in by.items()
+               if int(t) >= 2 and math.isfinite(s))
+
+
+def test_coordinate_check_passes_for_mup_and_fails_for_sp() -> None:
+    mup, sp = measure(SPEC, mup=True), measure(SPEC, mup=False)
+    assert mup.passed and mup.failures == [], mup.failures
+    assert worst(mup) < coordcheck.BOUND
+    # The negative control: SP breaks the bound on the output logits and on the attention logits.
+    assert sp.passed  # as a control: it shows the growth
+    broke = {f.split(" at step ")[0] for f in sp.failures}
+    assert "logits" in broke and any(m.endswith("attn_logits") for m in broke), sp.failures
+    assert worst(sp, "logits") >= 0.5 and worst(sp, "mlp") >= 1.0
+
+
+@pytest.fixture(scope="module")
+def intact() -> dict[str, coordcheck.CoordResult]:
+    """The quick check with every rule intact, for both ways of growing the width (the mutations' baseline)."""
+    return {grow: measure(CoordSpec(QUICK.widths, QUICK.steps, QUICK.seeds, grow=grow), mup=True)
+            for grow in ("heads", "head_dim")}
+
+
+def test_zero_inits_and_the_attention_rule_with_a_growing_head_size(intact) -> None:
+    """Width grown through the head size: muP's 1/head-dim rule (with a zero query) keeps the logits flat."""
+    assert intact["head_dim"].passed, intact["head_dim"].failures
+    assert intact["heads"].passed, intact["heads"].failures
+
+
+def _broken_plan(role_change):
+    real = model.param_plan
+
+    def plan(cfg):
+        return {name: role_change(cfg, entry) if entry.role == "hidden" else entry for name, entry in real(cfg).items()}
+    return plan
+
+
+MUTATIONS = {
+    "readout multiplier 1/m forgotten": ("logits", lambda mp: mp.setattr(
+        ModelConfig, "output_mult", property(lambda self: self.mup.output_alpha if self.mup.enabled else 1.0))),
+    "hidden learning rate 1/m forgotten": ("layers", lambda mp: mp.setattr(optim, "param_plan", _broken_plan(
+        lambda cfg, e: model.ParamPlan(e.role, e.init_std, 1.0, e.wd_mult)))),
+    "hidden init 1/sqrt(m) forgotten": ("layers", lambda mp: mp.setattr(model, "param_plan", _broken_plan(
+        lambda cfg, e: model.ParamPlan(e.role, cfg.init_std if e.init_std else e.init_std, e.lr_mult, e.wd_mult)))),
+    "attention scale 1/sqrt(head dim) while the head size grows": ("attn_logits", lambda mp: mp.setattr(
+        ModelConfig, "attn_mult", property(lambda self: self.mup.attn_alpha if self.mup.enabled else 1.0))),
+}
+
+
+@pytest.mark.parametrize("name", MUTATIONS)
+def test_a_broken_mup_rule_is_caught(name: str, intact, monkeypatch: pytest.MonkeyPatch) -> None:
+    where, breaks = MUTATIONS[name]
+    grow = "head_dim" if "head size" in name else "heads"
+    spec = CoordSpec(widths=QUICK.widths, steps=QUICK.steps, seeds=QUICK.seeds, grow=grow)
+    assert intact[grow].passed  # the rule intact: flat
+    breaks(monkeypatch)
+    result = measure(spec, mup=True)
+    assert not result.passed, f"{name} went unnoticed"
+    assert any(where in failure for failure in result.failures), result.failures
+
+
+def test_fsdp_on_two_ranks_gives_the_same_coordinates(tmp_path: Path) -> None:
+    """The plan is layout-independent: 2 FSDP ranks (each half the batch) record what one process records."""
+    args = ["--widths", *map(str, QUICK.widths), "--steps", str(QUICK.steps), "--seeds", "1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), str(REPO_ROOT / "plots" / "coord_check.py"), *args, "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=trainer_env(), cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "muP: PASS" in done.stdout and "SP, the negative control: breaks the bound, as it must" in done.stdout
+    two = {r["parametrization"]: r for r in json.loads((tmp_path / "coord_check.json").read_text())["results"]}
+    one = measure(QUICK, mup=True)
+    for module, by_step in one.l1.items():
+        for step, by_width in by_step.items():
+            for width, value in by_width.items():
+                assert two["muP"]["l1"][module][step][width] == pytest.approx(value, rel=1e-4, abs=1e-7), (
+                    module, step, width)
+
+
+def _grid_state(tmp_path: Path, loss, spec) -> SweepState:
+    """A finished width × learning-rate sweep whose final losses are `loss(mup, width, log2_lr)` (None: diverged)."""
+    state = SweepState("grid", "grid.yaml", "local")
+    for mup in (True, False):
+        for width in spec.widths:
+            for k in spec.log2_lrs:
+                name = f"{mup}-{width}-{k}"
+                job = JobDir(tmp_path / name)
+                job.path.mkdir(parents=True)
+                value = loss(mup, width, k)
+                steps = range(5, spec.steps + 1, 5) if value is not None else range(5, 20, 5)
+                job.metrics.write_text("".join(json.dumps({"step": s, "loss": value if value is not None else 9.0})
+                                               + "\n" for s in steps))
+                state.points[name] = PointRecord(name, str(job.path), {"model.mup.enabled": mup, "model.dim": width,
+                                                                         "optim.lr": 2.0 ** k})
+    return state
+
+
+def test_transfer_fit_and_verdict_can_fail(tmp_path: Path) -> None:
+    assert optimum([-10, -9, -8], [3.0, 2.0, 3.0]) == (pytest.approx(-9.0), 2.0)
+    assert optimum([-10, -9, -8], [2.5, 2.0, 3.5])[0] == pytest.approx(-9.25)  # the parabola's vertex
+    assert optimum([-10, -9, -8], [1.0, 2.0, 3.0]) == (-10.0, 1.0)  # at the edge of the grid: the grid point
+    spec = TransferSpec(widths=(64, 128, 256), log2_lrs=tuple(range(-12, -5)), steps=40, seeds=1)
+
+    def good(mup, width, k):
+        centre = -9.0 if mup else -9.0 - math.log2(width / 64)  # SP's optimum moves an octave per doubling
+        return 3.0 + 0.05 * (k - centre) ** 2 - 0.01 * math.log2(width)
+
+    verdict = analyse(_grid_state(tmp_path / "good", good, spec), spec)
+    assert verdict.passed, verdict.checks
+    assert [c.log2_opt for c in verdict.curves["muP"]] == pytest.approx([-9.0, -9.0, -9.0])
+
+    def drifting(mup, width, k):  # a broken muP: its optimum moves like SP's
+        return good(False, width, k)
+
+    verdict = analyse(_grid_state(tmp_path / "drift", drifting, spec), spec)
+    assert not verdict.checks["muP optimum moves <= 0.5 octave"]
+
+    def narrowing(mup, width, k):  # muP's optimum stays, but wider is worse
+        return good(mup, width, k) + (0.05 * math.log2(width / 64) if mup else 0.0)
+
+    verdict = analyse(_grid_state(tmp_path / "worse", narrowing, spec), spec)
+    assert verdict.checks["muP optimum moves <= 0.5 octave"]
+    assert not verdict.checks["muP best loss does not worsen with width (beyond the noise between seeds)"]
+
+    def powerless(mup, width, k):  # SP does not move either: the run shows nothing
+        return good(True, width, k)
+
+    verdict = analyse(_grid_state(tmp_path / "flat", powerless, spec), spec)
+    assert not verdict.checks["SP optimum or instability edge moves >= 1.0 octave (the control)"]
+
+    def diverging(mup, width, k):  # SP's optimum stays, its divergence edge moves left with width
+        return None if not mup and k >= -7 - math.log2(width / 64) else good(True, width, k)
+
+    verdict = analyse(_grid_state(tmp_path / "edge", diverging, spec), spec)
+    assert verdict.checks["SP optimum or instability edge moves >= 1.0 octave (the control)"]
+    assert [c.edge for c in verdict.curves["SP"]] == [-7.0, -8.0, -9.0]
+    assert [c.edge for c in verdict.curves["muP"]] == [None, None, None]  # a gentle bowl: no cliff in the grid
