@@ -23,7 +23,59 @@ from trainer.launch.config import DataConfig
 from trainer.data.sources import DataError, open_source
 from trainer.data.stream import StreamSpec, WorkerStream, load_tokenizer, set_tokenizer_threads
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""2: rows hold the rest of the document they are in (`lanes`, `pending`), and the mix's weights are recorded.
+Version 1 states (one packed stream per worker) still restore: cursors are kept, nothing is dropped or repeated."""
+
+
+@dataclass(frozen=True)
+class MixChange:
+    """The data mix of a restored checkpoint differs from this run's: from here on, the new shares apply."""
+
+    old: dict[str, float]
+    new: dict[str, float]
+
+    def describe(self) -> str:
+        names = [*self.new, *(n for n in self.old if n not in self.new)]
+        parts = []
+        for name in names:
+            note = " (new: starts at its beginning)" if name not in self.old else \
+                " (removed)" if name not in self.new else ""
+            parts.append(f"{name} {self.old.get(name, 0.0):.4g} -> {self.new.get(name, 0.0):.4g}{note}")
+        return ("data mix changed (shares of the tokens): " + ", ".join(parts)
+                + "; the new shares apply from this step on, every kept source continues from its position")
+
+
+def _upgrade(rank_state: dict) -> dict:
+    """A version-1 rank state in version-2 form; its mix is read off the token counts it recorded."""
+    if rank_state.get("version") != 1:
+        return rank_state
+    workers = {}
+    for gid, worker in rank_state["workers"].items():
+        workers[gid] = {"sources": worker["sources"], "lanes": [], "pending": [], "weights": None,
+                        "docs": worker.get("docs", 0), "empty_docs": worker.get("empty_docs", 0)}
+    return {**rank_state, "version": STATE_VERSION, "workers": workers}
+
+
+def _saved_shares(rank_states: list[dict]) -> dict[str, float]:
+    for rank_state in rank_states:
+        for worker in rank_state["workers"].values():
+            if worker.get("weights") is not None:
+                return dict(worker["weights"])
+    tokens: dict[str, int] = {}  # version 1: the realised shares (which followed the weights to within a token)
+    for rank_state in rank_states:
+        for worker in rank_state["workers"].values():
+            for name, src in worker["sources"].items():
+                tokens[name] = tokens.get(name, 0) + src["tokens"]
+    total = sum(tokens.values()) or 1
+    return {name: count / total for name, count in tokens.items()}
+
+
+def _mix_changed(old: dict[str, float], new: dict[str, float], legacy: bool) -> bool:
+    if set(old) != set(new):
+        return True
+    tolerance = 0.01 if legacy else 1e-9  # realised shares of a version-1 state sit near, not at, the weights
+    return any(abs(old[name] - new[name]) > tolerance for name in new)
 
 
 def build_spec(data: DataConfig, seed: int) -> StreamSpec:
@@ -68,13 +120,25 @@ def _default_name(path: str) -> str:
     return Path(*plain).stem if plain else ""
 
 
+CHUNK_TOKENS = 1 << 16
+"""A worker sends its batches in chunks of about this many tokens (at most 8 batches): one message per batch costs
+the main process more than a small batch is worth."""
+
+
+def chunk_size(num_workers: int, batch_size: int, seq_len: int) -> int:
+    if num_workers == 0:
+        return 1
+    return max(1, min(8, CHUNK_TOKENS // (batch_size * (seq_len + 1))))
+
+
 class _Batches(IterableDataset):
     """Runs in each worker process (or in-process with num_workers=0)."""
 
     def __init__(self, spec: StreamSpec, dp_rank: int, dp_size: int, num_workers: int, batch_size: int,
-                 states: dict[int, dict], offset: int, threads: int):
+                 states: dict[int, dict], offset: int, first_chunk: int, threads: int):
         self.spec, self.dp_rank, self.dp_size, self.num_workers = spec, dp_rank, dp_size, num_workers
         self.batch_size, self.states, self.offset, self.threads = batch_size, states, offset, threads
+        self.first_chunk = first_chunk
 
     def __iter__(self) -> Iterator[dict]:
         global _TOKENIZED_HERE
@@ -86,25 +150,27 @@ class _Batches(IterableDataset):
         logical = (physical + self.offset) % workers  # resume with the worker whose batch is due next
         gid = self.dp_rank * workers + logical
         set_tokenizer_threads(self.threads)
-        stream = WorkerStream(self.spec, gid, self.dp_size * workers, self.states.get(gid))
-        while True:
-            seqs = []
-            for _ in range(self.batch_size):
-                got = stream.next_sequence()
-                if got is None:
-                    break
-                seqs.append(got)
-            if not seqs:
-                return
-            # Plain int32 arrays travel between processes far more cheaply than tensors (no shared-memory
-            # handles); the main process turns them into the batch.
-            yield {
-                "tokens": np.stack([s[0] for s in seqs]),
-                "valid": [s[2] for s in seqs],
-                "positions": np.stack([s[1] for s in seqs]) if self.spec.positions else None,
-                "worker": logical,
-                "state": stream.state_dict(),
-            }
+        stream = WorkerStream(self.spec, gid, self.dp_size * workers, self.states.get(gid), rows=self.batch_size)
+        chunk = chunk_size(self.num_workers, self.batch_size, self.spec.seq_len)
+        size = self.first_chunk if physical == 0 else chunk  # the worker due next may be inside a chunk
+        try:
+            while True:
+                batches = []
+                while len(batches) < size and (rows := stream.next_batch()):
+                    # Plain int32 arrays travel between processes far more cheaply than tensors (no shared-memory
+                    # handles); the main process turns them into the batch.
+                    batches.append({
+                        "tokens": np.stack([r[0] for r in rows]),
+                        "valid": [r[2] for r in rows],
+                        "positions": np.stack([r[1] for r in rows]) if self.spec.positions else None,
+                        "state": stream.state_dict(),
+                    })
+                if not batches:
+                    return
+                yield {"batches": batches, "worker": logical, "full": len(batches) == size}
+                size = chunk
+        finally:
+            stream.close()
 
 
 def _keep(item: dict) -> dict:
@@ -148,6 +214,8 @@ class TokenLoader:
         self.cores = cores or len(os.sched_getaffinity(0))
         self._states: dict[int, dict] = {}  # global worker id -> stream state after its last consumed batch
         self._next = 0  # logical worker whose batch is due next
+        self._into = 0  # batches of that worker's current chunk already handed out
+        self.mix_change: MixChange | None = None  # set by a restore whose checkpoint had another data mix
 
     @property
     def _workers(self) -> int:
@@ -156,25 +224,32 @@ class TokenLoader:
     def _start(self) -> Iterator:
         threads = max(self.cores // self._workers, 1)
         base = self.shape.dp_rank * self._workers
+        chunk = chunk_size(self.shape.num_workers, self.batch_size, self.spec.seq_len)
         dataset = _Batches(self.spec, self.shape.dp_rank, self.shape.dp_size, self.shape.num_workers,
-                           self.batch_size, copy.deepcopy(self._states), self._next, threads)
+                           self.batch_size, copy.deepcopy(self._states), self._next, max(chunk - self._into, 1),
+                           threads)
         kwargs = {}
         if self.shape.num_workers > 0:
             # fork is fast and safe while this process has never tokenized (the trainer's case: with
             # workers, it never does). After in-process tokenization a forked child would inherit the
             # tokenizer's thread-pool locks without the threads and can hang: start from a clean server.
             context = "forkserver" if _TOKENIZED_HERE else "fork"
-            kwargs = {"prefetch_factor": self.prefetch, "persistent_workers": False,
+            kwargs = {"prefetch_factor": max(-(-self.prefetch // chunk), 2), "persistent_workers": False,
                       "multiprocessing_context": context}
         loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=self.shape.num_workers, **kwargs)
         try:
             for item in loader:
-                self._states[base + item["worker"]] = item["state"]
-                self._next = (item["worker"] + 1) % self._workers
-                batch = _to_batch(item)
-                if self.pin_memory:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
-                yield batch
+                into = self._into if item["worker"] == self._next else 0
+                for i, part in enumerate(item["batches"], 1):
+                    self._states[base + item["worker"]] = part["state"]
+                    # Inside a chunk, the same worker's next batch is due; after it, the next worker's.
+                    done = i == len(item["batches"]) and item["full"]
+                    self._next = (item["worker"] + 1) % self._workers if done else item["worker"]
+                    self._into = 0 if done else into + i
+                    batch = _to_batch(part)
+                    if self.pin_memory:
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
+                    yield batch
         except DataError as exc:
             # A worker's DataError arrives wrapped with its traceback; the user needs the message only.
             message = str(exc)
@@ -191,7 +266,7 @@ class TokenLoader:
         """This DP rank's part of the loader state: cursors and counters (a few KB), no buffered text."""
         return {"version": STATE_VERSION, "dp_rank": self.shape.dp_rank, "dp_size": self.shape.dp_size,
                 "num_workers": self.shape.num_workers, "n_shards": self.spec.n_shards,
-                "next_worker": self._next, "workers": copy.deepcopy(self._states)}
+                "next_worker": self._next, "into_chunk": self._into, "workers": copy.deepcopy(self._states)}
 
     def load_state_dict(self, rank_states: list[dict]) -> None:
         """Restore from the states of *all* DP ranks of a checkpoint (any DP size, any worker count).
@@ -203,34 +278,52 @@ class TokenLoader:
         if not rank_states:
             return
         versions = {s.get("version") for s in rank_states}
-        if versions != {STATE_VERSION}:
+        if not versions <= {1, STATE_VERSION}:
             raise DataError(f"loader state version {versions} cannot be read by this Anvil (expects {STATE_VERSION})")
+        legacy = versions == {1}
+        rank_states = [_upgrade(copy.deepcopy(s)) for s in rank_states]
         shards = {s["n_shards"] for s in rank_states}
         if shards != {self.spec.n_shards}:
             raise DataError(f"the checkpoint's loader used data.logical_shards={shards.pop()}; this run has "
                             f"{self.spec.n_shards}: keep it unchanged to resume the data position")
+        old_shares, new_shares = _saved_shares(rank_states), self.spec.weights
+        self.mix_change = None
+        if _mix_changed(old_shares, new_shares, legacy):
+            # The mixer compares each source's tokens with its share of the tokens it counted: counting from here
+            # makes the new shares hold from this step on (counting from step 0, a new source would take every
+            # batch until it had caught up with its share of the whole run).
+            self.mix_change = MixChange(old_shares, new_shares)
+            for rank_state in rank_states:
+                for worker in rank_state["workers"].values():
+                    worker["sources"] = {name: {**src, "tokens": 0} for name, src in worker["sources"].items()
+                                         if name in new_shares}
+                    worker["weights"] = new_shares
         old = rank_states[0]
         if (old["dp_size"], old["num_workers"]) == (self.shape.dp_size, self.shape.num_workers):
             mine = next(s for s in rank_states if s["dp_rank"] == self.shape.dp_rank)
             self._states = {int(k): v for k, v in mine["workers"].items()}
-            self._next = mine["next_worker"]
+            self._next, self._into = mine["next_worker"], mine.get("into_chunk", 0)
             return
         self._states = _rescale(rank_states, self.shape.dp_rank, self.shape.dp_size, self._workers,
                                 self.spec)
-        self._next = 0
+        self._next = self._into = 0
 
 
 def _rescale(rank_states: list[dict], dp_rank: int, dp_size: int, workers: int, spec: StreamSpec) -> dict:
+    """Every shard's cursor and every held document go to the worker that now owns their shard."""
     cursors: dict[str, dict[str, list[int]]] = {}
     tokens: dict[str, int] = {}
+    held: list[dict] = []
     docs = empty = 0
     for rank_state in rank_states:
         for worker_state in rank_state["workers"].values():
             for name, src in worker_state["sources"].items():
                 cursors.setdefault(name, {}).update(src["shards"])
                 tokens[name] = tokens.get(name, 0) + src["tokens"]
+            held += [h for h in [*worker_state["lanes"], *worker_state["pending"]] if h is not None]
             docs += worker_state.get("docs", 0)
             empty += worker_state.get("empty_docs", 0)
+    held.sort(key=lambda h: (h["source"], h["shard"], h["doc"]))
     total_workers = dp_size * workers
     states = {}
     for logical in range(workers):
@@ -244,7 +337,9 @@ def _rescale(rank_states: list[dict], dp_rank: int, dp_size: int, workers: int, 
                 }
                 for source in spec.sources
             },
-            "current": None,
+            "weights": spec.weights,
+            "lanes": [],
+            "pending": [h for h in held if h["shard"] % total_workers == gid],
             "docs": docs // total_workers,
             "empty_docs": empty // total_workers,
         }

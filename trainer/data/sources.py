@@ -66,7 +66,9 @@ class Source:
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"{path} is not a readable Parquet file: {_one_line(exc)}") from None
         try:
-            batches = reader.iter_batches(batch_size=window, row_groups=[unit.row_group], columns=[self.text_column])
+            # One thread: the loader reads on a thread of its own, beside the tokenizer's pool.
+            batches = reader.iter_batches(batch_size=window, row_groups=[unit.row_group], columns=[self.text_column],
+                                          use_threads=False)
             for index, batch in enumerate(batches):
                 if index < start:
                     continue  # skipped windows are read (Parquet cannot seek inside a row group) but not decoded

@@ -1,15 +1,25 @@
-"""One data worker's token stream: logical shards → tokenized, shuffled windows → mixing → packing.
+"""One data worker's batches: logical shards → tokenized, shuffled windows → mixing → packing into rows.
 
 Every source is split into `n_shards` logical shards; global worker `g` of `G` owns the shards `s` with
 `s % G == g`. A shard's cursor `[epoch, unit, window, doc, offset]` says exactly how far it has been read,
 so a shard can move to another worker (a different world size) and go on with nothing dropped or repeated.
-Packing is lazy — a sequence pulls exactly the tokens it needs — so no token is ever buffered between
-sequences, and the state is cursors and counters only: no text.
+
+A batch's rows are packed side by side, each from the shared stream, and **a document never spans two rows of
+one batch**: when a row fills up in the middle of a document, the rest of that document is *held* by that row
+and continues it in the following batches. So a long document takes one row of many batches instead of many rows
+of one, and the rows of a batch are as independent as the documents. Packing is lazy — a row pulls exactly the
+tokens it needs — and the state is cursors and counters only: a held document is saved as where it is and how
+much of it was used, and re-read from its Parquet window on restore.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -34,6 +44,12 @@ class StreamSpec:
     epochs: int | None = None
     positions: bool = False
 
+    @property
+    def weights(self) -> dict[str, float]:
+        """The mixing weights, normalised to shares (what a checkpoint records to detect a changed mix)."""
+        total = sum(s.weight for s in self.sources)
+        return {s.name: s.weight / total for s in self.sources}
+
 
 @dataclass
 class Stats:
@@ -42,10 +58,22 @@ class Stats:
 
 
 def load_tokenizer(path: Path):
+    """The tokenizer at `path`, loaded once per process while the file is unchanged. A forked worker inherits the
+    parent's: workers are forked only from a process that has never tokenized (loader.py), so the tokenizer's
+    thread pool does not exist yet and the child may start its own."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        raise DataError(f"tokenizer {path} cannot be loaded: it does not exist") from None
+    return _load_tokenizer(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str, mtime_ns: int, size: int):
     from tokenizers import Tokenizer  # imported here: worker processes pick their thread count first
 
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(path)
     except Exception as exc:  # tokenizers raises plain Exception subclasses for bad files
         raise DataError(f"tokenizer {path} cannot be loaded: {exc}") from None
 
@@ -54,24 +82,34 @@ class _Window:
     """One window of tokenized documents in shuffled order, as one flat token array (BOS/EOS included).
 
     A piece of the stream is then one slice, however many short documents it spans: no per-document
-    Python work while packing.
+    Python work while packing, nor while building (the flat array is gathered with numpy). `rows[i]` is the row
+    of the window's text that document `i` came from.
     """
 
-    def __init__(self, docs: list[list[int]], order: np.ndarray, bos_id: int | None, eos_id: int):
+    def __init__(self, ids: list[list[int]], order_of, bos_id: int | None, eos_id: int):
+        """`ids`: every row's token ids, empty rows included; `order_of(n)`: the permutation of the n non-empty."""
+        counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(counts.sum()))
+        rows = np.flatnonzero(counts)
+        self.empty = len(ids) - len(rows)
+        order = order_of(len(rows))
+        self.rows = rows[order]
+        sizes = counts[self.rows]  # content tokens of each document, in shuffled order
+        source_starts = (np.cumsum(counts) - counts)[self.rows]
         extra = 1 + (bos_id is not None)
-        lengths = np.fromiter((len(docs[i]) for i in order), dtype=np.int64, count=len(order)) + extra
-        self.ends = np.cumsum(lengths)
-        starts = self.ends - lengths
+        self.ends = np.cumsum(sizes + extra)
         total = int(self.ends[-1]) if len(order) else 0
-        self.tokens = np.empty(total, dtype=np.int32)
-        content = np.ones(total, dtype=bool)
-        content[self.ends - 1] = False
-        self.tokens[self.ends - 1] = eos_id
+        self.tokens = np.full(total, eos_id, dtype=np.int32)  # every document's last token stays EOS
+        if not total:
+            return
+        starts = self.ends - sizes - extra
         if bos_id is not None:
-            content[starts] = False
             self.tokens[starts] = bos_id
-        self.tokens[content] = np.fromiter(chain.from_iterable(docs[i] for i in order), dtype=np.int32,
-                                           count=total - extra * len(order))
+        # Where each document's content goes and where it comes from, as two index arrays.
+        first = starts + (bos_id is not None)
+        content = np.repeat(first - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
+        self.tokens[content] = flat[np.repeat(source_starts - np.cumsum(sizes) + sizes, sizes)
+                                    + np.arange(int(sizes.sum()))]
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -80,16 +118,187 @@ class _Window:
         return int(self.ends[doc - 1]) if doc else 0
 
 
+def _window_rng(spec: StreamSpec, source: Source, shard: int, epoch: int, unit_pos: int, window: int):
+    return np.random.default_rng([spec.seed, stable_hash(source.name), shard, epoch, unit_pos, window])
+
+
+def _layout(ids: list[int], spec: StreamSpec) -> np.ndarray:
+    """A document as it appears in the stream: [BOS] ids EOS."""
+    head = [spec.bos_id] if spec.bos_id is not None else []
+    return np.array(head + list(ids) + [spec.eos_id], dtype=np.int32)
+
+
+TOKENIZE_BATCH = 256
+"""Documents per tokenizer call, at least (whole windows): as fast per token as batches of 1,000 on the demo corpus,
+and small enough that the first batch arrives soon and the last one leaves little to pack after it."""
+
+FINISHED = object()
+"""What the feed hands a reader whose shard has reached the epoch limit."""
+
+
+class WindowFeed:
+    """One source's windows, read and tokenized ahead, in exactly the order its shard readers will ask for them:
+    readers take turns, one window a turn (an empty window is a turn too), so the order is a pure function of the
+    cursors. Two threads form a pipeline with the worker: one reads Parquet, one tokenizes, while the worker packs.
+    At most a tokenization batch (`TOKENIZE_BATCH` documents, in whole windows) waits between stages, so memory stays
+    bounded."""
+
+    def __init__(self, source: Source, spec: StreamSpec, encode, starts: list[tuple[int, list[int]]], turn: int):
+        self.source, self.spec, self.encode = source, spec, encode
+        self._starts, self._turn = starts, turn
+        self._texts: queue.Queue = queue.Queue(maxsize=1)
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._ready: deque = deque()
+        self._ended = False
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._read, name=f"anvil-read-{source.name}", daemon=True),
+                         threading.Thread(target=self._run, name=f"anvil-tokenize-{source.name}", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _schedule(self) -> Iterator[tuple]:
+        """(reader index, epoch, unit position, window, texts) in reading order, or (reader index, FINISHED)."""
+        positions = [list(cursor[:3]) for _, cursor in self._starts]
+        shards = [shard for shard, _ in self._starts]
+        done = [self.spec.epochs is not None and p[0] >= self.spec.epochs for p in positions]
+        reading: list[tuple | None] = [None] * len(positions)  # (epoch, unit, next window, open reader)
+        turn = self._turn
+        while not all(done):
+            i, turn = turn, (turn + 1) % len(positions)
+            if done[i]:
+                continue
+            while True:
+                epoch, unit_pos, window = positions[i]
+                if self.spec.epochs is not None and epoch >= self.spec.epochs:
+                    done[i] = True
+                    yield i, FINISHED
+                    break
+                units = self.source.shard_units(shards[i], self.spec.n_shards, epoch, self.spec.seed)
+                if unit_pos >= len(units):
+                    positions[i] = [epoch + 1, 0, 0]
+                    continue
+                if reading[i] is None or reading[i][:3] != (epoch, unit_pos, window):
+                    unit = self.source.units[units[unit_pos]]
+                    reading[i] = (epoch, unit_pos, window, self.source.read_windows(unit, self.spec.window, window))
+                texts = next(reading[i][3], None)
+                if texts is None:  # the unit is done
+                    reading[i] = None
+                    positions[i] = [epoch, unit_pos + 1, 0]
+                    continue
+                reading[i] = (epoch, unit_pos, window + 1, reading[i][3])
+                positions[i] = [epoch, unit_pos, window + 1]
+                yield i, epoch, unit_pos, window, texts
+                break
+
+    def _read(self) -> None:
+        """Reader thread: the schedule's windows, grouped into tokenization batches."""
+        try:
+            schedule = self._schedule()
+            target = 1  # the first window alone: it is waited for
+            while not self._stop.is_set():
+                batch, docs = [], 0
+                for item in schedule:
+                    batch.append(item)
+                    docs += len(item[4]) if len(item) == 5 else 0
+                    if docs >= target:
+                        break
+                target = TOKENIZE_BATCH
+                if not batch:
+                    self._put(self._texts, None)
+                    return
+                self._put(self._texts, batch)
+        except BaseException as exc:  # noqa: BLE001 - handed down the pipeline to the consumer, which raises it
+            self._put(self._texts, exc)
+
+    def _run(self) -> None:
+        """Tokenizer thread."""
+        while not self._stop.is_set():
+            try:
+                batch = self._texts.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if batch is None or isinstance(batch, BaseException):
+                self._put(self._queue, batch)
+                return
+            try:
+                self._put(self._queue, self._tokenize(batch))
+            except BaseException as exc:  # noqa: BLE001
+                self._put(self._queue, exc)
+                return
+
+    def _tokenize(self, batch: list[tuple]) -> list[tuple]:
+        """Only the tokenizer call happens on this thread (it releases the GIL for its pool); turning encodings
+        into windows is the consumer's, so the pool starts on the next batch at once."""
+        texts = [t for item in batch if len(item) == 5 for t in item[4]]
+        encoded = self.encode(texts) if texts else []
+        out, at = [], 0
+        for item in batch:
+            if len(item) == 2:
+                out.append(item)
+                continue
+            out.append((*item[:4], encoded[at:at + len(item[4])]))
+            at += len(item[4])
+        return out
+
+    def _window(self, reader: int, epoch: int, unit_pos: int, window: int, encodings: list) -> _Window:
+        rng = _window_rng(self.spec, self.source, self._starts[reader][0], epoch, unit_pos, window)
+        return _Window([e.ids for e in encodings], rng.permutation, self.spec.bos_id, self.spec.eos_id)
+
+    def _put(self, where: queue.Queue, item) -> None:
+        while not self._stop.is_set():
+            try:
+                where.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self, reader: int) -> tuple:
+        """The next window for reader `reader`: (epoch, unit position, window, _Window) or FINISHED."""
+        while not self._ready:
+            if self._ended:
+                return FINISHED
+            got = self._queue.get()
+            if got is None:  # the schedule is over: every reader has finished
+                self._ended = True
+                return FINISHED
+            if isinstance(got, BaseException):
+                raise got
+            self._ready.extend(got)
+        item = self._ready.popleft()
+        if item[0] != reader:
+            raise RuntimeError(f"data feed of {self.source.name}: reader {reader} asked, reader {item[0]} due")
+        return FINISHED if item[1] is FINISHED else (*item[1:4], self._window(*item))
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+@dataclass
+class Held:
+    """The rest of a document a row is in the middle of: it continues that row in the next batches."""
+
+    source: int
+    shard: int
+    where: list[int]  # epoch, unit position, window, row of the window's text
+    offset: int  # tokens of the document's layout already emitted
+    rest: np.ndarray
+
+    def state(self, spec: StreamSpec) -> dict:
+        return {"source": spec.sources[self.source].name, "shard": self.shard, "doc": list(self.where),
+                "offset": self.offset}
+
+
 class ShardReader:
     """One logical shard of one source; holds at most one window of tokenized documents."""
 
-    def __init__(self, source: Source, shard: int, spec: StreamSpec, encode, stats: Stats, cursor=None):
-        self.source, self.shard, self.spec, self.encode, self.stats = source, shard, spec, encode, stats
+    def __init__(self, source: Source, source_index: int, shard: int, spec: StreamSpec, stats: Stats, cursor=None):
+        self.source, self.source_index, self.shard, self.spec, self.stats = source, source_index, shard, spec, stats
+        self.index = 0  # its place among the source's readers on this worker (the feed's turn order)
         self.cursor = list(cursor) if cursor is not None else [0, 0, 0, 0, 0]
+        self.feed: WindowFeed | None = None
         self._docs: _Window | None = None
-        self._windows = None  # open reader over the current unit, positioned at self._next_window
-        self._reading: tuple[int, int] | None = None
-        self._next_window = 0
         self.has_units = len(source.shard_units(shard, spec.n_shards, 0, spec.seed)) > 0
         # With one source, a piece may run across documents; with several, each document is its own piece so
         # that mixing chooses the source document by document.
@@ -100,67 +309,56 @@ class ShardReader:
         return self.spec.epochs is not None and self.cursor[0] >= self.spec.epochs
 
     def _load_window(self) -> bool:
-        """Load the window under the cursor; False once the epoch limit is reached."""
-        while self._docs is None:
-            if self.finished:
-                return False
-            epoch, unit_pos, window = self.cursor[0], self.cursor[1], self.cursor[2]
-            units = self.source.shard_units(self.shard, self.spec.n_shards, epoch, self.spec.seed)
-            if unit_pos >= len(units):
-                self.cursor[:] = [epoch + 1, 0, 0, 0, 0]
-                continue
-            if self._reading != (epoch, unit_pos) or self._next_window != window:
-                unit = self.source.units[units[unit_pos]]
-                self._windows = self.source.read_windows(unit, self.spec.window, start=window)
-                self._reading, self._next_window = (epoch, unit_pos), window
-            texts = next(self._windows, None)
-            if texts is None:  # the unit is done
-                self._reading = None
-                self.cursor[:] = [epoch, unit_pos + 1, 0, 0, 0]
-                continue
-            self._next_window += 1
-            docs = self._tokenize(texts)
-            rng = np.random.default_rng([self.spec.seed, stable_hash(self.source.name), self.shard, epoch,
-                                         unit_pos, window])
-            order = rng.permutation(len(docs))
-            if self.cursor[3] >= len(docs):  # an all-empty window
-                self.cursor[:] = [epoch, unit_pos, window + 1, 0, 0]
-                continue
-            self._docs = _Window(docs, order, self.spec.bos_id, self.spec.eos_id)
+        """Load the window the cursor is in (or the next one); False once the epoch limit is reached."""
+        if self._docs is not None:
+            return True
+        got = self.feed.next(self.index)
+        if got is FINISHED:
+            self.cursor[:] = [self.spec.epochs or 0, 0, 0, 0, 0]
+            return False
+        epoch, unit_pos, window, docs = got
+        if self.cursor[:3] != [epoch, unit_pos, window]:  # a fresh window (not the one a restore is inside)
+            self.cursor[:] = [epoch, unit_pos, window, 0, 0]
+        self.stats.empty_docs += docs.empty
+        self._docs = docs
         return True
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        docs = []
-        for ids in self.encode(texts):
-            if not ids:
-                self.stats.empty_docs += 1
-                continue
-            docs.append(ids)
-        return docs
-
-    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
-        """Up to `n` tokens from the cursor on: (tokens, where documents start in them, whether the piece ends at
-        the end of a document); None when done."""
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, Held | None] | None:
+        """Up to `n` tokens from the cursor on: (tokens, where documents start in them, the rest of the last
+        document if the piece ends inside it); None once finished. The cursor moves past every document the
+        piece touches: a document's rest is the caller's from then on."""
         if not self._load_window():
             return None
         window, doc, offset = self._docs, self.cursor[3], self.cursor[4]
+        if doc >= len(window):  # an all-empty window: a turn with nothing in it
+            return self._next_window(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64), None)
         pos = window.start(doc) + offset
         limit = len(window.tokens) if self.across_documents else int(window.ends[doc])
         end = min(pos + n, limit)
         piece = window.tokens[pos:end]
-        # Documents that end inside the piece: the cursor moves past them.
-        done = int(np.searchsorted(window.ends, end, side="right"))
-        starts = window.ends[doc:done] - pos  # the next document starts where one ends
-        starts = starts[starts < len(piece)]
-        doc_starts = np.concatenate([[0], starts]) if offset == 0 else starts
+        done = int(np.searchsorted(window.ends, end, side="right"))  # documents [doc, done) end inside the piece
+        doc_starts = np.empty(0, dtype=np.int64)
+        if self.spec.positions:
+            starts = window.ends[doc:done] - pos  # the next document starts where one ends
+            starts = starts[starts < len(piece)]
+            doc_starts = np.concatenate([[0], starts]) if offset == 0 else starts
+        held = None
+        if done < len(window) and end > window.start(done):  # the piece ends inside document `done`
+            first = window.start(done)
+            held = Held(self.source_index, self.shard, [*self.cursor[:3], int(window.rows[done])], end - first,
+                        window.tokens[end:int(window.ends[done])].copy())
+            done += 1
         self.stats.docs += done - doc
-        if done == len(window):  # window consumed: the cursor moves to the next one
-            self._docs = None
-            self.cursor[2] += 1
-            self.cursor[3], self.cursor[4] = 0, 0
-        else:
-            self.cursor[3], self.cursor[4] = done, end - window.start(done)
-        return piece, doc_starts, self.cursor[4] == 0
+        if done == len(window):
+            return self._next_window(piece, doc_starts, held)
+        self.cursor[3], self.cursor[4] = done, 0
+        return piece, doc_starts, held
+
+    def _next_window(self, piece, doc_starts, held):
+        self._docs = None
+        self.cursor[2] += 1
+        self.cursor[3], self.cursor[4] = 0, 0
+        return piece, doc_starts, held
 
     @property
     def window_open(self) -> bool:
@@ -172,31 +370,37 @@ class _SourceState:
     readers: list[ShardReader]
     turn: int = 0
     tokens: int = 0
+    feed: WindowFeed | None = None
+
+
+_EMPTY = np.empty(0, dtype=np.int64)
 
 
 @dataclass
 class WorkerStream:
-    """Global data worker `worker` of `n_workers`: yields packed sequences of `seq_len + 1` tokens."""
+    """Global data worker `worker` of `n_workers`: yields batches of `rows` packed rows of `seq_len + 1` tokens."""
 
     spec: StreamSpec
     worker: int
     n_workers: int
     state: dict | None = None
+    rows: int = 1
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self) -> None:
         tokenizer = load_tokenizer(self.spec.tokenizer)
 
-        def encode(texts: list[str]) -> list[list[int]]:
-            return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        def encode(texts: list[str]) -> list:
+            return tokenizer.encode_batch_fast(texts, add_special_tokens=False)
 
+        self.encode = encode
         saved = self.state or {}
         self.sources: list[_SourceState] = []
-        for source in self.spec.sources:
+        for index, source in enumerate(self.spec.sources):
             mine = saved.get("sources", {}).get(source.name, {})
             cursors = mine.get("shards", {})
-            readers = [ShardReader(source, s, self.spec, encode, self.stats, cursors.get(str(s)))
-                       for s in range(self.worker, self.spec.n_shards, self.n_workers)]
+            shards = range(self.worker, self.spec.n_shards, self.n_workers)
+            readers = [ShardReader(source, index, s, self.spec, self.stats, cursors.get(str(s))) for s in shards]
             readers = [r for r in readers if r.has_units]
             if not readers:
                 raise DataError(
@@ -204,12 +408,51 @@ class WorkerStream:
                     f"{self.worker} of {self.n_workers}; write it with smaller row groups "
                     "(python -m trainer.data convert --row-group-rows ...) or use fewer workers"
                 )
+            for i, reader in enumerate(readers):
+                reader.index = i
             self.sources.append(_SourceState(readers, mine.get("turn", 0) % len(readers), mine.get("tokens", 0)))
-        self.current: int | None = saved.get("current")
         self.stats.docs = saved.get("docs", 0)
         self.stats.empty_docs = saved.get("empty_docs", 0)
         weights = np.array([s.weight for s in self.spec.sources], dtype=np.float64)
         self.weights = weights / weights.sum()
+        names = {s.name: i for i, s in enumerate(self.spec.sources)}
+        # Held documents of sources no longer in the mix are dropped; lanes beyond this batch size queue up.
+        self.lanes: list[Held | None] = [None] * self.rows
+        self.pending: deque[Held] = deque()
+        for lane, saved_held in enumerate(saved.get("lanes", [])):
+            if saved_held is not None and saved_held["source"] in names:
+                held = self._rebuild(saved_held, names)
+                if lane < self.rows:
+                    self.lanes[lane] = held
+                else:
+                    self.pending.append(held)
+        self.pending.extend(self._rebuild(h, names) for h in saved.get("pending", []) if h["source"] in names)
+        self._cursors = [{str(r.shard): list(r.cursor) for r in src.readers} for src in self.sources]
+        self._touched: set[ShardReader] = set()
+        for src in self.sources:
+            src.feed = WindowFeed(src.readers[0].source, self.spec, encode,
+                                  [(r.shard, r.cursor) for r in src.readers], src.turn)
+            for reader in src.readers:
+                reader.feed = src.feed
+
+    def _rebuild(self, saved: dict, names: dict[str, int]) -> Held:
+        """A held document from its saved place: the one window it came from is read again, one text encoded."""
+        source = self.spec.sources[names[saved["source"]]]
+        epoch, unit_pos, window, row = saved["doc"]
+        units = source.shard_units(saved["shard"], self.spec.n_shards, epoch, self.spec.seed)
+        texts = next(source.read_windows(source.units[units[unit_pos]], self.spec.window, window), None)
+        if texts is None or row >= len(texts):
+            raise DataError(f"dataset {source.name}: the document a checkpointed row was in the middle of "
+                            f"(row group {units[unit_pos]}, window {window}, row {row}) is no longer there: "
+                            "the dataset changed under the job; restore it or start a new job")
+        layout = _layout(self.encode([texts[row]])[0].ids, self.spec)
+        return Held(names[saved["source"]], saved["shard"], list(saved["doc"]), saved["offset"],
+                    layout[saved["offset"]:])
+
+    def close(self) -> None:
+        for src in self.sources:
+            if src.feed is not None:
+                src.feed.close()
 
     def _choose(self) -> int | None:
         """The source furthest below its share of the tokens so far (deterministic)."""
@@ -223,57 +466,72 @@ class WorkerStream:
                 best, best_gap = i, gap
         return best
 
-    def _take(self, index: int, n: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    def _take(self, index: int, n: int) -> tuple[np.ndarray, np.ndarray, Held | None] | None:
         src = self.sources[index]
         for _ in range(len(src.readers)):
             reader = src.readers[src.turn]
+            self._touched.add(reader)
             if not reader.finished:
                 got = reader.take(n)
                 if got is not None:
-                    if not reader.window_open:  # rotate shards window by window
+                    if not reader.window_open:  # readers take turns, a window each
                         src.turn = (src.turn + 1) % len(src.readers)
                     return got
             src.turn = (src.turn + 1) % len(src.readers)
         return None
 
-    def next_sequence(self) -> tuple[np.ndarray, np.ndarray | None, int] | None:
-        """(tokens[seq_len + 1], positions or None, valid length); padded only at the end of a finite run."""
+    def _row(self, lane: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Row `lane` of the next batch: (tokens[seq_len + 1], positions or None, valid length)."""
         size = self.spec.seq_len + 1
         tokens = np.full(size, self.spec.eos_id, dtype=np.int32)
         positions = np.zeros(size, dtype=np.int32) if self.spec.positions else None
         filled = 0
         while filled < size:
-            if self.current is None:
-                self.current = self._choose()
-                if self.current is None:
+            held = self.lanes[lane]
+            if held is None and self.pending:
+                held = self.lanes[lane] = self.pending.popleft()
+            if held is not None:  # the document this row is in the middle of comes first
+                piece, doc_starts, source = held.rest[:size - filled], _EMPTY, held.source
+                held.rest, held.offset = held.rest[len(piece):], held.offset + len(piece)
+                if not len(held.rest):
+                    self.lanes[lane] = None
+            else:
+                source = self._choose()
+                if source is None:
                     break
-            got = self._take(self.current, size - filled)
-            if got is None:
-                self.current = None
-                continue
-            piece, doc_starts, ended = got
+                got = self._take(source, size - filled)
+                if got is None:
+                    continue
+                piece, doc_starts, rest = got
+                self.lanes[lane] = rest
             tokens[filled:filled + len(piece)] = piece
-            if positions is not None:  # restarting at every document start, and at the start of the piece
+            if positions is not None:  # restarting at every document start, and at the start of the row
                 rel = np.arange(len(piece))
                 marks = np.zeros(len(piece), dtype=np.int64)
                 marks[doc_starts] = doc_starts
                 positions[filled:filled + len(piece)] = rel - np.maximum.accumulate(marks)
             filled += len(piece)
-            self.sources[self.current].tokens += len(piece)
-            if ended:
-                self.current = None
-        if filled == 0:
-            return None
+            self.sources[source].tokens += len(piece)
         return tokens, positions, filled
 
+    def next_batch(self) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
+        """The next batch's rows (fewer, or none, only at the end of a finite run)."""
+        rows = [self._row(lane) for lane in range(self.rows)]
+        return [r for r in rows if r[2] > 0]
+
     def state_dict(self) -> dict:
+        # Sent with every batch: only the cursors of readers used since the last call are copied again.
+        for reader in self._touched:
+            self._cursors[reader.source_index][str(reader.shard)] = list(reader.cursor)
+        self._touched.clear()
         return {
             "sources": {
-                spec.name: {"shards": {str(r.shard): list(r.cursor) for r in s.readers}, "turn": s.turn,
-                            "tokens": s.tokens}
-                for spec, s in zip(self.spec.sources, self.sources, strict=True)
+                spec.name: {"shards": dict(cursors), "turn": s.turn, "tokens": s.tokens}
+                for spec, s, cursors in zip(self.spec.sources, self.sources, self._cursors, strict=True)
             },
-            "current": self.current,
+            "weights": self.spec.weights,
+            "lanes": [None if h is None else h.state(self.spec) for h in self.lanes],
+            "pending": [h.state(self.spec) for h in self.pending],
             "docs": self.stats.docs,
             "empty_docs": self.stats.empty_docs,
         }

@@ -67,8 +67,11 @@ class Trainer:
         t = cfg.train
         self.accum = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
         self.dtype = compute_dtype(cfg)
-        self.loader = build_loader(cfg.data, t.seed, layout.dp_rank, layout.dp_size, t.micro_batch_size,
-                                   pin_memory=device.type == "cuda")
+        # One loader batch is this rank's rows of a whole step, split into micro-batches here: the loader keeps
+        # the rows of a batch independent (no document in two rows), so that holds for the step, not only for
+        # each micro-batch.
+        self.loader = build_loader(cfg.data, t.seed, layout.dp_rank, layout.dp_size,
+                                   t.micro_batch_size * self.accum, pin_memory=device.type == "cuda")
         self.model = build_model(cfg, layout, device, self.dtype)
         if cfg.train.liger:
             problem = liger.liger_problem(device, layout.tp)
@@ -154,6 +157,12 @@ class Trainer:
             self.saved_step = self.step
             self.scheduler.load_state_dict(train["scheduler"])
             self.loader.load_state_dict(loader_states)
+            if self.loader.mix_change is not None:
+                message = self.loader.mix_change.describe()
+                self.metrics.line(f"step {self.step}: {message}")
+                if self.rank == 0:
+                    jobdir.append_event(self.job, "data_mix", os.environ.get("SLURM_JOB_ID", ""),
+                                        f"step {self.step}: {message}")
             self.metrics.line(f"resumed from {jobdir.step_dir(self.ckpt_root, latest)} (step {self.step})")
         elif self.cfg.checkpoint.init_from is not None:
             root, step = jobdir.checkpoint_source(Path(self.cfg.checkpoint.init_from))
@@ -220,13 +229,12 @@ class Trainer:
         return step % self.cfg.metrics.log_every == 0 or step == self.cfg.train.steps
 
     def _next_micro_batches(self, batches) -> list[dict] | None:
-        found = []
-        for _ in range(self.accum):
-            batch = next(batches, None)
-            if batch is None:
-                break
-            found.append(batch)
-        exhausted = torch.tensor([0.0 if len(found) == self.accum else 1.0], device=self.device)
+        batch = next(batches, None)
+        rows = self.cfg.train.micro_batch_size
+        whole = batch is not None and batch["input_ids"].shape[0] == rows * self.accum
+        found = [dict(zip(batch, parts, strict=True)) for parts in zip(*(v.split(rows) for v in batch.values()),
+                                                                       strict=True)] if whole else []
+        exhausted = torch.tensor([0.0 if whole else 1.0], device=self.device)
         if self.cfg.data.epochs is not None:  # only a finite run can end early, and all ranks must agree
             dist.all_reduce(exhausted, op=dist.ReduceOp.MAX)
         return None if exhausted.item() else found
