@@ -1,23 +1,26 @@
 """Tokens/s of the Anvil data loader against the tokenizer's own `encode_batch` and HF `datasets` streaming.
 
-    python benchmarks/loader_throughput.py [--max-mb 6] [--workers 0,1,2] [--rounds 3] [--docs 1000000]
+    python benchmarks/loader_throughput.py [--max-mb 6] [--short-docs 200000] [--workers 0,1,2] [--rounds 3]
+        [--compare CHECKOUT] [--docs 1000000]
 
-Rows, in one run on the same text (the demo corpus, built from this machine's own text as
-`python -m trainer.data demo` does) and the same cores: `encode_batch` and `encode_batch_fast` are the
-tokenizer alone over the documents already in memory, in batches of ~1,000, with all cores (RAYON
-default) — the ceiling; `anvil loader` is `build_loader(...)` iterated over exactly one epoch (epochs=1)
-with each `--workers` count (0: in-process, the tokenizer gets every core; N: N worker processes share
-them), Parquet reads, shuffling, packing into 512+1 windows and batches of 8 included; `HF datasets` is
-the common baseline: `load_dataset("parquet", streaming=True)`, a shuffle buffer of the same size, a
-batched `map` with the same `tokenizers` object, and packing into 512+1 windows. Tokens are those of the
-packed stream (document tokens plus one EOS each); the packers emit the non-padding `input_ids`.
+Two tables, each on the same text and the same cores: the demo corpus (built from this machine's own text as
+`python -m trainer.data demo` does) and `--short-docs` one-line documents (lines of this machine's text, where
+per-document work weighs most). Rows: `encode_batch` and `encode_batch_fast` are the tokenizer alone over the
+documents already in memory, in batches of ~1,000, with all cores (RAYON default) — the ceiling; `anvil
+loader` is `build_loader(...)` iterated over exactly one epoch (epochs=1) with each `--workers` count (0:
+in-process, the tokenizer gets every core; N: N worker processes share them), Parquet reads, shuffling, packing
+into 512+1 windows and batches of 8 included; with `--compare`, the same rows for another checkout's loader
+(before/after side by side in one run); `HF datasets` (demo corpus only) is the common baseline:
+`load_dataset("parquet", streaming=True)`, a shuffle buffer of the same size, a batched `map` with the same
+`tokenizers` object, and packing into 512+1 windows. Tokens are those of the packed stream (document tokens plus
+one EOS each); the packers emit the non-padding `input_ids`.
 
 Every measurement runs in a fresh Python process (the tokenizer's thread pool is sized once per process,
 and one used before a fork is unsafe in the child), round by round so machine noise hits every row alike;
 medians, with the spread of the rounds (this VM's CPU is noisy). Timed: from opening the data to the last
 batch (worker start-up included); not timed: interpreter start, imports, and what follows the last batch
 (worker shutdown), nor the fixed 5 s `datasets` 5.x sleeps when a Parquet stream ends. Goals: loader >= 0.9 x
-encode_batch and >= 1.0 x HF datasets.
+encode_batch_fast with 0 and 1 workers, and >= 1.0 x HF datasets.
 
 Restore: ~1,000,000 one-line documents (lines of this machine's text, repeated as needed) are read once
 with the loader, then the pickled `state_dict()` size and, in fresh processes, the time of `build_loader`
@@ -203,7 +206,8 @@ def run_child(job: dict, timeout: float) -> dict:
     """One measurement in a fresh process (its own session, so a hung worker tree can be ended as a group)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], stdout=subprocess.PIPE,
+    script = job.pop("script", __file__)  # another checkout's copy of this script imports that checkout
+    proc = subprocess.Popen([sys.executable, script, "--child", json.dumps(job)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -241,10 +245,15 @@ def fmt_rate(x: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-mb", type=float, default=6, help="size of the demo corpus (text)")
+    parser.add_argument("--short-docs", type=int, default=200_000,
+                        help="one-line documents for the second table (0: skip it)")
     parser.add_argument("--workers", default="0,1,2", help="loader num_workers values, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window", type=int, default=1024, help="shuffle window (loader) and shuffle buffer (HF)")
     parser.add_argument("--batch-docs", type=int, default=1000, help="documents per encode_batch / map batch")
+    parser.add_argument("--compare", metavar="CHECKOUT", default=None,
+                        help="another Anvil checkout (e.g. a git worktree of the previous commit): its loader gets "
+                             "rows of its own in the same interleaved rounds")
     parser.add_argument("--docs", type=int, default=1_000_000, help="one-line documents for the restore part (0: skip)")
     parser.add_argument("--restore-workers", type=int, default=0, help="num_workers of the read-through")
     parser.add_argument("--timeout", type=float, default=300, help="seconds before a measurement counts as hung")
@@ -262,76 +271,93 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     console = Console(highlight=False, width=150)
     root = Path(tempfile.mkdtemp(prefix="anvil-loader-bench-", dir=args.dir))
+    compare = None
+    if args.compare:
+        compare = Path(args.compare).resolve() / "benchmarks" / "loader_throughput.py"
+        if not compare.is_file():
+            parser.error(f"--compare {args.compare}: no benchmarks/loader_throughput.py there")
     try:
         summary = build_demo(root / "demo", args.max_mb)
         console.print(f"demo corpus: {summary['train_docs']:,} train documents, {summary['bytes'] / 1e6:.1f} MB "
                       f"of text; {cores} cores (sched_getaffinity)", markup=False, soft_wrap=True)
         common = {"corpus": str(root / "demo" / "train"), "tokenizer": str(root / "demo" / "tokenizer.json"),
                   "window": args.window, "batch_docs": args.batch_docs}
-        rows: dict[str, dict] = {
-            "encode_batch": {"kind": "encode", "method": "encode_batch"},
-            "encode_batch_fast": {"kind": "encode", "method": "encode_batch_fast"},
-            **{f"anvil loader, num_workers={w}": {"kind": "loader", "workers": w} for w in workers},
-        }
-        hf_missing = hf_available()
-        if hf_missing is None:
-            rows["HF datasets streaming + map + pack"] = {"kind": "hf"}
-        results: dict[str, list[dict]] = {name: [] for name in rows}
-        for r in range(args.rounds):  # interleaved rounds: machine noise hits every variant alike
-            for name, job in rows.items():
-                results[name].append(run_child({**common, **job}, args.timeout))
-            console.print(f"round {r + 1}/{args.rounds} done", markup=False, soft_wrap=True)
-
-        rates: dict[str, float | None] = {}
-        for name, got in results.items():
-            ok = [g for g in got if "error" not in g]
-            rates[name] = statistics.median(g["tokens"] / g["seconds"] for g in ok) if ok else None
-        hf_name = "HF datasets streaming + map + pack"
-        refs = {"encode_batch": rates["encode_batch"], "encode_batch_fast": rates["encode_batch_fast"],
-                "HF datasets": rates.get(hf_name)}
-        title = (f"{summary['train_docs']:,} documents ({args.max_mb:g} MB demo corpus), seq_len {SEQ_LEN}, "
-                 f"batch {BATCH}, median of {args.rounds} rounds ({cores} cores)")
-        table = Table(title=title)
-        for column in ("variant", "tokens", "seconds", "tokens/s", "range of rounds", *(f"× {r}" for r in refs)):
-            table.add_column(column, justify="left" if column == "variant" else "right")
-        for name, got in results.items():
-            ok = [g for g in got if "error" not in g]
-            errors = [g["error"] for g in got if "error" in g]
-            note = f" ({len(errors)} of {len(got)} failed: {errors[0]})" if errors else ""
-            rate = rates[name]
-            if rate is None:
-                table.add_row(name + note, *["-"] * (4 + len(refs)))
-                continue
-            spread = [g["tokens"] / g["seconds"] for g in ok]
-            table.add_row(name + note, f"{ok[0]['tokens']:,}", f"{statistics.median(g['seconds'] for g in ok):.2f}",
-                          fmt_rate(rate), f"{fmt_rate(min(spread))}–{fmt_rate(max(spread))}",
-                          *(f"{rate / ref:.2f}" if ref else "-" for ref in refs.values()))
-        if hf_missing:
-            table.add_row(f"HF datasets: {hf_missing}", *["-"] * (4 + len(refs)))
-        console.print(table)
-
-        loader_rates = {w: rates[f"anvil loader, num_workers={w}"] for w in workers}
-        if 1 in workers and 2 in workers and loader_rates[1] and loader_rates[2]:
-            console.print(f"scaling, num_workers 1 -> 2 on {cores} cores: x{loader_rates[2] / loader_rates[1]:.2f}",
-                          markup=False, soft_wrap=True)
-        goals = (("encode_batch", 0.9, "the goal"), ("encode_batch_fast", 0.9, "stricter: the call the loader makes"),
-                 ("HF datasets", 1.0, "the goal"))
-        for label, goal, why in goals:
-            ref = refs[label]
-            if ref is None:
-                console.print(f"loader >= {goal} x {label} ({why}): not measured", markup=False, soft_wrap=True)
-                continue
-            ratios = {w: rate / ref for w, rate in loader_rates.items() if rate}
-            met = [f"num_workers={w} ({r:.2f})" for w, r in ratios.items() if r >= goal]
-            missed = [f"num_workers={w} ({r:.2f})" for w, r in ratios.items() if r < goal]
-            console.print(f"loader >= {goal} x {label} ({why}): {'meets' if met else 'misses'}; "
-                          f"met by: {', '.join(met) or 'none'}; missed by: {', '.join(missed) or 'none'}",
-                          markup=False, soft_wrap=True)
-
+        corpora = [(f"{summary['train_docs']:,} documents ({args.max_mb:g} MB demo corpus)", common, True)]
+        if args.short_docs > 0:
+            docs, unique = one_line_docs(args.short_docs)
+            write_parquet(docs, root / "lines", rows_per_file=100_000, row_group_rows=1024)
+            del docs
+            corpora.append((f"{args.short_docs:,} one-line documents ({unique:,} distinct lines)",
+                            {**common, "corpus": str(root / "lines")}, False))
+        for title, job, with_hf in corpora:
+            throughput_table(args, console, title, job, workers, compare, with_hf, cores)
         if args.docs > 0:
             restore_part(args, root, common, workers, console, write_parquet)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def throughput_table(args, console: Console, title: str, common: dict, workers: list[int], compare: Path | None,
+                     with_hf: bool, cores: int) -> None:
+    """Every variant on one corpus, in interleaved rounds, each in a fresh process; medians and ratios."""
+    rows: dict[str, dict] = {
+        "encode_batch": {"kind": "encode", "method": "encode_batch"},
+        "encode_batch_fast": {"kind": "encode", "method": "encode_batch_fast"},
+        **{f"anvil loader, num_workers={w}": {"kind": "loader", "workers": w} for w in workers},
+    }
+    if compare is not None:
+        rows.update({f"compared checkout's loader, num_workers={w}": {"kind": "loader", "workers": w,
+                                                                       "script": str(compare)} for w in workers})
+    hf_name = "HF datasets streaming + map + pack"
+    hf_missing = hf_available() if with_hf else "not run on this corpus"
+    if hf_missing is None:
+        rows[hf_name] = {"kind": "hf"}
+    results: dict[str, list[dict]] = {name: [] for name in rows}
+    for r in range(args.rounds):  # interleaved rounds: machine noise hits every variant alike
+        for name, job in rows.items():
+            results[name].append(run_child({**common, **job}, args.timeout))
+        console.print(f"{title}: round {r + 1}/{args.rounds} done", markup=False, soft_wrap=True)
+
+    rates: dict[str, float | None] = {}
+    for name, got in results.items():
+        ok = [g for g in got if "error" not in g]
+        rates[name] = statistics.median(g["tokens"] / g["seconds"] for g in ok) if ok else None
+    refs = {"encode_batch": rates["encode_batch"], "encode_batch_fast": rates["encode_batch_fast"],
+            "HF datasets": rates.get(hf_name)}
+    table = Table(title=f"{title}, seq_len {SEQ_LEN}, batch {BATCH}, median of {args.rounds} rounds ({cores} cores)")
+    for column in ("variant", "tokens", "seconds", "tokens/s", "range of rounds", *(f"× {r}" for r in refs)):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, got in results.items():
+        ok = [g for g in got if "error" not in g]
+        errors = [g["error"] for g in got if "error" in g]
+        note = f" ({len(errors)} of {len(got)} failed: {errors[0]})" if errors else ""
+        rate = rates[name]
+        if rate is None:
+            table.add_row(name + note, *["-"] * (4 + len(refs)))
+            continue
+        spread = [g["tokens"] / g["seconds"] for g in ok]
+        table.add_row(name + note, f"{ok[0]['tokens']:,}", f"{statistics.median(g['seconds'] for g in ok):.2f}",
+                      fmt_rate(rate), f"{fmt_rate(min(spread))}–{fmt_rate(max(spread))}",
+                      *(f"{rate / ref:.2f}" if ref else "-" for ref in refs.values()))
+    if hf_missing:
+        table.add_row(f"HF datasets: {hf_missing}", *["-"] * (4 + len(refs)))
+    console.print(table)
+
+    loader_rates = {w: rates[f"anvil loader, num_workers={w}"] for w in workers}
+    if 1 in workers and 2 in workers and loader_rates[1] and loader_rates[2]:
+        console.print(f"scaling, num_workers 1 -> 2 on {cores} cores: x{loader_rates[2] / loader_rates[1]:.2f}",
+                      markup=False, soft_wrap=True)
+    goals = (("encode_batch_fast", 0.9, "the call the loader makes"), ("HF datasets", 1.0, "the common baseline"))
+    for label, goal, why in goals:
+        ref = refs[label]
+        if ref is None:
+            continue
+        ratios = {w: rate / ref for w, rate in loader_rates.items() if rate}
+        met = [f"num_workers={w} ({r:.2f})" for w, r in ratios.items() if r >= goal]
+        missed = [f"num_workers={w} ({r:.2f})" for w, r in ratios.items() if r < goal]
+        console.print(f"loader >= {goal} x {label} ({why}): {'meets' if met else 'misses'}; "
+                      f"met by: {', '.join(met) or 'none'}; missed by: {', '.join(missed) or 'none'}",
+                      markup=False, soft_wrap=True)
 
 
 def restore_part(args, root: Path, common: dict, workers: list[int], console: Console, write_parquet) -> None:

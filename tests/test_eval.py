@@ -23,6 +23,10 @@ def test_lm_eval_bits_per_byte_equal_the_trainers_heldout_loss(tmp_path: Path, c
     summary = run_lm_eval(cfg, out, job / "eval" / "step-6")
     assert (job / "eval" / "step-6" / "results.json").is_file()
     assert 0.0 <= summary["anvil_mc"]["acc"] <= 1.0
+    results = json.loads((job / "eval" / "step-6" / "results.json").read_text())
+    items = (job / "eval" / "step-6" / "tasks" / "cloze.jsonl").read_text().splitlines()
+    assert len(items) >= 50 and results["n-samples"]["anvil_cloze"]["effective"] == len(items)
+    assert 0.0 <= summary["anvil_cloze"]["acc"] <= 1.0
 
     ours = heldout_bits_per_byte(trainer_model(job, step), heldout_set(cfg), cfg.data.seq_len)
     theirs = summary["anvil_heldout"]["bits_per_byte"]

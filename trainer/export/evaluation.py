@@ -15,10 +15,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from trainer.export.cloze import cloze_items
 from trainer.launch.config import AnvilConfig
 from trainer.train.heldout import EvalError, heldout_texts
 
-LOCAL_TASKS = ("anvil_heldout", "anvil_mc")
+LOCAL_TASKS = ("anvil_heldout", "anvil_cloze", "anvil_mc")
 EVALS_DIR = Path(str(importlib.resources.files("trainer.export") / "evals"))
 """The local tasks' data (package data: found through the package, in a checkout and in an installed wheel)."""
 
@@ -28,12 +29,25 @@ def write_tasks(cfg: AnvilConfig, folder: Path, tasks: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if "anvil_heldout" in tasks:
         data = folder / "heldout.jsonl"
-        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in heldout_texts(cfg)))
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in heldout_texts(cfg, "anvil_heldout")))
         spec = {"task": "anvil_heldout", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
                 "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
                 "doc_to_target": "{{text}}",
                 "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]}
         (folder / "anvil_heldout.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    if "anvil_cloze" in tasks:
+        data = folder / "cloze.jsonl"
+        items = cloze_items(heldout_texts(cfg, "anvil_cloze"))
+        if not items:
+            raise EvalError(f"eval.heldout: {cfg.eval.heldout} has no lines anvil_cloze can ask about (it needs "
+                            "documents of several lines); leave anvil_cloze out of eval.tasks")
+        data.write_text("".join(json.dumps(item.as_record()) + "\n" for item in items))
+        # The fields themselves (not templates), and no delimiter: the context ends with the answer's indentation.
+        spec = {"task": "anvil_cloze", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "context",
+                "doc_to_choice": "choices", "doc_to_target": "answer", "target_delimiter": "",
+                "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+        (folder / "anvil_cloze.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     if "anvil_mc" in tasks:
         spec = {"task": "anvil_mc", "dataset_path": "json",
                 "dataset_kwargs": {"data_files": {"test": str(EVALS_DIR / "anvil_mc.jsonl")}},
@@ -83,7 +97,8 @@ def run_lm_eval(cfg: AnvilConfig, model_dir: Path, out_dir: Path, tasks: list[st
                       not in k} for task, metrics in results["results"].items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"model": str(model_dir), "backend": kind,
-                                                      "results": summary}, indent=2, default=str) + "\n")
+                                                      "results": summary, "n-samples": results.get("n-samples", {})},
+                                                     indent=2, default=str) + "\n")
     return summary
 
 

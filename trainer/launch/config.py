@@ -423,11 +423,13 @@ class MetricsConfig(Section):
 
 
 class EvalConfig(Section):
-    tasks: list[str] = ["anvil_heldout", "anvil_mc"]
-    """lm-eval tasks: the local ones shipped in `trainer/export/evals/` (`anvil_heldout`: bits per byte on
-    `eval.heldout`; `anvil_mc`: a small multiple-choice set) or any lm-eval task available offline."""
+    tasks: list[str] = ["anvil_heldout", "anvil_cloze", "anvil_mc"]
+    """lm-eval tasks: the local ones (`anvil_heldout`: bits per byte on `eval.heldout`; `anvil_cloze`: 200
+    multiple-choice items built from `eval.heldout`, the next line of a document against lines of others, which
+    only reading the context answers; `anvil_mc`: 20 questions on Python keywords, answered by word frequency:
+    a check of the multiple-choice path) or any lm-eval task available offline."""
     heldout: str | None = None
-    """Parquet dataset of held-out text for `anvil_heldout` (e.g. the demo's `data/demo/val`)."""
+    """Parquet dataset of held-out text for `anvil_heldout` and `anvil_cloze` (e.g. the demo's `data/demo/val`)."""
     heldout_docs: int = Field(default=200, ge=1)
     """Documents of `eval.heldout` to score."""
     backend: Literal["auto", "hf", "vllm"] = "auto"

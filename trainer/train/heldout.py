@@ -19,10 +19,10 @@ class EvalError(AnvilError):
     """An evaluation that cannot run; the message says what to set."""
 
 
-def heldout_texts(cfg: AnvilConfig) -> list[str]:
+def heldout_texts(cfg: AnvilConfig, task: str = "anvil_heldout") -> list[str]:
     if cfg.eval.heldout is None:
-        raise EvalError("eval.heldout is not set: give a Parquet dataset of held-out text for anvil_heldout "
-                        "(the demo's is data/demo/val), or leave anvil_heldout out of eval.tasks")
+        raise EvalError(f"eval.heldout is not set: give a Parquet dataset of held-out text for {task} "
+                        f"(the demo's is data/demo/val), or leave {task} out of eval.tasks")
     texts = [t for t in iter_texts(cfg.eval.heldout) if t.strip()][: cfg.eval.heldout_docs]
     if not texts:
         raise EvalError(f"eval.heldout: {cfg.eval.heldout} holds no text")
