@@ -132,6 +132,9 @@ TOKENIZE_BATCH = 256
 """Documents per tokenizer call, at least (whole windows): as fast per token as batches of 1,000 on the demo corpus,
 and small enough that the first batch arrives soon and the last one leaves little to pack after it."""
 
+_EMPTY = np.empty(0, dtype=np.int64)
+"""No document starts (positions off, or a piece inside one document)."""
+
 FINISHED = object()
 """What the feed hands a reader whose shard has reached the epoch limit."""
 
@@ -331,13 +334,13 @@ class ShardReader:
             return None
         window, doc, offset = self._docs, self.cursor[3], self.cursor[4]
         if doc >= len(window):  # an all-empty window: a turn with nothing in it
-            return self._next_window(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64), None)
+            return self._next_window(window.tokens[:0], _EMPTY, None)
         pos = window.start(doc) + offset
         limit = len(window.tokens) if self.across_documents else int(window.ends[doc])
         end = min(pos + n, limit)
         piece = window.tokens[pos:end]
         done = int(np.searchsorted(window.ends, end, side="right"))  # documents [doc, done) end inside the piece
-        doc_starts = np.empty(0, dtype=np.int64)
+        doc_starts = _EMPTY
         if self.spec.positions:
             starts = window.ends[doc:done] - pos  # the next document starts where one ends
             starts = starts[starts < len(piece)]
@@ -371,9 +374,6 @@ class _SourceState:
     turn: int = 0
     tokens: int = 0
     feed: WindowFeed | None = None
-
-
-_EMPTY = np.empty(0, dtype=np.int64)
 
 
 @dataclass
@@ -413,8 +413,7 @@ class WorkerStream:
             self.sources.append(_SourceState(readers, mine.get("turn", 0) % len(readers), mine.get("tokens", 0)))
         self.stats.docs = saved.get("docs", 0)
         self.stats.empty_docs = saved.get("empty_docs", 0)
-        weights = np.array([s.weight for s in self.spec.sources], dtype=np.float64)
-        self.weights = weights / weights.sum()
+        self.weights = np.array(list(self.spec.weights.values()), dtype=np.float64)
         names = {s.name: i for i, s in enumerate(self.spec.sources)}
         # Held documents of sources no longer in the mix are dropped; lanes beyond this batch size queue up.
         self.lanes: list[Held | None] = [None] * self.rows
