@@ -136,6 +136,65 @@ def test_document_positions_restart_at_each_document(corpus) -> None:
             assert pos[row, col].item() == (0 if after_eos else pos[row, col - 1].item() + 1), (row, col)
 
 
+@pytest.mark.parametrize("sources", [1, 2])
+def test_batches_do_not_depend_on_the_tokenizing_threads(tmp_path: Path, corpus, monkeypatch, sources: int) -> None:
+    """Texts are tokenized in chunks on several threads and windows built as chunks finish: what comes out must be
+    the same whatever the thread count (1, 2 or 5) and however the windows are cut into chunks."""
+    from trainer.data import stream
+    from trainer.data.loader import TokenLoader
+
+    path, tokenizer = corpus
+    datasets = [(path, 1.0)]
+    if sources == 2:
+        datasets.append((write_corpus(tmp_path / "code", range(600), word="b", row_group_rows=20, seed=3), 0.5))
+    spec = build_spec(data_config(datasets, tokenizer, epochs=1), 3)
+
+    def run(cores: int) -> list[dict]:
+        return run_to_end(TokenLoader(spec, 0, 1, 4, num_workers=0, cores=cores))
+
+    want = run(1)
+    monkeypatch.setattr(stream, "CHUNK_CHARS", 64)  # several chunks per window: windows wait for their chunks
+    for cores in (2, 5):
+        got = run(cores)
+        assert len(got) == len(want)
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(want, got, strict=True))
+
+
+def test_no_threads_are_left_behind(corpus) -> None:
+    import threading
+
+    path, tokenizer = corpus
+    loader = build_loader(data_config([(path, 1.0)], tokenizer, num_workers=0), 0, 0, 1, 4)
+    for _ in range(3):
+        it = iter(loader)
+        take(it, 5)
+        it.close()  # what dropping the iterator does, now
+    run_to_end(build_loader(data_config([(path, 1.0)], tokenizer, num_workers=0, epochs=1), 0, 0, 1, 4))
+    left = [t.name for t in threading.enumerate() if t.name.startswith("anvil-")]
+    assert not left, left
+
+
+def test_a_file_rewritten_in_place_is_read_anew(tmp_path: Path) -> None:
+    """Open files are kept between row groups; one replaced under the same name must not be read from the old
+    handle."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.data.sources import OpenFiles, open_source
+
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"text": ["old"] * 4}), path, row_group_size=2)
+    source = open_source("x", str(path), "text", 1.0)
+    files = OpenFiles()
+    assert next(source.read_windows(source.units[0], 8, 0, files)) == ["old", "old"]
+    pq.write_table(pa.table({"text": ["newer"] * 4}), path, row_group_size=2)
+    assert next(source.read_windows(source.units[1], 8, 0, files)) == ["newer", "newer"]
+    path.unlink()
+    with pytest.raises(DataError, match=r"x\.parquet vanished"):
+        next(source.read_windows(source.units[0], 8, 0, files))
+    files.close()
+
+
 def test_empty_documents_are_skipped_and_counted(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -246,7 +305,7 @@ def test_file_vanishing_between_epochs(tmp_path: Path) -> None:
     take(loader, 3)
     (ds / "part-1.parquet").unlink()
     with pytest.raises(DataError, match=r"part-1\.parquet vanished"):
-        take(loader, 200)
+        take(loader, 2000)  # past what the reading thread has read ahead
 
 
 def test_default_dataset_names(tmp_path: Path, corpus) -> None:

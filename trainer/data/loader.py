@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.launch.config import DataConfig
 from trainer.data.sources import DataError, open_source
-from trainer.data.stream import StreamSpec, WorkerStream, load_tokenizer, set_tokenizer_threads
+from trainer.data.stream import StreamSpec, WorkerStream, load_tokenizer
 
 STATE_VERSION = 2
 """2: rows hold the rest of the document they are in (`lanes`, `pending`), and the mix's weights are recorded.
@@ -141,16 +141,16 @@ class _Batches(IterableDataset):
         self.first_chunk = first_chunk
 
     def __iter__(self) -> Iterator[dict]:
-        global _TOKENIZED_HERE
+        global _LOADED_HERE
         info = get_worker_info()
         physical = info.id if info is not None else 0
         if info is None:
-            _TOKENIZED_HERE = True
+            _LOADED_HERE = True
         workers = max(self.num_workers, 1)
         logical = (physical + self.offset) % workers  # resume with the worker whose batch is due next
         gid = self.dp_rank * workers + logical
-        set_tokenizer_threads(self.threads)
-        stream = WorkerStream(self.spec, gid, self.dp_size * workers, self.states.get(gid), rows=self.batch_size)
+        stream = WorkerStream(self.spec, gid, self.dp_size * workers, self.states.get(gid), rows=self.batch_size,
+                              threads=self.threads)
         chunk = chunk_size(self.num_workers, self.batch_size, self.spec.seq_len)
         size = self.first_chunk if physical == 0 else chunk  # the worker due next may be inside a chunk
         try:
@@ -191,8 +191,8 @@ def _to_batch(item: dict) -> dict[str, torch.Tensor]:
     return batch
 
 
-_TOKENIZED_HERE = False
-"""Set once this process has tokenized in-process (num_workers=0): its tokenizer thread pool must not be forked."""
+_LOADED_HERE = False
+"""Set once this process has run a loader in-process (num_workers=0)."""
 
 
 @dataclass
@@ -230,10 +230,10 @@ class TokenLoader:
                            threads)
         kwargs = {}
         if self.shape.num_workers > 0:
-            # fork is fast and safe while this process has never tokenized (the trainer's case: with
-            # workers, it never does). After in-process tokenization a forked child would inherit the
-            # tokenizer's thread-pool locks without the threads and can hang: start from a clean server.
-            context = "forkserver" if _TOKENIZED_HERE else "fork"
+            # fork is fast and safe while this process has never loaded in-process (the trainer's case: with
+            # workers, it never does). After that, its reading and tokenizing threads may still be alive, and a
+            # forked child would inherit their locks without them: start from a clean server instead.
+            context = "forkserver" if _LOADED_HERE else "fork"
             kwargs = {"prefetch_factor": max(-(-self.prefetch // chunk), 2), "persistent_workers": False,
                       "multiprocessing_context": context}
         loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=self.shape.num_workers, **kwargs)
@@ -250,7 +250,10 @@ class TokenLoader:
                     if self.pin_memory:
                         batch = {k: v.pin_memory() for k, v in batch.items()}
                     yield batch
-        except DataError as exc:
+        except Exception as exc:  # not `except DataError`: a generator left open until interpreter exit is closed
+            # after the module's globals are gone, and the clause would then fail on a name that is None.
+            if not isinstance(exc, DataError):
+                raise
             # A worker's DataError arrives wrapped with its traceback; the user needs the message only.
             message = str(exc)
             if "Original Traceback" in message:

@@ -379,7 +379,9 @@ class DataConfig(Section):
     """Logical shards per dataset: the most data workers (DP ranks × num_workers) a run can use and be
     resumed onto; keep it unchanged across resumes."""
     num_workers: int = Field(default=2, ge=0)
-    """Tokenizing worker processes per DP rank (0: in the training process)."""
+    """Tokenizing worker processes per DP rank (0: in the training process). Each tokenizes on its share of the
+    rank's cores with threads of its own; the tokenizer's Rust pool is turned off where it runs
+    (TOKENIZERS_PARALLELISM=false)."""
     prefetch: int = Field(default=16, ge=1)
     """Batches each worker prepares ahead (batches come from workers in turn: a deep queue keeps all busy)."""
     document_positions: bool = False
