@@ -62,3 +62,33 @@ def test_corrupt_checkpoint_is_refused_clearly(tmp_path: Path) -> None:
         data.write_bytes(data.read_bytes()[:100])
     with pytest.raises(checkpoint.CheckpointError, match="cannot be loaded"):
         checkpoint.load(tmp_path, 1, {"model": model().state_dict()})
+
+
+def test_damage_is_named_and_retention_never_drops_the_newest_whole_step(tmp_path: Path) -> None:
+    m = model()
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, {"model": m.state_dict()}, {}, keep=3)
+    newest = tmp_path / "step-2"
+    assert checkpoint.damage(newest) is None
+    shard = next(newest.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1])
+    assert checkpoint.damage(newest) == f"{shard.name} is cut short ({len(data) - 1:,} of {len(data):,} bytes)"
+    shard.unlink()
+    assert checkpoint.damage(newest) == f"{shard.name} is missing"
+    (newest / ".metadata").write_bytes(b"not a pickle")
+    assert checkpoint.damage(newest) == "its metadata file .metadata cannot be read (UnpicklingError)"
+    (newest / ".metadata").unlink()
+    assert checkpoint.damage(newest) == "its metadata file .metadata is missing"
+    found = checkpoint.newest_loadable(tmp_path)
+    assert found.step == 1 and [p for p, _ in found.damaged] == [newest]
+    checkpoint.prune(tmp_path, keep=1)  # the kept newest is damaged: the newest whole one stays too
+    assert [s for s, _, _ in jobdir.list_steps(tmp_path)] == [1, 2]
+    assert checkpoint.pick(tmp_path) == (tmp_path / "step-1", ["step-2 is damaged (its metadata file .metadata is "
+                                                               "missing)"])
+    with pytest.raises(checkpoint.CheckpointError, match=r"step-2 is damaged \(its metadata file"):
+        checkpoint.pick(tmp_path, 2)
+    assert jobdir.set_aside(newest) == tmp_path / "step-2.damaged"
+    checkpoint.save(tmp_path, 2, {"model": m.state_dict()}, {}, keep=3)
+    assert jobdir.set_aside(newest) == tmp_path / "step-2.damaged-2"
+    assert [s for s, _, _ in jobdir.list_steps(tmp_path)] == [1]

@@ -169,17 +169,62 @@ def test_nan_loss_stops_with_a_message_and_saves_nothing_of_it(tmp_path: Path, c
                         (job / "ERROR").read_text())
 
 
-def test_damaged_checkpoint_and_another_models_checkpoint_are_named(tmp_path: Path, corpus: Path) -> None:
-    job = make_job(tmp_path, "damaged", corpus, "train.steps=10")
-    assert run_trainer(job).returncode == 0
-    newest = job / "checkpoints" / "step-10"
-    shard = next(newest.glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    done = run_trainer(job)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"{newest} cannot be loaded" in done.stdout
-    assert f"move {newest} away to resume from step-5" in done.stdout
+DAMAGE = {
+    "a shard file missing": lambda step: next(step.glob("*.distcp")).unlink(),
+    "a shard file cut short": lambda step: _truncate(next(step.glob("*.distcp"))),
+    "the metadata missing": lambda step: (step / ".metadata").unlink(),
+    "the metadata garbled": lambda step: (step / ".metadata").write_bytes(b"\x80\x04garbage" * 40),
+}
 
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path: Path, corpus: Path) -> None:
+    """Files lost or cut short after a step was marked complete (a quota, a node dying during a copy): the resume
+    takes the previous step, and the losses from there are an uninterrupted run's. convert.py skips it too."""
+    from trainer.export.cli import main as convert
+
+    straight = make_job(tmp_path, "straight", corpus, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep=3")
+    assert run_trainer(straight).returncode == 0
+    reference = losses(straight)
+    for i, (kind, damage) in enumerate(DAMAGE.items()):
+        job = tmp_path / f"damaged-{i}"
+        shutil.copytree(straight, job)
+        shutil.rmtree(job / "checkpoints" / "step-6")  # as if the run had stopped right after saving step 4
+        damage(job / "checkpoints" / "step-4")
+        if i == 0:  # the exporter reads and skips it, and says so; it sets nothing aside
+            assert convert([str(job), str(tmp_path / "export")]) == 0
+            assert (tmp_path / "export" / "config.json").is_file() and (job / "checkpoints" / "step-4").is_dir()
+            assert convert([str(job), str(tmp_path / "export-4"), "--step", "4"]) == 2
+        done = run_trainer(job)
+        assert done.returncode == 0, f"{kind}: " + done.stdout[-2000:] + done.stderr[-2000:]
+        assert re.search(r"step-4 is damaged \(.+\); set aside as step-4\.damaged, resuming from step-2", done.stdout)
+        assert f"resumed from {job / 'checkpoints' / 'step-2'} (step 2)" in done.stdout, kind
+        assert (job / "checkpoints" / "step-4.damaged").is_dir() and (job / "checkpoints" / "step-4").is_dir()
+        events = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
+        assert [e["event"] for e in events] == ["checkpoint_damaged"] and "step-4" in events[0]["reason"]
+        again = losses(job)
+        assert sorted(again) == list(range(1, 7))
+        for step in range(3, 7):
+            assert abs(again[step] - reference[step]) <= 1e-6, (kind, step, again[step], reference[step])
+
+    # Every complete step damaged: one message naming each, no traceback, nothing set aside or started over.
+    job = tmp_path / "all-damaged"
+    shutil.copytree(straight, job)
+    for step, damage in zip((2, 4, 6), DAMAGE.values(), strict=False):
+        damage(job / "checkpoints" / f"step-{step}")
+    done = run_trainer(job)
+    assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout, done.stderr[-2000:]
+    assert re.search(r"no checkpoint in \S+ can be loaded, every complete step is damaged \(step-6: .+; step-4: "
+                     r".+; step-2: .+\)", done.stdout), done.stdout[-2000:]
+    assert sorted(p.name for p in (job / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+    assert losses(job) == reference  # nothing started over
+    assert convert([str(job), str(tmp_path / "export-none")]) == 2
+
+
+def test_another_models_checkpoint_is_named(tmp_path: Path, corpus: Path) -> None:
     other = make_job(tmp_path, "wider", corpus, "model.dim=128", f"checkpoint.init_from={tmp_path / 'resumable'}")
     source = make_job(tmp_path, "resumable", corpus, "train.steps=5")
     assert run_trainer(source).returncode == 0

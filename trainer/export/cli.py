@@ -15,7 +15,8 @@ from trainer.export.evaluation import print_results, run_lm_eval
 from trainer.export.hf import export
 from trainer.export.hf_import import import_hf, model_config
 from trainer.export.hub import check_repo_id, model_card, require_token, upload, upload_plan
-from trainer.launch.jobdir import JobDir, JobDirError, pick_step, step_of
+from trainer.launch.jobdir import JobDir, JobDirError, step_of
+from trainer.train import checkpoint
 
 
 def sample(model_dir: Path, prompt: str, new_tokens: int = 40) -> str:
@@ -54,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _import(args: argparse.Namespace) -> int:
-    step_dir = import_hf(args.source, model_config(args.source), args.out)
-    print(f"imported {args.source} -> {step_dir}; start a job from it with checkpoint.init_from={step_dir} "
+    imported = import_hf(args.source, model_config(args.source), args.out)
+    print(f"imported {args.source} -> {imported}; start a job from it with checkpoint.init_from={imported} "
           "(the job's model must have the same shape; muP settings of the job are taken into account)")
     return 0
 
@@ -77,14 +78,16 @@ def _convert(argv: Sequence[str] | None) -> int:
         if not args.dry_run:
             require_token()
     cfg = job.read_config()
-    step_dir = pick_step(job.checkpoints, args.step)
-    step = step_of(step_dir)
+    source, notes = checkpoint.pick(job.checkpoints, args.step)
+    for note in notes:
+        print(f"{note}: exporting {source.name}, the newest whole checkpoint")
+    step = step_of(source)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    out = export(cfg, step_dir, args.out, dtype, card=model_card(cfg, job, step))
-    print(f"exported {step_dir} -> {out} ({args.dtype}); load it with "
+    out = export(cfg, source, args.out, dtype, card=model_card(cfg, job, step))
+    print(f"exported {source} -> {out} ({args.dtype}); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     if args.upload:
-        revision = args.revision or step_dir.name
+        revision = args.revision or source.name
         plan = upload_plan(out, args.upload, revision, args.private)
         if args.dry_run:
             print("dry run: would upload\n" + "\n".join(plan))

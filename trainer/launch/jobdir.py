@@ -7,7 +7,7 @@ jobs/<name>/
   config.json     the frozen config (the trainer reads only this)
   slurm.sh        the batch script;  submit.json + git.diff: every submission and the code it ran
   logs/           <name>-<jobid>.out/.err, env-<jobid>-<restart>.txt
-  checkpoints/    step-N/ (DCP), complete once step-N/COMPLETE exists
+  checkpoints/    step-N/ (DCP), complete once step-N/COMPLETE exists; step-N.damaged/ set aside on resume
   metrics.jsonl   one JSON row per logged step;  wandb/, wandb-run-id
   events.jsonl    one JSON line per attempt start, requeue, done, failed (written by the batch script)
   eval/step-N/    lm-eval results of the export of step N
@@ -75,6 +75,8 @@ REPEATING_ERRORS = ("refused", "oom")
 """Error kinds a plain retry would meet again."""
 COMPLETE = "COMPLETE"
 """In `checkpoints/step-N/`: the step is whole (written last, atomically)."""
+DAMAGED = ".damaged"
+"""Suffix of a complete step found damaged later (files missing or cut short) and set aside: `step-N.damaged`."""
 
 PREEMPTED_EXIT = 75
 """Exit code of a trainer that checkpointed on request and wants to be requeued (EX_TEMPFAIL). A file as well as a
@@ -295,18 +297,28 @@ def pick_step(root: Path, step: int | None = None) -> Path:
     return path
 
 
-def checkpoint_source(path: Path) -> tuple[Path, int]:
-    """`checkpoint.init_from`: a job directory (its newest complete step), a checkpoints folder, or one
-    complete `step-N` directory; returns (checkpoints folder, step)."""
+def set_aside(path: Path) -> Path:
+    """Rename a damaged `step-N` to `step-N.damaged` (`.damaged-2`, … if taken): no longer a step, kept for a look."""
+    target = path.with_name(path.name + DAMAGED)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{DAMAGED}-{n}")
+    path.rename(target)
+    return target
+
+
+def checkpoint_source(path: Path) -> tuple[Path, int | None]:
+    """`checkpoint.init_from`: a job directory or a checkpoints folder (step None: its newest usable step is meant),
+    or one complete `step-N` directory; returns (checkpoints folder, step)."""
     step = step_of(path)
     if step is not None and is_complete(path):
         return path.parent, step
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-    latest = latest_complete(root)
-    if latest is None:
+    if latest_complete(root) is None:
         raise JobDirError(f"checkpoint.init_from: {path} holds no complete checkpoint "
                           "(give a job directory that has saved one, or a checkpoints/step-N directory)")
-    return root, latest
+    return root, None
 
 
 # -- creating a job and recording its submissions --------------------------------------------------------------------

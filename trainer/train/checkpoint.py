@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.errors import AnvilError
-from trainer.launch.jobdir import is_complete, list_steps, mark_complete, step_dir
+from trainer.launch.jobdir import is_complete, list_steps, mark_complete, pick_step, step_dir
 
 LOADER_PREFIX = "loader.dp"
 
@@ -92,14 +93,88 @@ def _mark_complete(root: Path, step: int, keep: int) -> None:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete steps; drop older ones and incomplete leftovers older than the newest."""
+    """Keep the newest `keep` complete steps; drop older ones and incomplete leftovers older than the newest. The
+    newest whole step is never dropped, even when the kept ones have been damaged since they were written."""
     steps = list_steps(root)
     complete = [s for s, _, c in steps if c]
     keep_steps = set(complete[-keep:])
+    if not any(damage(step_dir(root, s)) is None for s in keep_steps):
+        keep_steps |= {next((s for s in reversed(complete) if damage(step_dir(root, s)) is None), -1)}
     newest = complete[-1] if complete else -1
     for step, path, whole in steps:
         if (whole and step not in keep_steps) or (not whole and step < newest):
             shutil.rmtree(path, ignore_errors=True)
+
+
+METADATA = ".metadata"
+"""DCP's index of a step: which file holds which bytes of every tensor."""
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a step's files, or None when its metadata is readable and every file it names exists
+    with at least the bytes it should hold. (Sizes, not contents: cheap enough for every resume.)"""
+    if not (path / METADATA).is_file():
+        return f"its metadata file {METADATA} is missing"
+    try:
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
+        needed: dict[str, int] = {}
+        for info in storage.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as exc:  # noqa: BLE001 - a garbled pickle can raise almost anything
+        return f"its metadata file {METADATA} cannot be read ({type(exc).__name__})"
+    if not needed:
+        return f"its metadata file {METADATA} names no data"
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size < size:
+            return f"{name} is cut short ({file.stat().st_size:,} of {size:,} bytes)"
+    return None
+
+
+@dataclass
+class Loadable:
+    """The newest complete step whose files are whole, and the newer complete ones that are not."""
+
+    step: int | None
+    damaged: list[tuple[Path, str]]
+
+    def refusal(self, root: Path) -> str:
+        """Why there is nothing to load although complete steps exist (every one damaged)."""
+        listing = "; ".join(f"{path.name}: {problem}" for path, problem in self.damaged)
+        return (f"no checkpoint in {root} can be loaded, every complete step is damaged ({listing}). Restore the "
+                "files, or move the checkpoints away to start over")
+
+
+def newest_loadable(root: Path) -> Loadable:
+    """The newest whole complete step, checking newest first."""
+    damaged = []
+    for found, path, complete in reversed(list_steps(root)):
+        if not complete:
+            continue
+        problem = damage(path)
+        if problem is None:
+            return Loadable(found, damaged)
+        damaged.append((path, problem))
+    return Loadable(None, damaged)
+
+
+def pick(root: Path, step: int | None = None) -> tuple[Path, list[str]]:
+    """Step `step`, or the newest complete step whose files are whole, refusing by name what cannot be loaded; with
+    a note for each newer complete step passed over as damaged (nothing is moved: another job's, or an export's)."""
+    if step is not None:
+        path = pick_step(root, step)
+        problem = damage(path)
+        if problem is not None:
+            raise CheckpointError(f"{path} is damaged ({problem}); choose another step")
+        return path, []
+    found = newest_loadable(root)
+    if found.step is None:
+        if found.damaged:
+            raise CheckpointError(found.refusal(root))
+        pick_step(root)  # raises: names what is there instead
+    return step_dir(root, found.step), [f"{path.name} is damaged ({problem})" for path, problem in found.damaged]
 
 
 def load(root: Path, step: int, state: dict[str, Any]) -> list[dict]:

@@ -134,22 +134,40 @@ class Trainer:
             pending, self.pending = self.pending, None
             pending.finish()
 
+    def _checkpoint_to_resume(self) -> int | None:
+        """The newest complete step whose files are whole. Rank 0 checks, sets damaged newer steps aside (logged,
+        and a `checkpoint_damaged` event) and tells every rank, so that all load the same step."""
+        decision: list = [None]
+        if self.rank == 0:
+            for path in jobdir.interrupted_saves(self.ckpt_root):
+                self.metrics.line(f"skipping {path}: incomplete (interrupted while saving)")
+            found = checkpoint.newest_loadable(self.ckpt_root)
+            if found.step is None and found.damaged:
+                decision = [found.refusal(self.ckpt_root)]
+            else:
+                then = ("nothing older to resume from: starting from scratch" if found.step is None else
+                        f"resuming from {jobdir.step_dir(self.ckpt_root, found.step).name}")
+                for path, problem in found.damaged:
+                    moved = jobdir.set_aside(path)
+                    message = f"{path.name} is damaged ({problem}); set aside as {moved.name}, {then}"
+                    self.metrics.line(message)
+                    jobdir.append_event(self.job, "checkpoint_damaged", os.environ.get("SLURM_JOB_ID", ""), message)
+                decision = [found.step]
+        if dist.is_initialized():
+            dist.broadcast_object_list(decision, src=0)
+        if isinstance(decision[0], str):
+            raise TrainingError(decision[0])
+        return decision[0]
+
     def restore(self) -> None:
-        for path in jobdir.interrupted_saves(self.ckpt_root):
-            self.metrics.line(f"skipping {path}: incomplete (interrupted while saving)")
-        latest = jobdir.latest_complete(self.ckpt_root)
+        latest = self._checkpoint_to_resume()
         if latest is not None:
             model_state, optim_state = get_state_dict(self.model, self.optimizer)
             state = {"model": model_state, "optim": optim_state, "train": b""}
             try:
                 loader_states = checkpoint.load(self.ckpt_root, latest, state)
-            except checkpoint.CheckpointError as exc:
-                older = [s for s, _, complete in jobdir.list_steps(self.ckpt_root) if complete and s < latest]
-                fallback = (f"move {jobdir.step_dir(self.ckpt_root, latest)} away to resume from "
-                            f"{jobdir.step_dir(self.ckpt_root, older[-1]).name}"
-                            if older else "start over with a new job name (--name)")
-                raise TrainingError(f"{exc}. If the model config is unchanged the checkpoint is damaged: {fallback}"
-                                    ) from None
+            except checkpoint.CheckpointError as exc:  # its files are whole: most likely another model's
+                raise TrainingError(str(exc)) from None
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
             train = json.loads(state["train"])
@@ -168,12 +186,14 @@ class Trainer:
             root, step = jobdir.checkpoint_source(Path(self.cfg.checkpoint.init_from))
             state = {"model": get_model_state_dict(self.model)}
             try:
-                checkpoint.load(root, step, state)
+                source, notes = checkpoint.pick(root, step)
+                checkpoint.load(root, jobdir.step_of(source), state)
             except checkpoint.CheckpointError as exc:
                 raise TrainingError(f"checkpoint.init_from: {exc}") from None
+            for note in notes:
+                self.metrics.line(f"checkpoint.init_from: {note}; taking {source.name}")
             set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
-            self.metrics.line(f"initialised weights from {jobdir.step_dir(root, step)} "
-                              "(its optimizer state and step are not used)")
+            self.metrics.line(f"initialised weights from {source} (its optimizer state and step are not used)")
 
     # -- one optimizer step ----------------------------------------------------------------------------------
 
