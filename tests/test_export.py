@@ -132,7 +132,13 @@ def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpu
     new = make_job(tmp_path, "from-hf", corpus, f"checkpoint.init_from={dcp_step}", f"model.tie_embeddings={tied}",
                    "train.steps=1")
     done = run_trainer(new)
-    assert done.returncode == 0 and f"initialised weights from {dcp_step}" in done.stdout, done.stderr[-2000:]
+    assert done.returncode == 0 and f"restored model from {dcp_step}" in done.stdout, done.stderr[-2000:]
+    # An import holds weights only: asking it for more is refused by name.
+    more = make_job(tmp_path, "from-hf-more", corpus, f"checkpoint.init_from={dcp_step}",
+                    f"model.tie_embeddings={tied}", "checkpoint.init_restore=[model, optimizer]")
+    done = run_trainer(more)
+    assert done.returncode == 2 and f"checkpoint.init_from: {dcp_step} holds no optimizer state (it holds: model)" \
+        in done.stdout, done.stdout[-2000:]
 
 
 def test_upload_dry_run_lists_the_files_and_a_missing_token_is_named(tmp_path: Path, corpus: Path, capsys,

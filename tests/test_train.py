@@ -241,10 +241,61 @@ def test_init_from_takes_weights_but_not_step_or_optimizer(tmp_path: Path, corpu
     done = run_trainer(job)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "train.liger: Liger's Triton kernels need a GPU; this CPU job uses the plain PyTorch path" in done.stdout
-    assert f"initialised weights from {source / 'checkpoints' / 'step-10'}" in done.stdout
+    assert (f"restored model from {source / 'checkpoints' / 'step-10'}; fresh: optimizer, scheduler, data, step "
+            "(starting at step 1)") in done.stdout
     started, fresh = losses(job), losses(source)
     assert sorted(started) == [1, 2, 3]
     assert started[1] < fresh[1] - 0.5  # it starts from trained weights, not from scratch
+
+
+def _rows(job: Path) -> dict[int, dict]:
+    return {row["step"]: row for row in map(json.loads, (job / "metrics.jsonl").read_text().splitlines())
+            if "loss" in row}
+
+
+def test_init_from_restores_what_it_is_asked_for(tmp_path: Path, corpus: Path) -> None:
+    """Forks of a run at step 4 (8 steps, warmup 2, lr 3e-3): all parts continue it exactly; each part left out
+    starts fresh, and only that part."""
+    from trainer.train import checkpoint
+
+    settings = ["train.steps=8", "checkpoint.interval=4"]
+    source = make_job(tmp_path, "source", corpus, *settings)
+    assert run_trainer(source).returncode == 0
+    ref, step4 = _rows(source), source / "checkpoints" / "step-4"
+
+    def fork(name: str, *parts: str) -> dict[int, dict]:
+        job = make_job(tmp_path, name, corpus, *settings, f"checkpoint.init_from={step4}",
+                       f"checkpoint.init_restore=[{', '.join(parts)}]")
+        done = run_trainer(job)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        fresh = [p for p in ("model", "optimizer", "scheduler", "data", "step") if p not in parts]
+        said = f"restored {', '.join(parts)} from {step4}" + (f"; fresh: {', '.join(fresh)}" if fresh else "")
+        assert said in done.stdout
+        assert [json.loads(e)["reason"].startswith(said) for e in (job / "events.jsonl").read_text().splitlines()
+                ] == [True]
+        return _rows(job)
+
+    def same(a: dict, b: dict) -> bool:
+        return abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["lr"] - b["lr"]) <= 1e-12
+
+    every = fork("every-part", "model", "optimizer", "scheduler", "data", "step")
+    assert sorted(every) == [5, 6, 7, 8] and all(same(every[s], ref[s]) for s in every)  # the run, continued
+
+    no_optimizer = fork("fresh-optimizer", "model", "scheduler", "data", "step")
+    assert same(no_optimizer[5], ref[5])  # the same weights and batch: the same loss before the first update
+    assert abs(no_optimizer[6]["loss"] - ref[6]["loss"]) > 1e-4  # then fresh moments make another update
+
+    no_schedule = fork("fresh-schedule", "model", "optimizer", "data", "step")
+    assert abs(no_schedule[5]["loss"] - ref[5]["loss"]) <= 1e-6
+    assert no_schedule[5]["lr"] == pytest.approx(3e-3 / 2) and ref[5]["lr"] != pytest.approx(3e-3 / 2)  # warmup
+
+    no_data = fork("fresh-data", "model", "optimizer", "scheduler", "step")
+    assert abs(no_data[5]["loss"] - ref[5]["loss"]) > 1e-4 and no_data[5]["lr"] == ref[5]["lr"]
+    # Four steps from the data's beginning: exactly where the source's loader was after its first four.
+    assert checkpoint.load(tmp_path / "fresh-data" / "checkpoints", 8, {}) == checkpoint.load(step4.parent, 4, {})
+
+    no_step = fork("fresh-step", "model", "optimizer", "data")
+    assert sorted(no_step) == list(range(1, 9)) and no_step[1]["lr"] == pytest.approx(3e-3 / 2)
 
 
 def test_compiled_blocks_and_bf16_train_close_to_fp32_eager(tmp_path: Path, corpus: Path) -> None:

@@ -171,6 +171,14 @@ def _tokenizer_problems(cfg: AnvilConfig) -> list[str]:
     return []
 
 
+def checkpoint_problems(cfg: AnvilConfig) -> list[str]:
+    c = cfg.checkpoint
+    if c.init_from is None and c.init_restore != ["model"]:
+        return [f"checkpoint.init_restore: {', '.join(c.init_restore)} from where? Set checkpoint.init_from to a job "
+                "directory or a checkpoints/step-N directory"]
+    return []
+
+
 def all_problems(cfg: AnvilConfig, filesystem: bool = True) -> list[str]:
-    problems = parallel_problems(cfg) + cluster_problems(cfg)
+    problems = parallel_problems(cfg) + cluster_problems(cfg) + checkpoint_problems(cfg)
     return problems + (filesystem_problems(cfg) if filesystem else [])

@@ -398,8 +398,28 @@ class CheckpointConfig(Section):
     async_save: bool | None = None
     """Write checkpoints in the background while training goes on (None: on GPU only)."""
     init_from: str | None = None
-    """Start from the weights of another job's checkpoint (a job directory: its newest complete step; or a
-    `step-N` directory); its optimizer state and step are not taken. Ignored once this job has a checkpoint."""
+    """Start from another job's checkpoint (a job directory: its newest whole step; or a `step-N` directory),
+    taking what `init_restore` names. Ignored once this job has a checkpoint of its own."""
+    init_restore: list[Literal["model", "optimizer", "scheduler", "data", "step"]] = ["model"]
+    """What `init_from` restores: `model` (the weights), `optimizer` (AdamW's moments; needs `model`; weight decay,
+    betas and eps stay this config's), `scheduler` (the position in the LR schedule; needs `step`), `data` (every
+    dataset continues where that job's loader was), `step` (the step counter and tokens seen). What is left out
+    starts fresh: a new optimizer, the schedule from its warmup, the data from its beginning, step 0."""
+
+    @field_validator("init_restore")
+    @classmethod
+    def _restore_makes_sense(cls, parts: list[str]) -> list[str]:
+        if not parts:
+            raise ValueError("names nothing to restore; leave checkpoint.init_from unset to start from scratch")
+        if len(set(parts)) != len(parts):
+            raise ValueError("names a part twice")
+        if "optimizer" in parts and "model" not in parts:
+            raise ValueError("restores the optimizer without the model: its moments belong to those weights; "
+                             "add model, or leave optimizer out")
+        if "scheduler" in parts and "step" not in parts:
+            raise ValueError("restores the scheduler without the step: the schedule's position is the step "
+                             "counter; add step, or leave scheduler out (the schedule then starts from its warmup)")
+        return parts
 
 
 class WandbConfig(Section):

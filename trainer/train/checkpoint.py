@@ -177,6 +177,10 @@ def pick(root: Path, step: int | None = None) -> tuple[Path, list[str]]:
     return step_dir(root, found.step), [f"{path.name} is damaged ({problem})" for path, problem in found.damaged]
 
 
+PARTS = {"model": "model weights", "optim": "optimizer state", "train": "step counter and scheduler state"}
+"""The top-level entries of a checkpoint's state (besides the loader states) and what they hold."""
+
+
 def load(root: Path, step: int, state: dict[str, Any]) -> list[dict]:
     """Load `state` in place from step `step`; returns the loader states of all DP ranks that saved one."""
     path = step_dir(root, step)
@@ -184,6 +188,11 @@ def load(root: Path, step: int, state: dict[str, Any]) -> list[dict]:
         raise CheckpointError(f"{path} is not a complete checkpoint")
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        held = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+        for part in state:
+            if part in PARTS and part not in held:  # e.g. an import from Hugging Face holds weights only
+                listing = ", ".join(p for p in PARTS if p in held) or "nothing"
+                raise CheckpointError(f"{path} holds no {PARTS[part]} (it holds: {listing})")
         loader_keys = sorted(k for k in metadata.state_dict_metadata if k.startswith(LOADER_PREFIX))
         target = {**state, **{k: b"" for k in loader_keys}}
         dcp.load(target, checkpoint_id=str(path))

@@ -23,7 +23,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
@@ -57,6 +56,10 @@ def compute_dtype(cfg: AnvilConfig) -> torch.dtype:
     if choice == "auto":
         choice = "fp32" if cfg.cluster.device == "cpu" else "bf16"
     return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
+RESTORABLE = ("model", "optimizer", "scheduler", "data", "step")
+"""The parts of a checkpoint (`checkpoint.init_restore` picks among them; a job's own resume takes all)."""
 
 
 class Trainer:
@@ -160,20 +163,69 @@ class Trainer:
         return decision[0]
 
     def restore(self) -> None:
+        """This job's newest whole checkpoint, all of it; else, with `checkpoint.init_from`, the parts of another
+        job's checkpoint that `checkpoint.init_restore` names."""
         latest = self._checkpoint_to_resume()
         if latest is not None:
-            model_state, optim_state = get_state_dict(self.model, self.optimizer)
-            state = {"model": model_state, "optim": optim_state, "train": b""}
             try:
-                loader_states = checkpoint.load(self.ckpt_root, latest, state)
+                self._load(self.ckpt_root, latest, set(RESTORABLE))
             except checkpoint.CheckpointError as exc:  # its files are whole: most likely another model's
                 raise TrainingError(str(exc)) from None
+            self.saved_step = self.step
+            self.metrics.line(f"resumed from {jobdir.step_dir(self.ckpt_root, latest)} (step {self.step})")
+            return
+        if self.cfg.checkpoint.init_from is None:
+            return
+        parts = self.cfg.checkpoint.init_restore
+        root, step = jobdir.checkpoint_source(Path(self.cfg.checkpoint.init_from))
+        try:
+            source, notes = checkpoint.pick(root, step)
+            self._load(root, jobdir.step_of(source), set(parts))
+        except checkpoint.CheckpointError as exc:
+            raise TrainingError(f"checkpoint.init_from: {exc}") from None
+        if self.step >= self.cfg.train.steps:
+            raise TrainingError(f"checkpoint.init_from: the restored step {self.step} is not below train.steps = "
+                                f"{self.cfg.train.steps}; raise train.steps, or leave step out of init_restore")
+        for note in notes:
+            self.metrics.line(f"checkpoint.init_from: {note}; taking {source.name}")
+        fresh = [part for part in RESTORABLE if part not in parts]
+        message = (f"restored {', '.join(parts)} from {source}"
+                   + (f"; fresh: {', '.join(fresh)}" if fresh else "") + f" (starting at step {self.step + 1})")
+        self.metrics.line(message)
+        if self.rank == 0:
+            jobdir.append_event(self.job, "init_from", os.environ.get("SLURM_JOB_ID", ""), message)
+
+    def _load(self, root: Path, step: int, parts: set[str]) -> None:
+        """Load the named parts of checkpoint `step` into this trainer (see `checkpoint.init_restore`)."""
+        state: dict = {}
+        if parts & {"model", "optimizer"}:
+            state["model"], optim_state = get_state_dict(self.model, self.optimizer)
+            if "optimizer" in parts:
+                state["optim"] = optim_state
+        if parts & {"scheduler", "step"}:
+            state["train"] = b""
+        loader_states = checkpoint.load(root, step, state)
+        if "optimizer" in parts:
+            # The moments come from the checkpoint; the hyperparameters stay this config's (and the learning rate
+            # the restored schedule's, or the fresh one's).
+            keep = ("weight_decay", "betas", "eps") + (() if "scheduler" in parts else ("lr", "initial_lr"))
+            config = [{k: g[k] for k in keep if k in g} for g in self.optimizer.param_groups]
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
-            train = json.loads(state["train"])
+            for group, values in zip(self.optimizer.param_groups, config, strict=True):
+                group.update(values)
+        elif "model" in parts:
+            set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
+        train = json.loads(state["train"]) if "train" in state else {}
+        if "step" in parts:
             self.step, self.tokens_seen = train["step"], train["tokens_seen"]
-            self.saved_step = self.step
+        if "scheduler" in parts:
             self.scheduler.load_state_dict(train["scheduler"])
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr  # the schedule's position sets the next step's LR (a fresh optimizer's is warmup's)
+        if "data" in parts:
+            if not loader_states:
+                raise checkpoint.CheckpointError(f"{jobdir.step_dir(root, step)} holds no data position")
             self.loader.load_state_dict(loader_states)
             if self.loader.mix_change is not None:
                 message = self.loader.mix_change.describe()
@@ -181,19 +233,6 @@ class Trainer:
                 if self.rank == 0:
                     jobdir.append_event(self.job, "data_mix", os.environ.get("SLURM_JOB_ID", ""),
                                         f"step {self.step}: {message}")
-            self.metrics.line(f"resumed from {jobdir.step_dir(self.ckpt_root, latest)} (step {self.step})")
-        elif self.cfg.checkpoint.init_from is not None:
-            root, step = jobdir.checkpoint_source(Path(self.cfg.checkpoint.init_from))
-            state = {"model": get_model_state_dict(self.model)}
-            try:
-                source, notes = checkpoint.pick(root, step)
-                checkpoint.load(root, jobdir.step_of(source), state)
-            except checkpoint.CheckpointError as exc:
-                raise TrainingError(f"checkpoint.init_from: {exc}") from None
-            for note in notes:
-                self.metrics.line(f"checkpoint.init_from: {note}; taking {source.name}")
-            set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
-            self.metrics.line(f"initialised weights from {source} (its optimizer state and step are not used)")
 
     # -- one optimizer step ----------------------------------------------------------------------------------
 
