@@ -58,11 +58,22 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int, asyn
     """20 steps straight == 10 steps, restore, 10 more: model, optimizer, schedule and data position
     (2 ranks: checkpoints written in the background, as on GPU)."""
     settings = [f"cluster.devices_per_node={ranks}", "checkpoint.keep=4", f"data.num_workers={ranks - 1}",
-                f"checkpoint.async_save={str(async_save).lower()}"]
+                f"checkpoint.async_save={str(async_save).lower()}", "metrics.profile_steps=[3, 4, 7]"]
     straight = make_job(tmp_path, "straight", corpus, *settings)
     done = run_trainer(straight, ranks)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     reference = losses(straight)
+    # Profiles of steps 3-4 and 7, one trace per rank each, that cover those steps and no others.
+    for first, last in ((3, 4), (7, 7)):
+        assert f"profile of steps {first}..{last}: {straight / 'profiles' / f'trace-rank0-steps{first}-{last}.json'}" \
+            in done.stdout
+        for rank in range(ranks):
+            trace = json.loads((straight / "profiles" / f"trace-rank{rank}-steps{first}-{last}.json").read_text())
+            names = {e.get("name") for e in trace["traceEvents"]}
+            assert {f"step {s}" for s in range(first, last + 1)} <= names
+            assert not {f"step {s}" for s in range(1, 21) if not first <= s <= last} & names
+            assert "aten::mm" in names  # the step's own work is in it
+    assert len(list((straight / "profiles").iterdir())) == 2 * ranks  # no CUDA memory snapshot on CPU
     assert sorted(reference) == list(range(1, 21))
     assert ("staged (writing in the background)" in done.stdout) == async_save
     assert all((straight / "checkpoints" / f"step-{s}" / jobdir.COMPLETE).is_file() for s in (5, 10, 15, 20))

@@ -171,6 +171,13 @@ def _tokenizer_problems(cfg: AnvilConfig) -> list[str]:
     return []
 
 
+def metrics_problems(cfg: AnvilConfig) -> list[str]:
+    beyond = [step for step in cfg.metrics.profile_steps if step > cfg.train.steps]
+    if beyond:
+        return [f"metrics.profile_steps: {', '.join(map(str, beyond))} beyond train.steps = {cfg.train.steps}"]
+    return []
+
+
 def checkpoint_problems(cfg: AnvilConfig) -> list[str]:
     c = cfg.checkpoint
     if c.init_from is None and c.init_restore != ["model"]:
@@ -180,5 +187,5 @@ def checkpoint_problems(cfg: AnvilConfig) -> list[str]:
 
 
 def all_problems(cfg: AnvilConfig, filesystem: bool = True) -> list[str]:
-    problems = parallel_problems(cfg) + cluster_problems(cfg) + checkpoint_problems(cfg)
+    problems = parallel_problems(cfg) + cluster_problems(cfg) + checkpoint_problems(cfg) + metrics_problems(cfg)
     return problems + (filesystem_problems(cfg) if filesystem else [])

@@ -440,6 +440,10 @@ class MetricsConfig(Section):
     """On log steps, also the activation RMS per role (embedding output, residual stream, logits) and each parameter
     role's update-to-weight RMS ratio (`mup/...` in metrics.jsonl and wandb): under muP they keep their size as
     width grows. Costs a copy of the rank's parameters on log steps (benchmarks/train_step.py)."""
+    profile_steps: list[Annotated[int, Field(ge=1)]] = []
+    """Steps to profile with torch.profiler (e.g. `[10, 11, 12]`): each run of consecutive steps becomes one trace
+    per rank in `profiles/` (Chrome trace JSON: ui.perfetto.dev, chrome://tracing), plus a CUDA memory snapshot on
+    GPU (pytorch.org/memory_viz). The log says where each went."""
     wandb: WandbConfig = WandbConfig()
     """Weights & Biases logging."""
 

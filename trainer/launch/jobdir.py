@@ -11,6 +11,7 @@ jobs/<name>/
   metrics.jsonl   one JSON row per logged step;  wandb/, wandb-run-id
   events.jsonl    one JSON line per attempt start, requeue, done, failed (written by the batch script)
   eval/step-N/    lm-eval results of the export of step N
+  profiles/       torch.profiler traces (and CUDA memory snapshots) of metrics.profile_steps
   RESTARTS  PREEMPT  PREEMPTED  DONE  FAILED  ERROR  local-run.json   markers (see below)
 ```
 
@@ -55,6 +56,7 @@ EVENTS = "events.jsonl"
 """One JSON line per attempt start, requeue and end, appended by the batch shell."""
 WANDB_ID = "wandb-run-id"
 EVAL = "eval"
+PROFILES = "profiles"
 LOCAL_RUN = "local-run.json"
 """The local executor's record of the run in progress (its process id), so that other commands can see and stop it."""
 
@@ -85,6 +87,7 @@ code, because torchrun reports any failing worker as exit code 1."""
 _LOG = "{name}-{job_id}.{stream}"
 _ENV_REPORT = "env-{job_id}-{restart}.txt"
 _STEP = "step-{step}"
+_PROFILE = "{kind}-rank{rank}-steps{first}-{last}"
 _STEP_PATTERN = re.compile(r"step-(\d+)")
 
 
@@ -170,6 +173,12 @@ class JobDir:
 
     def eval_dir(self, step: int) -> Path:
         return self.path / EVAL / _STEP.format(step=step)
+
+    def profile(self, rank: int, first: int, last: int, kind: str = "trace") -> Path:
+        """A profile of steps first..last on one rank: `trace` (a torch.profiler trace, Chrome/Perfetto JSON) or
+        `memory` (a CUDA memory snapshot for pytorch.org/memory_viz)."""
+        name = _PROFILE.format(kind=kind, rank=rank, first=first, last=last)
+        return self.path / PROFILES / (name + (".json" if kind == "trace" else ".pickle"))
 
     def read_config(self) -> AnvilConfig:
         """The frozen config, or a JobDirError naming the file."""

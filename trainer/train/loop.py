@@ -44,6 +44,7 @@ from trainer.train.monitors import MupMonitor
 from trainer.train.optim import build_optimizer, build_scheduler
 from trainer.train.parallelize import Layout, build_layout, build_model
 from trainer.train.preemption import PreemptionWatch
+from trainer.train.profiling import StepProfiler
 
 
 class TrainingError(AnvilError):
@@ -88,6 +89,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.watch = PreemptionWatch(job, device)
         self.monitor = MupMonitor(self.model, cfg.model) if cfg.metrics.mup_monitors else None
+        self.profiler = StepProfiler(cfg.metrics.profile_steps, job, rank, device, self.metrics.line)
         self.heldout = None
         if cfg.eval.every:
             try:
@@ -321,6 +323,7 @@ class Trainer:
                 self.watch.mark_preempted(self.step)
                 self.metrics.line(f"preempted after step {self.step}; checkpoint saved, requeue requested")
                 return jobdir.PREEMPTED_EXIT
+            self.profiler.begin(self.step + 1)
             fetch = time.perf_counter()
             micro_batches = self._next_micro_batches(batches)
             data_wait += time.perf_counter() - fetch
@@ -340,6 +343,7 @@ class Trainer:
                     f"checkpoint is {newest}. Lower optim.lr, raise "
                     "optim.warmup_steps or set optim.grad_clip, and resubmit") from None
             self.step += 1
+            self.profiler.end(self.step)
             monitors = self.monitor.collect() if self.monitor is not None and logged else {}
             if self.pending is not None and self.pending.done():  # mark a background save complete promptly
                 self.finish_pending_save()
@@ -423,6 +427,7 @@ def main(argv: Sequence[str]) -> int:
         raise
     finally:
         if trainer is not None:
+            trainer.profiler.close()
             trainer.metrics.finish()
     dist.destroy_process_group()
     return code
