@@ -18,18 +18,21 @@ from trainer.export.hub import check_repo_id, model_card, require_token, upload,
 from trainer.launch.jobdir import JobDir, JobDirError, step_of
 from trainer.train import checkpoint
 
+SAMPLE_TOKENS = 40
+"""New tokens `--sample` generates."""
 
-def sample(model_dir: Path, prompt: str, new_tokens: int = 40) -> str:
-    """What vanilla transformers makes of the export: proof that it loads and generates."""
+
+def sample(model_dir: Path, prompt: str, new_tokens: int = SAMPLE_TOKENS) -> str:
+    """What vanilla transformers makes of the export: its greedy continuation of `prompt` (deterministic, so that
+    a server started on the export can be checked against it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
     inputs = tokenizer(prompt, return_tensors="pt")
-    torch.manual_seed(0)
-    output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True, top_p=0.95, temperature=0.8,
+    output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                             pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(output[0], skip_special_tokens=True)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval", nargs="?", const="", metavar="TASKS",
                         help="then run lm-eval on the export: comma-separated tasks (default: eval.tasks of the job); "
                              "results go to jobs/<name>/eval/step-N/")
-    parser.add_argument("--sample", metavar="PROMPT", help="then print a sample the exported model generates")
+    parser.add_argument("--sample", metavar="PROMPT",
+                        help=f"then print the exported model's greedy continuation of PROMPT ({SAMPLE_TOKENS} tokens)")
     parser.add_argument("--from-hf", action="store_true",
                         help="import: SOURCE is a local HF Llama folder; OUT gets step-0/ for checkpoint.init_from")
     return parser
@@ -98,7 +102,7 @@ def _convert(argv: Sequence[str] | None) -> int:
         summary = run_lm_eval(cfg, out, job.eval_dir(step), tasks)
         print_results(summary, f"lm-eval on {out} (step {step}); saved in {job.eval_dir(step)}")
     if args.sample is not None:
-        print(f"sample: {sample(out, args.sample)}")
+        print(f"sample (greedy, {SAMPLE_TOKENS} tokens): {args.sample}{sample(out, args.sample)}")
     return 0
 
 
