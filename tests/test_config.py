@@ -158,7 +158,7 @@ BAD_INPUTS = [
      "model.vocab_size: 1001 is not divisible by parallel.tp = 2"),
     (["job.name=x", "parallel.tp=4", "cluster.devices_per_node=4", "data.seq_len=258"], {},
      "data.seq_len: 258 is not divisible by parallel.tp = 4"),
-    (["job.name=x", "model.dim=36", "model.n_heads=4"], {}, "model.dim: the head size dim / n_heads = 9 must be even"),
+    (["job.name=x", "model.dim=36", "model.n_heads=4"], {}, "model.dim: the head size 9 must be even"),
     (["job.name=x", "model.flavor=9B"], {}, "model.flavor: input should be 'debug'"),
     (["job.name=x", "parallel.activation_checkpoint=some"], {}, "parallel.activation_checkpoint"),
     (["job.name=x", "checkpoint.init_from=/nonexistent/job"], {}, "checkpoint.init_from: '/nonexistent/job'"),

@@ -44,17 +44,22 @@ def trainer_logits(job: Path, step_dir: Path, tokens: torch.Tensor) -> torch.Ten
         return trainer_model(job, step_dir)(tokens)
 
 
+QWEN3 = ["model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2"]
+"""QK-norm with heads wider than dim / n_heads and grouped keys: exported as Qwen3."""
+
+
 @pytest.mark.parametrize("mup", [False, True], ids=["sp", "mup"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("family", ["mha", "gqa", "qwen3"])
 def test_exported_model_gives_the_trainers_logits(tmp_path: Path, corpus: Path, mup: bool, tied: bool,
-                                                  kv_heads: int) -> None:
-    from transformers import AutoTokenizer, LlamaForCausalLM
+                                                  family: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    job, step = trained_step(tmp_path, corpus, "src", *(MUP if mup else []), f"model.tie_embeddings={tied}",
-                             f"model.n_kv_heads={kv_heads}")
+    shape = {"mha": ["model.n_kv_heads=4"], "gqa": ["model.n_kv_heads=2"], "qwen3": QWEN3}[family]
+    job, step = trained_step(tmp_path, corpus, "src", *(MUP if mup else []), f"model.tie_embeddings={tied}", *shape)
     out = export(JobDir(job).read_config(), step, tmp_path / "hf")
-    hf = LlamaForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
+    assert type(hf).__name__ == ("Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM")
     assert hf.config.tie_word_embeddings == tied
     tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -102,16 +107,20 @@ def test_convert_cli_names_what_is_missing(tmp_path: Path, corpus: Path, capsys)
     assert not list(tmp_path.glob(".out.partial*"))  # the staging folder is gone
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpus: Path, tied: bool) -> None:
+@pytest.mark.parametrize(("tied", "family"), [(False, "llama"), (True, "llama"), (True, "qwen3")])
+def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpus: Path, tied: bool,
+                                                           family: str) -> None:
     from safetensors.torch import load_file
 
     from trainer.export.hf_import import import_hf, model_config
 
-    job, step = trained_step(tmp_path, corpus, "src", f"model.tie_embeddings={tied}")
+    shape = QWEN3 if family == "qwen3" else []
+    job, step = trained_step(tmp_path, corpus, "src", f"model.tie_embeddings={tied}", *shape)
     cfg = JobDir(job).read_config()
     first = export(cfg, step, tmp_path / "first")
-    dcp_step = import_hf(first, model_config(first), tmp_path / "imported")
+    imported = model_config(first)
+    assert (imported.qk_norm, imported.head_size) == ((True, 32) if family == "qwen3" else (False, None))
+    dcp_step = import_hf(first, imported, tmp_path / "imported")
     second = export(cfg, dcp_step, tmp_path / "second")
 
     def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -130,12 +139,12 @@ def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpu
 
     # A new job starts from the imported weights (its own optimizer and step 0).
     new = make_job(tmp_path, "from-hf", corpus, f"checkpoint.init_from={dcp_step}", f"model.tie_embeddings={tied}",
-                   "train.steps=1")
+                   "train.steps=1", *shape)
     done = run_trainer(new)
     assert done.returncode == 0 and f"restored model from {dcp_step}" in done.stdout, done.stderr[-2000:]
     # An import holds weights only: asking it for more is refused by name.
     more = make_job(tmp_path, "from-hf-more", corpus, f"checkpoint.init_from={dcp_step}",
-                    f"model.tie_embeddings={tied}", "checkpoint.init_restore=[model, optimizer]")
+                    f"model.tie_embeddings={tied}", "checkpoint.init_restore=[model, optimizer]", *shape)
     done = run_trainer(more)
     assert done.returncode == 2 and f"checkpoint.init_from: {dcp_step} holds no optimizer state (it holds: model)" \
         in done.stdout, done.stdout[-2000:]

@@ -73,7 +73,7 @@ BAD_SWEEPS = [
     ("axes: {optim.lr: {linspace: [1, 2]}}\n", "axes.optim.lr"),
     ("axes: {optim.lr: [1e-3]}\nbogus: 1\n", "bogus: Extra inputs are not permitted"),
     ("axes: {optim.lr: [1e-3]}\nskip: [{optim.lr: 1e-3}]\n", "every point is skipped"),
-    ("axes: {model.dim: [64, 36]}\n", "point dim-36: model.dim: the head size dim / n_heads = 9 must be even"),
+    ("axes: {model.dim: [64, 36]}\n", "point dim-36: model.dim: the head size 9 must be even"),
     ("axes: {optim.lr: [1e-3, -1]}\n", "point lr--1: optim.lr: input should be greater than 0"),
     ("axes: {job.name: [a, b]}\n", "job.name cannot be swept"),
     ("overrides: {job.name: x}\naxes: {optim.lr: [1e-3, 3e-3]}\n", "overrides: job.name cannot be set"),

@@ -39,11 +39,12 @@ def numerics(job: Path, ranks: int, out: Path) -> list[list[float]]:
     return json.loads(out.read_text())
 
 
-def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Path) -> None:
+def _same_numerics(tmp_path: Path, corpus: Path, layouts: list[str], *model: str) -> None:
     results = {}
-    for i, (name, (ranks, overrides)) in enumerate(LAYOUTS.items()):
+    for i, name in enumerate(layouts):
+        ranks, overrides = LAYOUTS[name]
         job = make_job(tmp_path, f"layout{i}", corpus, f"cluster.devices_per_node={ranks}",
-                       "train.mixed_precision=fp32", *overrides)
+                       "train.mixed_precision=fp32", *model, *overrides)
         results[name] = numerics(job, ranks, tmp_path / f"layout{i}.json")
     reference = results["1 process"]
     assert len(reference) == 10 and reference[-1][0] < reference[0][0]  # it learns
@@ -51,6 +52,17 @@ def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Pat
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, reference, strict=True), 1):
             assert abs(loss - ref_loss) <= 1e-5, f"{name}: step {step} loss {loss} vs {ref_loss}"
             assert abs(norm - ref_norm) <= 1e-4 * max(ref_norm, 1), f"{name}: step {step} norm {norm} vs {ref_norm}"
+
+
+def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Path) -> None:
+    _same_numerics(tmp_path, corpus, list(LAYOUTS))
+
+
+def test_qk_norm_gives_the_same_losses_in_every_layout(tmp_path: Path, corpus: Path) -> None:
+    """QK-norm with heads wider than dim / n_heads and grouped keys: the gains replicated over TP ranks."""
+    _same_numerics(tmp_path, corpus, ["1 process", "FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC"],
+                   "model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2", "model.mup.enabled=true",
+                   "model.mup.base_dim=32")
 
 
 @pytest.mark.parametrize(("ranks", "async_save"), [(1, False), (2, True)])

@@ -1,4 +1,5 @@
-"""A DCP checkpoint step → a Hugging Face `LlamaForCausalLM` folder that vanilla `transformers` loads.
+"""A DCP checkpoint step → a Hugging Face `LlamaForCausalLM` folder (`Qwen3ForCausalLM` with QK-norm) that vanilla
+`transformers` loads.
 
 Runs in one process whatever the training world size was, reading one tensor at a time from the DCP files
 (DCP reassembles each from the shards of every rank), so memory stays near the largest tensor plus one
@@ -7,7 +8,8 @@ output shard. muP's forward multipliers are folded into the weights, so no custo
 - the readout multiplier (α_out / m) into the final RMSNorm's gain, divided by the input multiplier when the
   head is tied to the (now scaled) embedding table — tying survives;
 - the attention scale α_attn·√d_head0/d_head = α_attn/√d_head (heads keep their size) into `q_proj`:
-  RoPE is linear in q, so scaling q's weights scales q·k exactly as the trainer does.
+  RoPE is linear in q, so scaling q's weights scales q·k exactly as the trainer does; with QK-norm into the query
+  norm's gain instead (the norm would undo a scaled projection).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "mo
 _BLOCK = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
           "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
           "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-          "ffn_norm": "post_attention_layernorm"}
+          "ffn_norm": "post_attention_layernorm", "attention.q_norm": "self_attn.q_norm",
+          "attention.k_norm": "self_attn.k_norm"}
 
 
 class ExportError(AnvilError):
@@ -64,8 +67,13 @@ def our_name(name: str) -> str:
 
 def hf_config(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, bos_id: int | None, eos_id: int | None
               ) -> dict:
+    family = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    if cfg.qk_norm:  # Qwen3: Llama's blocks with a per-head RMSNorm on queries and keys before RoPE
+        family = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                  "sliding_window": None, "max_window_layers": cfg.n_layers,
+                  "layer_types": ["full_attention"] * cfg.n_layers}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        **family,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
@@ -105,7 +113,7 @@ def folded(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor * cfg.input_mult
     if name == "norm.weight":
         return tensor * (cfg.output_mult / cfg.input_mult if cfg.tie_embeddings else cfg.output_mult)
-    if name.endswith("attention.wq.weight"):
+    if name.endswith("attention.q_norm.weight" if cfg.qk_norm else "attention.wq.weight"):
         return tensor * cfg.attn_mult  # the trainer's softmax scale over HF's 1/√d_head
     return tensor
 

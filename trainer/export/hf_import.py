@@ -1,4 +1,4 @@
-"""A local Hugging Face Llama folder → a DCP checkpoint a job can start from (`checkpoint.init_from`).
+"""A local Hugging Face Llama or Qwen3 folder → a DCP checkpoint a job can start from (`checkpoint.init_from`).
 
 The reverse of `hf.py`: names mapped back, muP's multipliers of the *target* model config divided out
 again (with muP off nothing changes, so HF → DCP → HF is bit-identical). The result is a `step-0` directory
@@ -22,24 +22,30 @@ from trainer.train.model import param_plan
 
 
 def model_config(hf_dir: Path, **overrides) -> ModelConfig:
-    """Our model config for an HF Llama `config.json` (muP and other extras from `overrides`)."""
+    """Our model config for an HF Llama or Qwen3 `config.json` (muP and other extras from `overrides`)."""
     path = hf_dir / "config.json"
     try:
         hf = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ExportError(f"{path}: cannot read a Hugging Face config ({exc})") from None
-    if hf.get("model_type") != "llama":
-        raise ExportError(f"{path}: model_type is {hf.get('model_type')!r}; only Llama models can be imported")
+    kind = hf.get("model_type")
+    if kind not in ("llama", "qwen3"):
+        raise ExportError(f"{path}: model_type is {kind!r}; Llama and Qwen3 models can be imported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ExportError(f"{path}: attention or MLP biases have no place in this trainer's model")
+    if kind == "qwen3" and hf.get("use_sliding_window"):
+        raise ExportError(f"{path}: sliding-window attention is not supported by this trainer")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise ExportError(f"{path}: head_dim × heads must equal hidden_size for this trainer")
     rope = hf.get("rope_parameters") or {}
+    if (hf.get("rope_scaling") or rope.get("rope_type", "default")) not in (None, "default"):
+        raise ExportError(f"{path}: RoPE scaling ({hf.get('rope_scaling') or rope}) is not supported by this trainer")
     fields = {
         "dim": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
         "n_kv_heads": hf.get("num_key_value_heads"), "vocab_size": hf["vocab_size"],
         "ffn_dim": hf["intermediate_size"], "norm_eps": hf.get("rms_norm_eps", 1e-5),
         "rope_theta": hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "qk_norm": kind == "qwen3",
+        "head_size": None if head_dim * hf["num_attention_heads"] == hf["hidden_size"] else head_dim,
     }
     return ModelConfig(**{**fields, **overrides})
 

@@ -37,10 +37,14 @@ def parallel_problems(cfg: AnvilConfig) -> list[str]:
         problems.append(f"model.n_kv_heads: {kv_heads} key/value heads cannot be split over parallel.tp = {p.tp}")
     if m.n_heads % kv_heads:
         problems.append(f"model.n_kv_heads: {kv_heads} must divide model.n_heads = {m.n_heads}")
-    if m.dim % m.n_heads:
-        problems.append(f"model.dim: {m.dim} is not divisible by model.n_heads = {m.n_heads}")
+    if m.head_size is None and m.dim % m.n_heads:
+        problems.append(f"model.dim: {m.dim} is not divisible by model.n_heads = {m.n_heads} (or set model.head_size)")
     elif m.head_dim % 2:
-        problems.append(f"model.dim: the head size dim / n_heads = {m.head_dim} must be even for RoPE")
+        field = "model.head_size" if m.head_size else "model.dim"
+        problems.append(f"{field}: the head size {m.head_dim} must be even for RoPE")
+    if m.qk_norm and m.mup.enabled and m.mup.zero_query:
+        problems.append("model.mup.zero_query: a zero query projection meets model.qk_norm's normalisation (0/0); "
+                        "with QK-norm the logits keep their size anyway: leave zero_query off")
     if p.tp > 1:
         if m.tie_embeddings:
             problems.append("model.tie_embeddings: tied embeddings cannot be split with parallel.tp > 1 "

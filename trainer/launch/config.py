@@ -206,6 +206,10 @@ MODEL_FLAVORS: dict[str, dict] = {
                   "rope_theta": 500000.0, "tie_embeddings": True},
     "llama3-8B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 14336,
                   "rope_theta": 500000.0},
+    "qwen3-debug": {"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "head_size": 64, "qk_norm": True,
+                    "tie_embeddings": True, "rope_theta": 1000000.0, "norm_eps": 1e-6},
+    "qwen3-0.6B": {"dim": 1024, "n_layers": 28, "n_heads": 16, "n_kv_heads": 8, "head_size": 128, "ffn_dim": 3072,
+                   "qk_norm": True, "tie_embeddings": True, "rope_theta": 1000000.0, "norm_eps": 1e-6},
 }
 """Named shapes (vocabulary excluded: it follows your tokenizer): a layer just above the defaults, so any
 source that sets a model field explicitly wins over the flavor."""
@@ -213,8 +217,8 @@ source that sets a model field explicitly wins over the flavor."""
 
 class ModelConfig(Section):
     flavor: Literal[tuple(MODEL_FLAVORS)] | None = None  # type: ignore[valid-type]
-    """A named shape (`debug`, `125M`, `350M`, `llama3-1B`, `llama3-3B`, `llama3-8B`) filling the fields below
-    that are not set explicitly."""
+    """A named shape (`debug`, `125M`, `350M`, `llama3-1B`, `llama3-3B`, `llama3-8B`; with QK-norm, exporting to
+    Qwen3: `qwen3-debug`, `qwen3-0.6B`) filling the fields below that are not set explicitly."""
     dim: int = Field(default=256, ge=8)
     """Hidden size (model width)."""
     n_layers: int = Field(default=4, ge=1)
@@ -223,6 +227,12 @@ class ModelConfig(Section):
     """Attention heads."""
     n_kv_heads: int | None = Field(default=None, ge=1)
     """Key/value heads for grouped-query attention (None: same as `n_heads`)."""
+    head_size: int | None = Field(default=None, ge=2)
+    """Size of each attention head (None: dim / n_heads). Qwen3 keeps 128 at every width, so n_heads × head_size
+    need not equal dim."""
+    qk_norm: bool = False
+    """RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo 2, Gemma 3: logits cannot blow up). Its
+    gains are vector-like under muP; the export is a `Qwen3ForCausalLM`."""
     vocab_size: int = Field(default=8192, ge=2)
     """Vocabulary size (must cover the tokenizer's)."""
     tie_embeddings: bool = False
@@ -247,7 +257,8 @@ class ModelConfig(Section):
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        """The head size in use: `head_size`, or dim / n_heads."""
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def ffn_hidden(self) -> int:

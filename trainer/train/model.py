@@ -1,4 +1,5 @@
-"""The Llama-family decoder in plain PyTorch: RMSNorm, RoPE, GQA, SwiGLU, optional tied embeddings, muP.
+"""The Llama-family decoder in plain PyTorch: RMSNorm, RoPE, GQA, SwiGLU, optional tied embeddings, muP; switches
+for QK-norm (Qwen3) and the head size.
 
 No parallelism here (that is applied to the model from outside). Built on the meta device, then
 materialised and initialised with `init_weights()`. muP lives in two places only: float multipliers
@@ -61,6 +62,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        # QK-norm: each head's queries and keys RMS-normalised (one gain vector per head size) before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.attn_scale  # muP's attn_alpha · sqrt(base head dim) / head dim; SP's 1 / sqrt(head dim)
         self.rope = apply_rope  # a fused kernel may take its place (liger.py)
         # An observation point: with `observe_scores` on (coordinate checks), the attention logits of the causal
@@ -70,8 +74,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.wq(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(batch, length, -1, self.head_dim)
+        k = self.wk(x).view(batch, length, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
         if self.observe_scores:
@@ -220,14 +227,16 @@ def param_plan(cfg: ModelConfig) -> dict[str, ParamPlan]:
         for name in ("attention.wk", "attention.wv", "attention.wo",
                      "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
             plan[f"layers.{i}.{name}.weight"] = hidden
-        for name in ("attention_norm", "ffn_norm"):
+        norms = ("attention_norm", "ffn_norm") + (("attention.q_norm", "attention.k_norm") if cfg.qk_norm else ())
+        for name in norms:
             plan[f"layers.{i}.{name}.weight"] = ParamPlan("vector", None, 1.0, 0.0)
     return plan
 
 
 def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
-    kv = cfg.kv_heads * cfg.head_dim
-    per_layer = cfg.dim * (2 * cfg.dim + 2 * kv) + 3 * cfg.dim * cfg.ffn_hidden + 2 * cfg.dim
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    norms = 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
+    per_layer = cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.ffn_hidden + norms
     emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
     return cfg.n_layers * per_layer + cfg.dim + (emb if embeddings else 0)
 
@@ -235,4 +244,4 @@ def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 × non-embedding-table parameters plus causal attention (PaLM's count)."""
     dense = num_params(cfg, embeddings=False) + cfg.vocab_size * cfg.dim  # the readout matmul counts
-    return 6 * dense + 6 * cfg.n_layers * cfg.dim * seq_len
+    return 6 * dense + 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

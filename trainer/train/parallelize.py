@@ -71,6 +71,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     })
     for block in model.layers.values():
+        if block.attention.q_norm is not None:
+            # Each rank holds whole heads (dimension 2 of [batch, seq, heads, head size]); the shared gains are
+            # replicated, and their gradients summed over the TP ranks by DTensor.
+            parallelize_module(block, tp_mesh, {
+                "attention.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+                "attention.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+            })
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
