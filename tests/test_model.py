@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -71,6 +72,32 @@ def test_explicit_positions_match_implicit_ones() -> None:
     tokens = torch.randint(0, 128, (2, 16))
     positions = torch.arange(16).expand(2, 16)
     assert torch.allclose(model(tokens), model(tokens, positions), atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128),
+    ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, qk_norm=True, head_size=32),
+], ids=["llama", "qk-norm"])
+def test_a_packed_document_gets_the_logits_it_has_alone(cfg: ModelConfig, monkeypatch) -> None:
+    """Positions restarting at each document (data.document_positions) keep attention inside each document of a
+    packed row: three documents packed get, each, their logits alone (1e-5)."""
+    from trainer.train import model as model_module
+
+    model = build(cfg, seq_len=64)
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, 128, (1, n), generator=gen) for n in (20, 28, 9)]
+    row = torch.cat(docs, dim=1)
+    positions = torch.cat([torch.arange(d.shape[1]) for d in docs]).unsqueeze(0)
+    with torch.no_grad():
+        packed = model(row, positions)
+        starts = [0, 20, 48, 57]
+        for doc, (a, b) in zip(docs, itertools.pairwise(starts), strict=True):
+            assert (packed[:, a:b] - model(doc)).abs().max().item() <= 1e-5
+        # The control: one document for the whole row (RoPE still restarting) and the later ones see the earlier.
+        monkeypatch.setattr(model_module, "document_ids", torch.zeros_like)
+        crossing = model(row, positions)
+    assert (crossing[:, 20:48] - packed[:, 20:48]).abs().max().item() > 1e-3
+    assert torch.equal(crossing[:, :20], packed[:, :20])  # the first document sees nothing before it either way
 
 
 @pytest.mark.parametrize("tied", [False, True])

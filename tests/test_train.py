@@ -58,11 +58,12 @@ def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Pat
     _same_numerics(tmp_path, corpus, list(LAYOUTS))
 
 
-def test_qk_norm_gives_the_same_losses_in_every_layout(tmp_path: Path, corpus: Path) -> None:
-    """QK-norm with heads wider than dim / n_heads and grouped keys: the gains replicated over TP ranks."""
+def test_qk_norm_and_document_masks_give_the_same_losses_in_every_layout(tmp_path: Path, corpus: Path) -> None:
+    """QK-norm with heads wider than dim / n_heads and grouped keys (the gains replicated over TP ranks), and
+    attention kept inside each document of a packed row (data.document_positions)."""
     _same_numerics(tmp_path, corpus, ["1 process", "FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC"],
                    "model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2", "model.mup.enabled=true",
-                   "model.mup.base_dim=32")
+                   "model.mup.base_dim=32", "data.document_positions=true")
 
 
 @pytest.mark.parametrize(("ranks", "async_save"), [(1, False), (2, True)])

@@ -396,7 +396,8 @@ class DataConfig(Section):
     prefetch: int = Field(default=16, ge=1)
     """Batches each worker prepares ahead (batches come from workers in turn: a deep queue keeps all busy)."""
     document_positions: bool = False
-    """Also yield per-token positions restarting at each document (for document-causal attention)."""
+    """Yield per-token positions restarting at each document: RoPE restarts and attention stays inside each
+    document of a packed row (FlexAttention block masks on GPU, an explicit mask on CPU)."""
     epochs: int | None = Field(default=None, ge=1)
     """Stop after this many passes over every dataset (None: loop forever, as pretraining does)."""
 

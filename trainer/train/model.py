@@ -52,6 +52,40 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def document_ids(positions: torch.Tensor) -> torch.Tensor:
+    """Which document of its row each token belongs to: a new one starts wherever the position restarts at 0."""
+    return (positions == 0).cumsum(dim=-1)
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """The explicit mask `[batch, 1, length, length]`: causal, and never across documents (True: may attend)."""
+    length = documents.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=documents.device).tril()
+    return (causal & (documents.unsqueeze(-1) == documents.unsqueeze(-2))).unsqueeze(1)
+
+
+_flex = None
+
+
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Document-causal attention with a FlexAttention block mask (GPU): blocks that cross documents are skipped,
+    none is materialised as a dense mask. Compiled once per process."""
+    global _flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _flex is None:
+        _flex = torch.compile(flex_attention, dynamic=False)
+
+    def same_document(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (documents[b, q_idx] == documents[b, kv_idx])
+
+    length = q.shape[-2]
+    block_mask = create_block_mask(same_document, B=documents.shape[0], H=None, Q_LEN=length, KV_LEN=length,
+                                   device=q.device)
+    return _flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -72,7 +106,10 @@ class Attention(nn.Module):
         self.scores = nn.Identity()
         self.observe_scores = False
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        """`documents` (per-token document ids of each row, from `document_ids`): attention stays inside each
+        document of a packed row; None: plain causal attention over the row."""
         batch, length, _ = x.shape
         q = self.wq(x).view(batch, length, -1, self.head_dim)
         k = self.wk(x).view(batch, length, -1, self.head_dim)
@@ -85,8 +122,14 @@ class Attention(nn.Module):
             keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
             self.scores((q @ keys.transpose(-2, -1) * self.scale)[..., causal])
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if documents is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        elif q.is_cuda:
+            out = flex_document_attention(q, k, v, documents, self.scale)
+        else:  # CPU: the same mask, explicit (quadratic in the row length: fine for what runs on a CPU)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(documents), scale=self.scale,
+                                                 enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -110,8 +153,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, documents)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -135,18 +179,21 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits `[batch, length, vocab]` for token ids `[batch, length]` (positions: per-token, optional).
+        """Logits `[batch, length, vocab]` for token ids `[batch, length]`. With `positions` (per token, restarting
+        at 0 where a document starts: `data.document_positions`), each document of a packed row is on its own.
 
         With `fused_loss` set (Liger on GPU) and `labels` given: the summed loss instead, computed from the
         hidden states and the head's weight without materialising the logits.
         """
+        documents = None
         if positions is None:
             cos, sin = self.rope_cos[: tokens.shape[1]], self.rope_sin[: tokens.shape[1]]
-        else:
+        else:  # per-document positions: RoPE restarts, and attention stays inside each document
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            documents = document_ids(positions)
         h = self.embedded(self.tok_embeddings(tokens) * self.input_mult)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, documents)
         h = self.norm(h) * self.output_mult
         if labels is not None and self.fused_loss is not None:
             weight = self.tok_embeddings.weight if self.output is None else self.output.weight
