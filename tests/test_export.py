@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 from tests.train_helpers import make_job, run_trainer
 from trainer.export.hf import ExportError, export
 from trainer.launch import jobdir
+from trainer.launch.config import MoeConfig
 from trainer.launch.jobdir import JobDir
 from trainer.train.model import Transformer
 
@@ -46,20 +47,30 @@ def trainer_logits(job: Path, step_dir: Path, tokens: torch.Tensor) -> torch.Ten
 
 QWEN3 = ["model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2"]
 """QK-norm with heads wider than dim / n_heads and grouped keys: exported as Qwen3."""
+FAMILIES = {
+    "mha": (["model.n_kv_heads=4"], "LlamaForCausalLM"),
+    "gqa": (["model.n_kv_heads=2"], "LlamaForCausalLM"),
+    "qwen3": (QWEN3, "Qwen3ForCausalLM"),
+    "moe-top2": (["model.n_kv_heads=2", "model.moe.experts=4", "model.moe.top_k=2", "model.moe.expert_dim=48"],
+                 "MixtralForCausalLM"),
+    "qk-moe-top1": ([*QWEN3, "model.moe.experts=4", "model.moe.top_k=1", "model.moe.expert_dim=48",
+                     "model.moe.normalize_top_k=false"], "Qwen3MoeForCausalLM"),
+}
+"""Model shapes and the transformers class each exports to."""
 
 
 @pytest.mark.parametrize("mup", [False, True], ids=["sp", "mup"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("family", ["mha", "gqa", "qwen3"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_exported_model_gives_the_trainers_logits(tmp_path: Path, corpus: Path, mup: bool, tied: bool,
                                                   family: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    shape = {"mha": ["model.n_kv_heads=4"], "gqa": ["model.n_kv_heads=2"], "qwen3": QWEN3}[family]
+    shape, cls = FAMILIES[family]
     job, step = trained_step(tmp_path, corpus, "src", *(MUP if mup else []), f"model.tie_embeddings={tied}", *shape)
     out = export(JobDir(job).read_config(), step, tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
-    assert type(hf).__name__ == ("Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM")
+    assert type(hf).__name__ == cls
     assert hf.config.tie_word_embeddings == tied
     tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -105,21 +116,31 @@ def test_convert_cli_names_what_is_missing(tmp_path: Path, corpus: Path, capsys)
     assert main([str(job), str(tmp_path / "out"), "--dtype", "fp32"]) == 0
     assert "exported" in capsys.readouterr().out and (tmp_path / "out" / "config.json").is_file()
     assert not list(tmp_path.glob(".out.partial*"))  # the staging folder is gone
+    # A mixture with raw top-k weights and no QK-norm has no transformers class: refused before anything is written.
+    cfg = JobDir(job).read_config()
+    moe = cfg.model.model_copy(update={"moe": MoeConfig(experts=4, top_k=1, normalize_top_k=False)})
+    with pytest.raises(ExportError, match="normalize_top_k is false without model.qk_norm"):
+        export(cfg.model_copy(update={"model": moe}), step, tmp_path / "moe")
+    assert not (tmp_path / "moe").exists()
 
 
-@pytest.mark.parametrize(("tied", "family"), [(False, "llama"), (True, "llama"), (True, "qwen3")])
+@pytest.mark.parametrize(("tied", "family"), [(False, "gqa"), (True, "gqa"), (True, "qwen3"), (False, "moe-top2"),
+                                             (True, "qk-moe-top1")])
 def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpus: Path, tied: bool,
                                                            family: str) -> None:
     from safetensors.torch import load_file
 
     from trainer.export.hf_import import import_hf, model_config
 
-    shape = QWEN3 if family == "qwen3" else []
+    shape = FAMILIES[family][0]
     job, step = trained_step(tmp_path, corpus, "src", f"model.tie_embeddings={tied}", *shape)
     cfg = JobDir(job).read_config()
     first = export(cfg, step, tmp_path / "first")
     imported = model_config(first)
-    assert (imported.qk_norm, imported.head_size) == ((True, 32) if family == "qwen3" else (False, None))
+    def architecture(m) -> tuple:
+        return m.qk_norm, m.head_dim, m.kv_heads, m.moe.experts, m.moe.top_k, m.expert_hidden, m.tie_embeddings
+
+    assert architecture(imported) == architecture(cfg.model)
     dcp_step = import_hf(first, imported, tmp_path / "imported")
     second = export(cfg, dcp_step, tmp_path / "second")
 

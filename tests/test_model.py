@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.export.hf import hf_name
-from trainer.launch.config import ModelConfig, MupConfig
-from trainer.train.model import Transformer, num_params, param_plan
+from trainer.launch.config import ModelConfig, MoeConfig, MupConfig
+from trainer.launch.layers import load_config
+from trainer.train.model import Transformer, flops_per_token, num_params, param_plan
 
 
 def build(cfg: ModelConfig, seq_len: int = 32, seed: int = 0) -> Transformer:
@@ -25,6 +26,7 @@ def build(cfg: ModelConfig, seq_len: int = 32, seed: int = 0) -> Transformer:
 @pytest.mark.parametrize("cfg", [
     ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128),
     ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, tie_embeddings=True),
+    ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, moe=MoeConfig(experts=4, top_k=2, expert_dim=32)),
 ])
 def test_builds_on_meta_counts_parameters_and_learns(cfg: ModelConfig) -> None:
     model = build(cfg)
@@ -65,6 +67,44 @@ def test_mup_plan_scales_hidden_weights_with_width() -> None:
     assert model.output_mult == 0.25 and torch.count_nonzero(model.output.weight) == 0
     std = model.layers["0"].feed_forward.w1.weight.std().item()
     assert std == pytest.approx(0.01, rel=0.05)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_each_token_gets_the_renormalised_mix_of_its_top_k_experts(top_k: int) -> None:
+    """The grouped, sorted computation against a token-by-token one written from the definition."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64, moe=MoeConfig(experts=5, top_k=top_k),
+                      mup=MupConfig(enabled=True, base_dim=16))
+    moe = build(cfg).layers["0"].feed_forward
+    x = torch.randn(3, 7, cfg.dim, generator=torch.Generator().manual_seed(2))
+    out = moe(x)
+    g = moe.grouped
+    for b, t in itertools.product(range(3), range(7)):
+        token = x[b, t]
+        probs = torch.softmax(moe.router.weight @ token * 0.5, dim=0)  # router_mult = 1/m = 16/32
+        top = probs.topk(top_k)
+        want = sum(w / top.values.sum() * (g.w2[e] @ (F.silu(g.w1[e] @ token) * (g.w3[e] @ token)))
+                   for w, e in zip(top.values, top.indices.tolist(), strict=True))
+        torch.testing.assert_close(out[b, t], want, rtol=1e-5, atol=1e-6)
+    assert moe.load.sum() == 3 * 7 * top_k and len(moe.load) == 5
+    torch.testing.assert_close(moe(x), out, rtol=0, atol=0)  # deterministic
+
+
+def test_moe_parameters_follow_mup_and_count_active_ones() -> None:
+    cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, vocab_size=128, init_std=0.02,
+                      mup=MupConfig(enabled=True, base_dim=64), moe=MoeConfig(experts=4, top_k=1))
+    plan = param_plan(cfg)
+    model = build(cfg)
+    assert set(plan) == {name for name, _ in model.named_parameters()}
+    experts, router = plan["layers.0.feed_forward.grouped.w1"], plan["layers.0.feed_forward.router.weight"]
+    assert experts.role == "hidden" and experts.lr_mult == 0.25 and experts.init_std == pytest.approx(0.01)
+    assert router.role == "output" and router.lr_mult == 1.0 and model.layers["0"].feed_forward.router_mult == 0.25
+    assert model.layers["0"].feed_forward.grouped.w2.std().item() == pytest.approx(0.01, rel=0.05)
+    # OLMoE-1B-7B's shape with its vocabulary: 6.9B parameters, 1.3B of them active (the OLMoE paper's numbers).
+    olmoe = load_config(None, ["job.name=x", "model.flavor=olmoe-1B-7B", "model.vocab_size=50304"]).model
+    assert num_params(olmoe) == pytest.approx(6.92e9, rel=0.01)
+    assert num_params(olmoe, active=True) == pytest.approx(1.28e9, rel=0.01)
+    # MFU counts what a token uses: 6 × (1.07B active non-embedding + the 0.10B readout) + causal attention.
+    assert flops_per_token(olmoe, 4096) == pytest.approx(6 * 1.177e9 + 6 * 16 * 2048 * 4096, rel=0.01)
 
 
 def test_explicit_positions_match_implicit_ones() -> None:

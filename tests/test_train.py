@@ -66,12 +66,78 @@ def test_qk_norm_and_document_masks_give_the_same_losses_in_every_layout(tmp_pat
                    "model.mup.base_dim=32", "data.document_positions=true")
 
 
-@pytest.mark.parametrize(("ranks", "async_save"), [(1, False), (2, True)])
-def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int, async_save: bool) -> None:
+MOE = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.expert_dim=48", "model.mup.enabled=true",
+       "model.mup.base_dim=32"]
+"""A small mixture of experts under muP (the router's logits scaled by 1/m)."""
+
+
+def test_a_mixture_of_experts_gives_the_same_losses_in_every_layout(tmp_path: Path, corpus: Path) -> None:
+    """Experts sharded by FSDP, and with TP every rank routing the gathered sequence through replicated experts;
+    the balancing loss's gradient is in the norms compared."""
+    _same_numerics(tmp_path, corpus, ["1 process", "FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC",
+                                      "FSDP 2 x TP 2"], *MOE)
+
+
+def test_expert_loads_are_a_function_of_the_seed_and_match_a_count_of_the_routers_choices(
+        tmp_path: Path, corpus: Path) -> None:
+    """Two runs with one seed log the same expert loads and balancing losses; step 1's equal what is counted
+    here from the routers of the same initial model on the same first batch (control: another seed's model)."""
+    import torch
+
+    from trainer.data.loader import build_loader
+    from trainer.train.model import Transformer
+
+    jobs = [make_job(tmp_path, f"moe{i}", corpus, "train.steps=3", *MOE) for i in range(2)]
+    for job in jobs:
+        done = run_trainer(job)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    runs = [_rows(job) for job in jobs]
+    keys = sorted(k for k in runs[0][1] if k.startswith("moe/"))
+    assert keys == ["moe/balance_loss", "moe/layer0/load_max", "moe/layer0/load_min", "moe/layer1/load_max",
+                    "moe/layer1/load_min"]
+    logged = [[run[step][k] for step in (1, 2, 3) for k in keys] for run in runs]
+    assert logged[0] == logged[1]
+
+    cfg = jobdir.JobDir(jobs[0]).read_config()
+    m = cfg.model
+    batch = next(iter(build_loader(cfg.data, cfg.train.seed, 0, 1, cfg.train.global_batch_size)))
+
+    def count(seed: int) -> dict[str, float]:
+        model = Transformer(m, cfg.data.seq_len)
+        model.init_weights(seed)
+        logits = []
+        for block in model.layers.values():
+            block.feed_forward.router.register_forward_hook(lambda mod, args, out: logits.append(out.detach()))
+        with torch.no_grad():
+            model(batch["input_ids"], batch.get("positions"))
+        row, balance = {}, 0.0
+        for i, layer in enumerate(logits):
+            chosen = layer.topk(m.moe.top_k, dim=-1).indices.view(len(batch["input_ids"]), -1)
+            counts = torch.stack([torch.bincount(seq, minlength=m.moe.experts) for seq in chosen]).double()
+            share = counts.sum(0) / counts.sum()
+            row[f"moe/layer{i}/load_min"], row[f"moe/layer{i}/load_max"] = share.min().item(), share.max().item()
+            probs = torch.softmax(layer.double() * m.router_mult, dim=-1).view(*chosen.shape[:1], -1, m.moe.experts)
+            per_sequence = counts / counts.sum(1, keepdim=True)
+            balance += (m.moe.experts * (per_sequence * probs.mean(1)).sum(1)).mean().item() / len(logits)
+        row["moe/balance_loss"] = balance
+        return row
+
+    counted = count(cfg.train.seed)
+    print("counted", counted, "logged", {k: runs[0][1][k] for k in keys})
+    assert all(abs(runs[0][1][k] - v) <= 1e-6 for k, v in counted.items()), (counted, runs[0][1])
+    other = count(cfg.train.seed + 1)
+    assert not all(abs(runs[0][1][k] - v) <= 1e-6 for k, v in other.items()), other
+
+
+@pytest.mark.parametrize(("ranks", "async_save", "model"), [(1, False, []), (2, True, MOE)],
+                         ids=["1 rank, dense", "2 ranks, MoE"])
+def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int, async_save: bool,
+                                  model: list[str]) -> None:
     """20 steps straight == 10 steps, restore, 10 more: model, optimizer, schedule and data position
-    (2 ranks: checkpoints written in the background, as on GPU)."""
+    (2 ranks: checkpoints written in the background, as on GPU; a mixture of experts, whose loads and balancing
+    loss continue exactly too)."""
     settings = [f"cluster.devices_per_node={ranks}", "checkpoint.keep=4", f"data.num_workers={ranks - 1}",
-                f"checkpoint.async_save={str(async_save).lower()}", "metrics.profile_steps=[3, 4, 7]"]
+                f"checkpoint.async_save={str(async_save).lower()}", "metrics.profile_steps=[3, 4, 7]", *model]
     straight = make_job(tmp_path, "straight", corpus, *settings)
     done = run_trainer(straight, ranks)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -102,6 +168,10 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int, asyn
     assert sorted(again) == list(range(1, 21))
     for step in range(11, 21):
         assert abs(again[step] - reference[step]) <= 1e-6, (step, again[step], reference[step])
+    if model:
+        rows, straight_rows = _rows(resumed), _rows(straight)
+        for step in range(11, 21):
+            assert all(abs(rows[step][k] - v) <= 1e-6 for k, v in straight_rows[step].items() if k.startswith("moe/"))
 
     # The final checkpoint is resumable: the finished run is extended by raising train.steps.
     config = json.loads((resumed / "config.json").read_text())
@@ -135,7 +205,8 @@ def _logged_step(log: Path) -> int:
 
 def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_checkpoint(
         tmp_path: Path, corpus: Path) -> None:
-    settings = ["train.steps=40", "checkpoint.interval=4", "checkpoint.keep=2"]
+    """A mixture of experts (the dense model's resume is covered above and shares every line of it)."""
+    settings = ["train.steps=40", "checkpoint.interval=4", "checkpoint.keep=2", *MOE]
     reference_job = make_job(tmp_path, "uninterrupted", corpus, *settings)
     done = run_trainer(reference_job)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -333,6 +404,12 @@ def test_compiled_blocks_and_bf16_train_close_to_fp32_eager(tmp_path: Path, corp
     for step, (e, c, b) in enumerate(zip(eager, compiled, bf16, strict=True), 1):
         assert abs(c[0] - e[0]) <= 1e-4, f"compiled: step {step} loss {c[0]} vs eager {e[0]}"
         assert abs(b[0] - e[0]) <= 0.05, f"bf16: step {step} loss {b[0]} vs fp32 {e[0]}"
+    # The GPU path of a mixture of experts: compiled blocks running the experts as grouped matmuls in bf16, FSDP2.
+    moe = numerics(make_job(tmp_path, "moe", corpus, "train.mixed_precision=fp32", *MOE), 1, tmp_path / "moe.json")
+    grouped = numerics(make_job(tmp_path, "grouped", corpus, "train.mixed_precision=bf16", "parallel.compile=true",
+                                "cluster.devices_per_node=2", *MOE), 2, tmp_path / "grouped.json")
+    for step, (e, g) in enumerate(zip(moe, grouped, strict=True), 1):
+        assert abs(g[0] - e[0]) <= 0.05, f"MoE compiled in bf16: step {step} loss {g[0]} vs fp32 eager {e[0]}"
 
 
 def test_mup_monitors_agree_across_layouts_and_follow_the_learning_rate(tmp_path: Path, corpus: Path) -> None:

@@ -36,7 +36,12 @@ _BLOCK = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj"
           "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
           "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
           "ffn_norm": "post_attention_layernorm", "attention.q_norm": "self_attn.q_norm",
-          "attention.k_norm": "self_attn.k_norm"}
+          "attention.k_norm": "self_attn.k_norm", "feed_forward.router": "mlp.gate"}
+_EXPERTS = {"feed_forward.grouped.w1": "mlp.experts.gate_up_proj",
+            "feed_forward.grouped.w3": "mlp.experts.gate_up_proj",
+            "feed_forward.grouped.w2": "mlp.experts.down_proj"}
+"""Grouped experts (transformers 5 stores them stacked too): gate and up projections concatenated, `[experts,
+2 · hidden, dim]`, gate first; down `[experts, dim, hidden]`."""
 
 
 class ExportError(AnvilError):
@@ -48,6 +53,8 @@ def hf_name(name: str) -> str:
     if name in _TOP:
         return _TOP[name]
     _, layer, rest = name.split(".", 2)
+    if rest in _EXPERTS:
+        return f"model.layers.{layer}.{_EXPERTS[rest]}"
     module, leaf = rest.rsplit(".", 1)
     return f"model.layers.{layer}.{_BLOCK[module]}.{leaf}"
 
@@ -56,25 +63,39 @@ _TOP_BACK = {v: k for k, v in _TOP.items()}
 _BLOCK_BACK = {v: k for k, v in _BLOCK.items()}
 
 
-def our_name(name: str) -> str:
-    """transformers' Llama name → ours (the reverse of `hf_name`)."""
+def our_names(name: str) -> list[str]:
+    """transformers' name → ours (the reverse of `hf_name`): two for the concatenated gate and up projections."""
     if name in _TOP_BACK:
-        return _TOP_BACK[name]
+        return [_TOP_BACK[name]]
     _, _, layer, rest = name.split(".", 3)
+    grouped = [ours for ours, theirs in _EXPERTS.items() if theirs == rest]
+    if grouped:
+        return [f"layers.{layer}.{ours}" for ours in sorted(grouped)]
     module, leaf = rest.rsplit(".", 1)
-    return f"layers.{layer}.{_BLOCK_BACK[module]}.{leaf}"
+    return [f"layers.{layer}.{_BLOCK_BACK[module]}.{leaf}"]
 
 
 def hf_config(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, bos_id: int | None, eos_id: int | None
               ) -> dict:
     family = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
-    if cfg.qk_norm:  # Qwen3: Llama's blocks with a per-head RMSNorm on queries and keys before RoPE
-        family = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
-                  "sliding_window": None, "max_window_layers": cfg.n_layers,
-                  "layer_types": ["full_attention"] * cfg.n_layers}
+    qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers,
+             "layer_types": ["full_attention"] * cfg.n_layers}
+    moe = cfg.moe
+    if cfg.qk_norm and moe.experts:  # Qwen3-MoE: QK-norm attention, every feed-forward a mixture
+        family = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **qwen3,
+                  "num_experts": moe.experts, "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.normalize_top_k,
+                  "moe_intermediate_size": cfg.expert_hidden, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "router_aux_loss_coef": moe.balance_coef, "output_router_logits": False}
+    elif moe.experts:  # Mixtral: Llama attention, every feed-forward a mixture (renormalised top-k)
+        family = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": None,
+                  "num_local_experts": moe.experts, "num_experts_per_tok": moe.top_k, "router_jitter_noise": 0.0,
+                  "router_aux_loss_coef": moe.balance_coef, "output_router_logits": False}
+    elif cfg.qk_norm:  # Qwen3: Llama's blocks with a per-head RMSNorm on queries and keys before RoPE
+        family = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qwen3}
     return {
         **family,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "intermediate_size": cfg.expert_hidden if moe.experts and not cfg.qk_norm else cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
@@ -115,6 +136,8 @@ def folded(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor * (cfg.output_mult / cfg.input_mult if cfg.tie_embeddings else cfg.output_mult)
     if name.endswith("attention.q_norm.weight" if cfg.qk_norm else "attention.wq.weight"):
         return tensor * cfg.attn_mult  # the trainer's softmax scale over HF's 1/√d_head
+    if name.endswith("feed_forward.router.weight"):
+        return tensor * cfg.router_mult
     return tensor
 
 
@@ -124,9 +147,15 @@ def hf_tensors(step_dir: Path, cfg: ModelConfig, dtype: torch.dtype) -> Iterator
     if set(keys) != expected:
         missing, extra = sorted(expected - set(keys))[:3], sorted(set(keys) - expected)[:3]
         raise ExportError(f"{step_dir} does not hold this job's model (missing {missing}, unexpected {extra})")
+    def read(name: str) -> torch.Tensor:
+        return folded(cfg, name, read_tensor(step_dir, name, *keys[name]).float())
+
     for name in sorted(keys, key=_position):
-        shape, stored = keys[name]
-        tensor = folded(cfg, name, read_tensor(step_dir, name, shape, stored).float())
+        if name.endswith("grouped.w3"):
+            continue  # goes out with w1, as the up half of the stacked gate and up projections
+        tensor = read(name)
+        if name.endswith("grouped.w1"):
+            tensor = torch.cat([tensor, read(name.removesuffix("w1") + "w3")], dim=1)
         yield hf_name(name), tensor.to(dtype).contiguous()
 
 
@@ -185,6 +214,11 @@ def export(job_cfg: AnvilConfig, step_dir: Path, out: Path, dtype: torch.dtype =
         raise ExportError(f"{out} already exists: give a new output folder (nothing was written)")
     if not is_complete(step_dir):
         raise ExportError(f"{step_dir} is not a complete checkpoint (no completion marker): it was interrupted")
+    moe = job_cfg.model.moe
+    if moe.experts and not moe.normalize_top_k and not job_cfg.model.qk_norm:
+        raise ExportError("model.moe.normalize_top_k is false without model.qk_norm: transformers' Mixtral always "
+                          "renormalises the top-k weights, and its Qwen3-MoE (which need not) has QK-norm; "
+                          "this model has no vanilla transformers class (nothing was written)")
     with staged_dir(out) as tmp:
         cfg = job_cfg.model
         write_safetensors(hf_tensors(step_dir, cfg, dtype), tmp, shard_bytes)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
-from trainer.export.hf import ExportError, folded, our_name
+from trainer.export.hf import ExportError, folded, our_names
 from trainer.files import staged_dir
 from trainer.launch.config import ModelConfig
 from trainer.launch.jobdir import mark_complete, step_dir
@@ -29,11 +29,15 @@ def model_config(hf_dir: Path, **overrides) -> ModelConfig:
     except (OSError, json.JSONDecodeError) as exc:
         raise ExportError(f"{path}: cannot read a Hugging Face config ({exc})") from None
     kind = hf.get("model_type")
-    if kind not in ("llama", "qwen3"):
-        raise ExportError(f"{path}: model_type is {kind!r}; Llama and Qwen3 models can be imported")
+    if kind not in ("llama", "qwen3", "mixtral", "qwen3_moe"):
+        raise ExportError(f"{path}: model_type is {kind!r}; Llama, Qwen3, Mixtral and Qwen3-MoE models can be "
+                          "imported")
+    if kind == "qwen3_moe" and (hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1):
+        raise ExportError(f"{path}: this Qwen3-MoE has dense layers between its mixtures; this trainer puts a "
+                          "mixture in every layer")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ExportError(f"{path}: attention or MLP biases have no place in this trainer's model")
-    if kind == "qwen3" and hf.get("use_sliding_window"):
+    if hf.get("use_sliding_window") or (kind == "mixtral" and hf.get("sliding_window")):
         raise ExportError(f"{path}: sliding-window attention is not supported by this trainer")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     rope = hf.get("rope_parameters") or {}
@@ -44,9 +48,15 @@ def model_config(hf_dir: Path, **overrides) -> ModelConfig:
         "n_kv_heads": hf.get("num_key_value_heads"), "vocab_size": hf["vocab_size"],
         "ffn_dim": hf["intermediate_size"], "norm_eps": hf.get("rms_norm_eps", 1e-5),
         "rope_theta": hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "qk_norm": kind == "qwen3",
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "qk_norm": kind in ("qwen3", "qwen3_moe"),
         "head_size": None if head_dim * hf["num_attention_heads"] == hf["hidden_size"] else head_dim,
     }
+    if kind == "mixtral":
+        fields["moe"] = {"experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"],
+                         "expert_dim": hf["intermediate_size"]}
+    elif kind == "qwen3_moe":
+        fields["moe"] = {"experts": hf["num_experts"], "top_k": hf["num_experts_per_tok"],
+                         "expert_dim": hf["moe_intermediate_size"], "normalize_top_k": bool(hf["norm_topk_prob"])}
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -83,11 +93,14 @@ def import_hf(hf_dir: Path, cfg: ModelConfig, out_root: Path) -> Path:
             continue
         if hf_key == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        name = our_name(hf_key)
-        if name not in expected:
+        names = our_names(hf_key)
+        if any(name not in expected for name in names):
             raise ExportError(f"{path}: tensor {hf_key} has no place in this model")
         with safe_open(str(path), "pt") as f:
-            state[name] = unfolded(cfg, name, f.get_tensor(hf_key).float())
+            tensor = f.get_tensor(hf_key).float()
+        parts = tensor.chunk(2, dim=1) if len(names) == 2 else (tensor,)  # stacked gate and up: gate first
+        for name, part in zip(names, parts, strict=True):
+            state[name] = unfolded(cfg, name, part.contiguous())
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ExportError(f"{hf_dir}: missing tensors for this model: {', '.join(missing[:4])}")

@@ -45,6 +45,16 @@ def parallel_problems(cfg: AnvilConfig) -> list[str]:
     if m.qk_norm and m.mup.enabled and m.mup.zero_query:
         problems.append("model.mup.zero_query: a zero query projection meets model.qk_norm's normalisation (0/0); "
                         "with QK-norm the logits keep their size anyway: leave zero_query off")
+    if p.ep > 1:
+        problems.append(f"parallel.ep: expert parallelism ({p.ep}) is not supported yet; set parallel.ep=1 (experts "
+                        "are sharded by FSDP over the data-parallel ranks, and parallel.tp > 1 works with them)")
+    if m.moe.experts:
+        if cfg.precision == "bf16" and (m.dim % 8 or m.expert_hidden % 8):
+            problems.append(f"model.moe.expert_dim: the grouped expert matmul in bf16 needs model.dim ({m.dim}) and "
+                            f"the expert hidden size ({m.expert_hidden}) to be multiples of 8")
+        if p.compile and cfg.precision == "fp32":
+            problems.append("parallel.compile: experts compile as one grouped matmul in bf16 only; with "
+                            "model.moe.experts set train.mixed_precision=bf16, or parallel.compile=false")
     if p.tp > 1:
         if m.tie_embeddings:
             problems.append("model.tie_embeddings: tied embeddings cannot be split with parallel.tp > 1 "

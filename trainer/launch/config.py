@@ -13,7 +13,7 @@ import math
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 """Job, sweep and profile names: they become directory names and SLURM job names."""
@@ -196,6 +196,29 @@ class MupConfig(Section):
     start (and stay) width-independent instead of shrinking as 1/sqrt(head dim) at first."""
 
 
+class MoeConfig(Section):
+    experts: int = Field(default=0, ge=0)
+    """Experts per feed-forward layer (0: the dense SwiGLU, no mixture)."""
+    top_k: int = Field(default=2, ge=1)
+    """Experts each token goes to: token-choice top-k over a softmax router."""
+    normalize_top_k: bool = True
+    """Renormalise the k chosen probabilities to sum to one (Mixtral, Qwen3-MoE); false: mix with the router's
+    probabilities as they are (OLMoE, Switch), the choice for top_k = 1, where renormalised weights are all 1 and the
+    router would learn from the balancing loss alone. Without model.qk_norm only true exports (as Mixtral)."""
+    expert_dim: int | None = Field(default=None, ge=1)
+    """SwiGLU hidden size of each expert (None: the dense `ffn_dim` in use)."""
+    balance_coef: float = Field(default=0.01, ge=0)
+    """Weight of the auxiliary load-balancing loss, sequence-wise: experts × Σ_e f_e·P_e per sequence (f: share of
+    the sequence's token-expert assignments that went to e, P: mean router probability of e), averaged over
+    sequences and layers; 1 when perfectly balanced. Stateless, so a resume needs nothing extra. 0: none."""
+
+    @model_validator(mode="after")
+    def _experts_cover_top_k(self) -> MoeConfig:
+        if self.experts and self.top_k > self.experts:
+            raise ValueError(f"top_k = {self.top_k} exceeds experts = {self.experts}")
+        return self
+
+
 MODEL_FLAVORS: dict[str, dict] = {
     "debug": {"dim": 256, "n_layers": 4, "n_heads": 4},
     "125M": {"dim": 768, "n_layers": 12, "n_heads": 12},
@@ -210,6 +233,10 @@ MODEL_FLAVORS: dict[str, dict] = {
                     "tie_embeddings": True, "rope_theta": 1000000.0, "norm_eps": 1e-6},
     "qwen3-0.6B": {"dim": 1024, "n_layers": 28, "n_heads": 16, "n_kv_heads": 8, "head_size": 128, "ffn_dim": 3072,
                    "qk_norm": True, "tie_embeddings": True, "rope_theta": 1000000.0, "norm_eps": 1e-6},
+    "moe-debug": {"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "qk_norm": True,
+                  "moe": {"experts": 8, "top_k": 2, "expert_dim": 256}},
+    "olmoe-1B-7B": {"dim": 2048, "n_layers": 16, "n_heads": 16, "qk_norm": True, "rope_theta": 10000.0,
+                    "moe": {"experts": 64, "top_k": 8, "expert_dim": 1024, "normalize_top_k": False}},
 }
 """Named shapes (vocabulary excluded: it follows your tokenizer): a layer just above the defaults, so any
 source that sets a model field explicitly wins over the flavor."""
@@ -218,7 +245,8 @@ source that sets a model field explicitly wins over the flavor."""
 class ModelConfig(Section):
     flavor: Literal[tuple(MODEL_FLAVORS)] | None = None  # type: ignore[valid-type]
     """A named shape (`debug`, `125M`, `350M`, `llama3-1B`, `llama3-3B`, `llama3-8B`; with QK-norm, exporting to
-    Qwen3: `qwen3-debug`, `qwen3-0.6B`) filling the fields below that are not set explicitly."""
+    Qwen3: `qwen3-debug`, `qwen3-0.6B`; mixtures of experts: `moe-debug`, `olmoe-1B-7B`) filling the fields below
+    that are not set explicitly."""
     dim: int = Field(default=256, ge=8)
     """Hidden size (model width)."""
     n_layers: int = Field(default=4, ge=1)
@@ -249,6 +277,18 @@ class ModelConfig(Section):
     """Standard deviation of the initial weights (scaled by 1/sqrt(m) for hidden weights under muP)."""
     mup: MupConfig = MupConfig()
     """Maximal update parametrization."""
+    moe: MoeConfig = MoeConfig()
+    """Mixture of experts in place of every dense feed-forward (off with `experts: 0`)."""
+
+    @property
+    def expert_hidden(self) -> int:
+        """Each expert's SwiGLU hidden size."""
+        return self.moe.expert_dim or self.ffn_hidden
+
+    @property
+    def router_mult(self) -> float:
+        """Multiplier on the router's logits: 1/m under muP (the router is an output-like weight)."""
+        return 1.0 / self.width_mult
 
     @property
     def kv_heads(self) -> int:
@@ -303,6 +343,9 @@ class ParallelConfig(Section):
     """FSDP shard group size; -1 uses every rank left after `dp_replicate` and `tp`."""
     tp: int = Field(default=1, ge=1)
     """Tensor-parallel degree (within a node), with sequence parallelism."""
+    ep: int = Field(default=1, ge=1)
+    """Expert-parallel degree: only 1 for now. Experts are sharded by FSDP over the data-parallel ranks and, with
+    `tp` > 1, every TP rank runs all experts on the gathered sequence."""
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward: every block (`full`), or all but matmul/attention outputs (`selective`)."""
     compile: bool = False
@@ -521,6 +564,14 @@ class AnvilConfig(Section):
     def dp_size(self) -> int:
         """Data-parallel ranks: replicas × shard group size (TP ranks of one group read the same data)."""
         return self.parallel.dp_replicate * self.dp_shard
+
+    @property
+    def precision(self) -> Literal["bf16", "fp32"]:
+        """`train.mixed_precision` with `auto` resolved: bf16 on GPU, fp32 on CPU."""
+        choice = self.train.mixed_precision
+        if choice == "auto":
+            return "fp32" if self.cluster.device == "cpu" else "bf16"
+        return choice
 
 
 SECTIONS = tuple(AnvilConfig.model_fields)

@@ -28,7 +28,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.distributed_c10d import _set_pg_timeout
-from torch.distributed.tensor import DTensor
 
 from trainer.data.loader import build_loader
 from trainer.errors import EXIT_REFUSED, AnvilError
@@ -41,7 +40,7 @@ from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set
 from trainer.train.metrics import MetricsLogger, memory_gib, mfu
 from trainer.train.model import flops_per_token, num_params, param_plan, plain_name
 from trainer.train.monitors import MupMonitor
-from trainer.train.optim import build_optimizer, build_scheduler
+from trainer.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.train.parallelize import Layout, build_layout, build_model
 from trainer.train.preemption import PreemptionWatch
 from trainer.train.profiling import StepProfiler
@@ -53,10 +52,7 @@ class TrainingError(AnvilError):
 
 
 def compute_dtype(cfg: AnvilConfig) -> torch.dtype:
-    choice = cfg.train.mixed_precision
-    if choice == "auto":
-        choice = "fp32" if cfg.cluster.device == "cpu" else "bf16"
-    return torch.bfloat16 if choice == "bf16" else torch.float32
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
 
 
 RESTORABLE = ("model", "optimizer", "scheduler", "data", "step")
@@ -90,6 +86,9 @@ class Trainer:
         self.watch = PreemptionWatch(job, device)
         self.monitor = MupMonitor(self.model, cfg.model) if cfg.metrics.mup_monitors else None
         self.profiler = StepProfiler(cfg.metrics.profile_steps, job, rank, device, self.metrics.line)
+        # Token-expert assignments per MoE layer and expert since the last log line (this rank's).
+        self.expert_load = torch.zeros(len(self.model.mixtures()), cfg.model.moe.experts, dtype=torch.long,
+                                       device=device)
         self.heldout = None
         if cfg.eval.every:
             try:
@@ -236,6 +235,20 @@ class Trainer:
                     jobdir.append_event(self.job, "data_mix", os.environ.get("SLURM_JOB_ID", ""),
                                         f"step {self.step}: {message}")
 
+    def _expert_metrics(self, balance: torch.Tensor, steps: int) -> dict:
+        """Per MoE layer, the smallest and largest share of the token-expert assignments an expert got over the log
+        window (1/experts each when balanced), and the balancing loss (1 when balanced); nothing for a dense
+        model. Collective over the data-parallel ranks."""
+        if not len(self.expert_load):
+            return {}
+        load = self._reduce_dp(self.expert_load.clone()).double()
+        share = load / load.sum(dim=1, keepdim=True).clamp(min=1)
+        self.expert_load.zero_()
+        row = {"moe/balance_loss": self._reduce_dp(balance.clone()).item() / steps}
+        for i, layer in enumerate(share.tolist()):
+            row[f"moe/layer{i}/load_min"], row[f"moe/layer{i}/load_max"] = min(layer), max(layer)
+        return row
+
     # -- one optimizer step ----------------------------------------------------------------------------------
 
     def _reduce_dp(self, value: torch.Tensor) -> torch.Tensor:
@@ -252,6 +265,8 @@ class Trainer:
         global_tokens = int(self._reduce_dp(torch.tensor([local_tokens], device=self.device,
                                                           dtype=torch.float64)).item())
         loss_sum = torch.zeros((), device=self.device)
+        mixtures = self.model.mixtures()
+        balance_sum = torch.zeros((), device=self.device)
         for i, mb in enumerate(micro_batches):
             if self.layout.fsdp:
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -266,14 +281,18 @@ class Trainer:
                     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                            reduction="sum") / global_tokens
                     del logits
+            objective = loss
+            if mixtures:  # the balancing loss: its per-sequence values averaged over the global batch and layers
+                balance = sum(m.balance for m in mixtures) / (len(mixtures) * self.cfg.train.global_batch_size)
+                objective = loss + self.cfg.model.moe.balance_coef * balance
+                balance_sum += balance.detach()
+                self.expert_load += torch.stack([m.load for m in mixtures])
             # FSDP averages gradients over the data-parallel ranks; they are to be summed (gloo cannot
             # reduce with a custom divide factor, so the scale goes on the loss).
-            (loss * self.layout.dp_size).backward()
+            (objective * self.layout.dp_size).backward()
             loss_sum += loss.detach()
         clip = self.cfg.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
         if not torch.isfinite(grad_norm):
             loss = self._reduce_dp(loss_sum.clone())
             raise FloatingPointError(f"loss {loss.item():g}, gradient norm {grad_norm.item():g}")
@@ -282,7 +301,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": global_tokens}
+        return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": global_tokens, "balance": balance_sum}
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -316,6 +335,7 @@ class Trainer:
         batches = iter(self.loader)
         window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
         window_loss, window_steps = torch.zeros((), device=self.device), 0
+        window_balance = torch.zeros((), device=self.device)
         gc.disable()
         while self.step < cfg.train.steps:
             if self.watch.requested():
@@ -352,6 +372,7 @@ class Trainer:
             # Added on the device; read at the next log line. (Each step still syncs with the host three times:
             # the global token count, the finite-gradient check and the preemption flag.)
             window_loss += out["loss"]
+            window_balance += out["balance"]
             window_steps += 1
             if self.step == 1:  # start-up (compilation, first collectives) is over: hangs now fail fast
                 timeout = dt.timedelta(seconds=cfg.parallel.step_timeout_s)
@@ -370,9 +391,11 @@ class Trainer:
                     "mfu": mfu(per_device / self.layout.tp, flops, cfg.cluster.mfu_peak_tflops),
                     "memory_gib": memory_gib(self.device), "data_wait": data_wait / elapsed,
                     "step_time_s": elapsed / window_steps, **monitors,
+                    **self._expert_metrics(window_balance, window_steps),
                 })
                 window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
                 window_loss, window_steps = torch.zeros((), device=self.device), 0
+                window_balance = torch.zeros((), device=self.device)
             if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.train.steps):
                 self.evaluate()
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:

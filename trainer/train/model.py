@@ -145,13 +145,78 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class GroupedExperts(nn.Module):
+    """`experts` SwiGLUs stored as three stacked tensors (the layout of a grouped matmul, sharded by FSDP over the
+    experts): `w1`, `w3` `[experts, hidden, dim]`, `w2` `[experts, dim, hidden]`."""
+
+    def __init__(self, experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(experts, dim, hidden))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`x`: token rows sorted by expert, `counts[e]` of them for expert e; returns each row's expert output.
+        In bf16 (GPU, or CPU under autocast) one grouped matmul per weight runs every expert with no host sync, and
+        compiles; in fp32 (exact CPU numerics) a plain loop over the experts does."""
+        if torch.is_autocast_enabled(x.device.type):  # what autocast would do to a matmul
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        if x.dtype == torch.bfloat16:
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets)
+            up = torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
+            return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+        outputs = []
+        for e, part in enumerate(x.split(counts.tolist())):
+            outputs.append(F.linear(F.silu(F.linear(part, w1[e])) * F.linear(part, w3[e]), w2[e]))
+        return torch.cat(outputs)
+
+
+class MoE(nn.Module):
+    """Token-choice top-k mixture of SwiGLU experts: a softmax router picks k experts per token, their outputs are
+    mixed with the k probabilities (renormalised to sum to one unless `moe.normalize_top_k` is off). Each forward
+    leaves two statistics for the trainer (overwritten, never accumulated, so an activation-checkpointing
+    recompute changes nothing): `balance`, the sum over this batch's sequences of the sequence-wise balancing loss
+    (with its gradient), and `load`, how many token-expert assignments each expert got."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.experts, self.top_k, self.normalize = cfg.moe.experts, cfg.moe.top_k, cfg.moe.normalize_top_k
+        self.router = nn.Linear(cfg.dim, self.experts, bias=False)
+        self.router_mult = cfg.router_mult
+        self.grouped = GroupedExperts(self.experts, cfg.dim, cfg.expert_hidden)
+        self.balance: torch.Tensor | None = None
+        self.load: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        tokens = x.reshape(-1, dim)
+        probs = F.softmax(self.router(tokens).float() * self.router_mult, dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = chosen.flatten()
+        order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
+        per_sequence = torch.zeros(batch, self.experts, device=x.device).scatter_add_(
+            1, chosen.view(batch, -1), torch.ones(batch, length * self.top_k, device=x.device))
+        counts = per_sequence.sum(dim=0).long()  # static shapes (no bincount): it compiles in one graph
+        rows = self.grouped(tokens[order // self.top_k], counts)
+        rows = rows * weights.flatten()[order].unsqueeze(-1).to(rows.dtype)
+        out = torch.zeros_like(tokens).index_add_(0, order // self.top_k, rows.to(tokens.dtype))
+        share = per_sequence / (length * self.top_k)
+        self.balance = self.experts * (share * probs.view(batch, length, -1).mean(dim=1)).sum()
+        self.load = counts.detach()
+        return out.view(batch, length, dim)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoE(cfg) if cfg.moe.experts else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,6 +266,10 @@ class Transformer(nn.Module):
         if self.output is None:
             return self.logits(F.linear(h, self.tok_embeddings.weight))
         return self.logits(self.output(h))  # through the module, so that a tensor-parallel plan on it applies
+
+    def mixtures(self) -> list[MoE]:
+        """The MoE layers, in order (none in a dense model); found through any wrapper applied from outside."""
+        return [module for module in self.modules() if isinstance(module, MoE)]
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0,
@@ -269,26 +338,36 @@ def param_plan(cfg: ModelConfig) -> dict[str, ParamPlan]:
         plan["output.weight"] = ParamPlan("output", readout_std, 1.0, 1.0)
     hidden = ParamPlan("hidden", std / math.sqrt(m), 1.0 / m, m)
     query = ParamPlan("hidden", 0.0, 1.0 / m, m) if cfg.mup.enabled and cfg.mup.zero_query else hidden
+    ffn = (["feed_forward.grouped.w1", "feed_forward.grouped.w2", "feed_forward.grouped.w3"] if cfg.moe.experts else
+           ["feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"])
     for i in range(cfg.n_layers):
         plan[f"layers.{i}.attention.wq.weight"] = query
-        for name in ("attention.wk", "attention.wv", "attention.wo",
-                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
-            plan[f"layers.{i}.{name}.weight"] = hidden
+        for name in ("attention.wk.weight", "attention.wv.weight", "attention.wo.weight", *ffn):
+            plan[f"layers.{i}.{name}"] = hidden
+        if cfg.moe.experts:  # output-like: its logits carry a 1/m multiplier, like the readout's
+            plan[f"layers.{i}.feed_forward.router.weight"] = ParamPlan("output", std, 1.0, 1.0)
         norms = ("attention_norm", "ffn_norm") + (("attention.q_norm", "attention.k_norm") if cfg.qk_norm else ())
         for name in norms:
             plan[f"layers.{i}.{name}.weight"] = ParamPlan("vector", None, 1.0, 0.0)
     return plan
 
 
-def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
+def num_params(cfg: ModelConfig, embeddings: bool = True, active: bool = False) -> int:
+    """Parameters of the model; with `active`, only those a token uses (k experts of each mixture, and its router)."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     norms = 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
-    per_layer = cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.ffn_hidden + norms
+    if cfg.moe.experts:
+        experts = cfg.moe.top_k if active else cfg.moe.experts
+        ffn = experts * 3 * cfg.dim * cfg.expert_hidden + cfg.dim * cfg.moe.experts
+    else:
+        ffn = 3 * cfg.dim * cfg.ffn_hidden
+    per_layer = cfg.dim * (2 * q + 2 * kv) + ffn + norms
     emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
     return cfg.n_layers * per_layer + cfg.dim + (emb if embeddings else 0)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 × non-embedding-table parameters plus causal attention (PaLM's count)."""
-    dense = num_params(cfg, embeddings=False) + cfg.vocab_size * cfg.dim  # the readout matmul counts
+    """Training FLOPs per token: 6 × the non-embedding-table parameters a token uses (with experts: k of them, and
+    the router) plus causal attention (PaLM's count)."""
+    dense = num_params(cfg, embeddings=False, active=True) + cfg.vocab_size * cfg.dim  # the readout matmul counts
     return 6 * dense + 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

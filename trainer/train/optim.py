@@ -1,4 +1,4 @@
-"""AdamW with one parameter group per muP multiplier pair, and the learning-rate schedules.
+"""AdamW with one parameter group per muP multiplier pair, the learning-rate schedules, and gradient clipping.
 
 Groups are built from `model.named_parameters()` after parallelization (FSDP2 turns parameters into
 DTensors in place; names do not change) and `param_plan()`, so muP needs no tensor attributes.
@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.lr_scheduler import LambdaLR
 
 from trainer.launch.config import ModelConfig, OptimConfig
@@ -55,3 +56,22 @@ def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total: int, optim: OptimConfig) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(step, total, optim))
+
+
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` for parameters that live on different device meshes (experts not split over TP next to
+    TP-split weights, which one foreach norm refuses): each mesh's norm made whole, then combined. Returns the
+    total norm, a plain tensor."""
+    groups: dict[object, list[nn.Parameter]] = defaultdict(list)
+    for param in parameters:
+        if param.grad is not None:
+            groups[param.grad.device_mesh if isinstance(param.grad, DTensor) else None].append(param)
+    norms = []
+    for params in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    for mesh, params in groups.items():
+        whole = total if mesh is None else DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, whole, foreach=True)
+    return total

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -27,7 +28,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from trainer.launch.config import AnvilConfig
-from trainer.train.model import Transformer
+from trainer.train.model import MoE, Transformer
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -87,11 +88,22 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         })
+        if isinstance(block.feed_forward, MoE):
+            # No expert parallelism: each TP rank routes the whole (gathered) sequence through all experts, whose
+            # weights are not split over TP (FSDP still shards them over the data-parallel ranks); identical
+            # inputs make identical gradients, so nothing is summed over TP. The output keeps this rank's part.
+            parallelize_module(block, tp_mesh, {"feed_forward": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)})
+            parallelize_module(block, tp_mesh, {"feed_forward": PrepareModuleOutput(
+                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)})
+        else:
+            parallelize_module(block, tp_mesh, {
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            })
 
 
 _SAVED_OPS = {
