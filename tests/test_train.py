@@ -58,24 +58,20 @@ def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Pat
     _same_numerics(tmp_path, corpus, list(LAYOUTS))
 
 
-def test_qk_norm_and_document_masks_give_the_same_losses_in_every_layout(tmp_path: Path, corpus: Path) -> None:
-    """QK-norm with heads wider than dim / n_heads and grouped keys (the gains replicated over TP ranks), and
-    attention kept inside each document of a packed row (data.document_positions)."""
-    _same_numerics(tmp_path, corpus, ["1 process", "FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC"],
-                   "model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2", "model.mup.enabled=true",
-                   "model.mup.base_dim=32", "data.document_positions=true")
-
-
 MOE = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.expert_dim=48", "model.mup.enabled=true",
        "model.mup.base_dim=32"]
 """A small mixture of experts under muP (the router's logits scaled by 1/m)."""
 
 
-def test_a_mixture_of_experts_gives_the_same_losses_in_every_layout(tmp_path: Path, corpus: Path) -> None:
-    """Experts sharded by FSDP, and with TP every rank routing the gathered sequence through replicated experts;
-    the balancing loss's gradient is in the norms compared."""
+def test_qk_norm_masks_and_experts_give_the_same_losses_in_every_layout(tmp_path: Path, corpus: Path) -> None:
+    """QK-norm with heads wider than dim / n_heads and grouped keys (the gains replicated over TP ranks), attention
+    kept inside each document of a packed row (data.document_positions), and a mixture of experts: sharded by
+    FSDP, and with TP every rank routing the gathered sequence through unsplit experts (the balancing loss's
+    gradient is in the norms compared)."""
     _same_numerics(tmp_path, corpus, ["1 process", "FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC",
-                                      "FSDP 2 x TP 2"], *MOE)
+                                      "FSDP 2 x TP 2"],
+                   "model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2", "data.document_positions=true",
+                   *MOE)
 
 
 def test_expert_loads_are_a_function_of_the_seed_and_match_a_count_of_the_routers_choices(

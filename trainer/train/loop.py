@@ -327,8 +327,11 @@ class Trainer:
         if self.step == 0:
             self.metrics.print_plan(param_plan(cfg.model), shapes)
         flops = flops_per_token(cfg.model, cfg.data.seq_len)
+        moe = cfg.model.moe
+        active = (f" ({num_params(cfg.model, active=True) / 1e6:.1f}M active: {moe.top_k} of {moe.experts} experts)"
+                  if moe.experts else "")
         self.metrics.line(
-            f"model {num_params(cfg.model) / 1e6:.1f}M parameters, {flops / 1e9:.3f} GFLOP/token; "
+            f"model {num_params(cfg.model) / 1e6:.1f}M parameters{active}, {flops / 1e9:.3f} GFLOP/token; "
             f"mesh dp_replicate×dp_shard×tp = {'×'.join(map(str, self.layout.mesh.shape))}; "
             f"{self.dtype} compute; {self.accum} micro-batch(es) of {cfg.train.micro_batch_size} per step; "
             f"training steps {self.step + 1}..{cfg.train.steps}")
