@@ -171,6 +171,43 @@ def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpu
         in done.stdout, done.stdout[-2000:]
 
 
+MIXTRAL = {"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 512, "intermediate_size": 48, "num_local_experts": 4,
+           "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"model_type": "gpt2"}, "model_type is 'gpt2'"),
+    ({"num_local_experts": None}, "no 'num_local_experts', which a mixtral config holds"),
+    ({"num_experts_per_tok": 5}, "not a model this trainer can build (moe: Value error, top_k = 5 exceeds"),
+    ({"sliding_window": 4096}, "sliding-window attention is not supported"),
+    ({"model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 48, "mlp_only_layers": [0]},
+     "dense layers between its mixtures"),
+])
+def test_an_hf_config_the_model_cannot_take_is_refused_by_name(tmp_path: Path, changes: dict, fragment: str) -> None:
+    import json
+
+    from trainer.export.hf_import import model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in {**MIXTRAL, **changes}.items()
+                                                      if v is not None}))
+    with pytest.raises(ExportError) as refused:
+        model_config(tmp_path)
+    assert fragment in str(refused.value)
+
+
+def test_a_qwen3_moe_config_without_norm_topk_prob_mixes_raw_weights(tmp_path: Path) -> None:
+    import json
+
+    from trainer.export.hf_import import model_config
+
+    qwen = {**MIXTRAL, "model_type": "qwen3_moe", "num_experts": 4, "moe_intermediate_size": 48}
+    (tmp_path / "config.json").write_text(json.dumps(qwen))  # transformers' default: norm_topk_prob false
+    assert model_config(tmp_path).moe.normalize_top_k is False
+    (tmp_path / "config.json").write_text(json.dumps({**qwen, "norm_topk_prob": True}))
+    assert model_config(tmp_path).moe.normalize_top_k is True
+
+
 def test_upload_dry_run_lists_the_files_and_a_missing_token_is_named(tmp_path: Path, corpus: Path, capsys,
                                                                      monkeypatch) -> None:
     """No network here: everything up to the Hub calls is exercised, and the calls are recorded."""

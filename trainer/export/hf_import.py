@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from pydantic import ValidationError
 from safetensors import safe_open
 
 from trainer.export.hf import ExportError, folded, our_names
@@ -39,25 +40,33 @@ def model_config(hf_dir: Path, **overrides) -> ModelConfig:
         raise ExportError(f"{path}: attention or MLP biases have no place in this trainer's model")
     if hf.get("use_sliding_window") or (kind == "mixtral" and hf.get("sliding_window")):
         raise ExportError(f"{path}: sliding-window attention is not supported by this trainer")
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    rope = hf.get("rope_parameters") or {}
-    if (hf.get("rope_scaling") or rope.get("rope_type", "default")) not in (None, "default"):
-        raise ExportError(f"{path}: RoPE scaling ({hf.get('rope_scaling') or rope}) is not supported by this trainer")
-    fields = {
-        "dim": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
-        "n_kv_heads": hf.get("num_key_value_heads"), "vocab_size": hf["vocab_size"],
-        "ffn_dim": hf["intermediate_size"], "norm_eps": hf.get("rms_norm_eps", 1e-5),
-        "rope_theta": hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "qk_norm": kind in ("qwen3", "qwen3_moe"),
-        "head_size": None if head_dim * hf["num_attention_heads"] == hf["hidden_size"] else head_dim,
-    }
-    if kind == "mixtral":
-        fields["moe"] = {"experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"],
-                         "expert_dim": hf["intermediate_size"]}
-    elif kind == "qwen3_moe":
-        fields["moe"] = {"experts": hf["num_experts"], "top_k": hf["num_experts_per_tok"],
-                         "expert_dim": hf["moe_intermediate_size"], "normalize_top_k": bool(hf["norm_topk_prob"])}
-    return ModelConfig(**{**fields, **overrides})
+    try:
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or {}
+        if (hf.get("rope_scaling") or rope.get("rope_type", "default")) not in (None, "default"):
+            raise ExportError(f"{path}: RoPE scaling ({hf.get('rope_scaling') or rope}) is not supported by this "
+                              "trainer")
+        fields = {
+            "dim": hf["hidden_size"], "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
+            "n_kv_heads": hf.get("num_key_value_heads"), "vocab_size": hf["vocab_size"],
+            "ffn_dim": hf["intermediate_size"], "norm_eps": hf.get("rms_norm_eps", 1e-5),
+            "rope_theta": hf.get("rope_theta") or rope.get("rope_theta", 10000.0),
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "qk_norm": kind in ("qwen3", "qwen3_moe"),
+            "head_size": None if head_dim * hf["num_attention_heads"] == hf["hidden_size"] else head_dim,
+        }
+        if kind == "mixtral":
+            fields["moe"] = {"experts": hf["num_local_experts"], "top_k": hf["num_experts_per_tok"],
+                             "expert_dim": hf["intermediate_size"]}
+        elif kind == "qwen3_moe":
+            fields["moe"] = {"experts": hf["num_experts"], "top_k": hf["num_experts_per_tok"],
+                             "expert_dim": hf["moe_intermediate_size"],
+                             "normalize_top_k": bool(hf.get("norm_topk_prob", False))}  # transformers' default
+        return ModelConfig(**{**fields, **overrides})
+    except KeyError as exc:
+        raise ExportError(f"{path}: no {exc.args[0]!r}, which a {kind} config holds") from None
+    except ValidationError as exc:
+        problems = '; '.join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ExportError(f"{path}: not a model this trainer can build ({problems})") from None
 
 
 def _tensors(hf_dir: Path) -> dict[str, Path]:

@@ -38,7 +38,14 @@ from trainer.train import checkpoint, liger
 from trainer.train.distributed import init_distributed, log
 from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set
 from trainer.train.metrics import MetricsLogger, memory_gib, mfu
-from trainer.train.model import flops_per_token, num_params, param_plan, plain_name
+from trainer.train.model import (
+    GroupedExperts,
+    flops_per_token,
+    grouped_mm_runs,
+    num_params,
+    param_plan,
+    plain_name,
+)
 from trainer.train.monitors import MupMonitor
 from trainer.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.train.parallelize import Layout, build_layout, build_model
@@ -73,6 +80,15 @@ class Trainer:
         self.loader = build_loader(cfg.data, t.seed, layout.dp_rank, layout.dp_size,
                                    t.micro_batch_size * self.accum, pin_memory=device.type == "cuda")
         self.model = build_model(cfg, layout, device, self.dtype)
+        if self.model.mixtures() and self.dtype == torch.bfloat16 and not grouped_mm_runs(device):
+            if cfg.parallel.compile:
+                raise TrainingError(f"parallel.compile: experts compile as one grouped matmul, which torch "
+                                    f"{torch.__version__} cannot run in bf16 on this {device.type} device; set "
+                                    "parallel.compile=false (the experts then run one after another)")
+            self.metrics.line("model.moe: no bf16 grouped matmul on this device; the experts run one after another")
+            for module in self.model.modules():
+                if isinstance(module, GroupedExperts):
+                    module.grouped_mm = False
         if cfg.train.liger:
             problem = liger.liger_problem(device, layout.tp)
             if problem:

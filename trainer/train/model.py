@@ -154,6 +154,8 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(experts, hidden, dim))
         self.w3 = nn.Parameter(torch.empty(experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(experts, dim, hidden))
+        self.grouped_mm = True
+        """False where the device has no bf16 grouped matmul (see `grouped_mm_runs`): the loop runs instead."""
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`x`: token rows sorted by expert, `counts[e]` of them for expert e; returns each row's expert output.
@@ -162,7 +164,7 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # what autocast would do to a matmul
             x = x.to(torch.get_autocast_dtype(x.device.type))
         w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
-        if x.dtype == torch.bfloat16:
+        if x.dtype == torch.bfloat16 and self.grouped_mm:
             offsets = counts.cumsum(0).to(torch.int32)
             gate = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets)
             up = torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
@@ -171,6 +173,17 @@ class GroupedExperts(nn.Module):
         for e, part in enumerate(x.split(counts.tolist())):
             outputs.append(F.linear(F.silu(F.linear(part, w1[e])) * F.linear(part, w3[e]), w2[e]))
         return torch.cat(outputs)
+
+
+def grouped_mm_runs(device: torch.device) -> bool:
+    """Whether `torch._grouped_mm` runs in bf16 on `device`: not everywhere (ROCm on MI250X lacks it, for one)."""
+    try:
+        rows = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
+        weights = torch.zeros(2, 16, 16, dtype=torch.bfloat16, device=device)
+        torch._grouped_mm(rows, weights, offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 class MoE(nn.Module):
