@@ -1,6 +1,6 @@
 """The muP coordinate check: `python plots/coord_check.py [--widths ...] [--steps N] [--seeds N]
-[--grow heads|head_dim]` (also under torchrun: FSDP over the ranks). Writes plots/coord_check.png and .json;
-exits 1 if a verdict fails."""
+[--grow heads|head_dim] [--override KEY=VALUE ...] [--out DIR]` (also under torchrun: FSDP over the ranks). Writes
+plots/coord_check.png and .json (or into --out); exits 1 if a verdict fails."""
 
 import sys
 from pathlib import Path

@@ -93,6 +93,24 @@ def test_a_broken_mup_rule_is_caught(name: str, intact, monkeypatch: pytest.Monk
     assert any(where in failure for failure in result.failures), result.failures
 
 
+MOE = ["model.moe.experts=4", "model.moe.top_k=2"]
+MOE_SPEC = CoordSpec(widths=(64, 128, 256, 512), steps=10, seeds=2, lr=1e-3)
+
+
+def test_a_mixture_of_experts_passes_the_coordinate_check_and_a_forgotten_router_rule_is_caught(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Experts are hidden weights, the router output-like (its logits × 1/m): under muP the experts' output and
+    the router's learned logits stay flat with width; under SP, or with the router's 1/m forgotten, they grow."""
+    mup, sp = measure(MOE_SPEC, mup=True, extra=MOE), measure(MOE_SPEC, mup=False, extra=MOE)
+    print("muP", worst(mup, "router_update"), worst(mup, "mlp"), "SP", worst(sp, "router_update"), worst(sp, "mlp"))
+    assert any("router_update" in m for m in mup.slopes)
+    assert mup.passed, mup.failures
+    assert worst(sp, "router_update") >= 0.7 and worst(sp, "mlp") >= 1.0
+    monkeypatch.setattr(ModelConfig, "router_mult", property(lambda self: 1.0))
+    broken = measure(MOE_SPEC, mup=True, extra=MOE)
+    assert not broken.passed and worst(broken, "router_update") >= 0.7, broken.failures
+
+
 def test_fsdp_on_two_ranks_gives_the_same_coordinates(tmp_path: Path) -> None:
     """The plan is layout-independent: 2 FSDP ranks (each half the batch) record what one process records."""
     args = ["--widths", *map(str, QUICK.widths), "--steps", str(QUICK.steps), "--seeds", "1"]

@@ -5,8 +5,8 @@ parametrization (SP) they grow with it. The slope of log2(size) against log2(wid
 squares over every width) says which, and a verdict that can fail says so.
 
 Recorded (mean |x|, averaged over seeds): the embedding output, each block's attention logits, attention output
-and MLP output, and the output logits. Runs on one process or under torchrun (FSDP over the ranks: the plan is
-layout-independent, so the numbers agree).
+and MLP output (with experts: also how far training moved the router's logits), and the output logits. Runs on one
+process or under torchrun (FSDP over the ranks: the plan is layout-independent, so the numbers agree).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from trainer.data.tools import machine_texts
 from trainer.launch.config import AnvilConfig
 from trainer.launch.layers import load_config
 from trainer.train.distributed import process_group
+from trainer.train.model import MoE
 from trainer.train.optim import build_optimizer
 from trainer.train.parallelize import build_layout, build_model
 
@@ -112,6 +113,19 @@ def run_one(cfg: AnvilConfig, batch: torch.Tensor, steps: int) -> dict[int, dict
             sums[name] = output.detach().abs().mean().reshape(1)
         return hook
 
+    def watch_router(name: str, mult: float):
+        """How far training has moved the router's logits (multiplier included): `mult · (W - W_1) x`. The logits
+        themselves also hold the init's part, which muP lets vanish as 1/sqrt(m) (an output-like weight, like the
+        readout, whose zero init the check uses instead); the update's part is what muP keeps width-independent."""
+        first: list[torch.Tensor] = []
+
+        def hook(module, inputs, output) -> None:
+            weight = module.weight.detach()  # unsharded during its module's forward, also under FSDP
+            if not first:
+                first.append(weight.clone())
+            sums[name] = (F.linear(inputs[0].detach(), weight - first[0]).abs().mean() * mult).reshape(1)
+        return hook
+
     handles = [model.embedded.register_forward_hook(watch("embedding")),
                model.logits.register_forward_hook(watch("logits"))]
     for i, block in model.layers.items():
@@ -119,6 +133,9 @@ def run_one(cfg: AnvilConfig, batch: torch.Tensor, steps: int) -> dict[int, dict
         handles += [block.attention.scores.register_forward_hook(watch(f"layers.{i}.attn_logits")),
                     block.attention.register_forward_hook(watch(f"layers.{i}.attention")),
                     block.feed_forward.register_forward_hook(watch(f"layers.{i}.mlp"))]
+        if isinstance(block.feed_forward, MoE):
+            handles.append(block.feed_forward.router.register_forward_hook(
+                watch_router(f"layers.{i}.router_update", block.feed_forward.router_mult)))
     rows = batch.shape[0] // world
     mine = batch[layout.dp_rank * rows:(layout.dp_rank + 1) * rows]
     record: dict[int, dict[str, float]] = {}
@@ -245,11 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=CoordSpec.head_dim)
     parser.add_argument("--grow", choices=("heads", "head_dim"), default="heads")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "plots")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run, e.g. model.moe.experts=4 model.moe.top_k=2")
     args = parser.parse_args(argv)
     process_group()
     spec = CoordSpec(tuple(sorted(args.widths)), args.steps, args.seeds, args.lr, args.layers, args.head_dim,
                      args.grow)
-    results = [measure(spec, mup=True), measure(spec, mup=False)]
+    results = [measure(spec, mup=True, extra=args.override), measure(spec, mup=False, extra=args.override)]
     rank, _ = _world()
     code = 0 if all(r.passed for r in results) else 1
     if rank == 0:
