@@ -409,25 +409,28 @@ def test_compiled_blocks_and_bf16_train_close_to_fp32_eager(tmp_path: Path, corp
 
 
 def test_mup_monitors_agree_across_layouts_and_follow_the_learning_rate(tmp_path: Path, corpus: Path) -> None:
-    """metrics.mup_monitors: the per-role activation RMS and update-to-weight ratios, the same from 2 FSDP ranks as
-    from one process on the same global batches, and a 4x learning rate showing as a ~4x hidden update ratio; and
-    in a real run, on log steps only."""
+    """metrics.mup_monitors: the per-role activation RMS and update-to-weight ratios, the same from 2 FSDP ranks and
+    from 2 TP ranks as from one process on the same global batches (a mixture of experts, whose weights TP leaves
+    whole: counted once, not once per TP rank), and a 4x learning rate showing as a ~4x hidden update ratio; and in
+    a real run, on log steps only."""
     settings = ["metrics.mup_monitors=true", "model.mup.enabled=true", "model.mup.base_dim=32",
-                "optim.warmup_steps=0", "optim.schedule=constant", "train.mixed_precision=fp32"]
+                "optim.warmup_steps=0", "optim.schedule=constant", "train.mixed_precision=fp32",
+                "model.moe.experts=4", "model.moe.top_k=2"]
     found = {}
-    for ranks, lr in [(1, "1e-3"), (2, "1e-3"), (1, "4e-3")]:
-        job = make_job(tmp_path, f"monitors-{ranks}-{lr}", corpus, *settings, f"optim.lr={lr}",
-                       f"cluster.devices_per_node={ranks}", *(["parallel.dp_shard=2"] if ranks == 2 else []))
-        out = tmp_path / f"monitors-{ranks}-{lr}.json"
+    for ranks, split, lr in [(1, "", "1e-3"), (2, "dp_shard", "1e-3"), (2, "tp", "1e-3"), (1, "", "4e-3")]:
+        job = make_job(tmp_path, f"monitors-{ranks}{split}-{lr}", corpus, *settings, f"optim.lr={lr}",
+                       f"cluster.devices_per_node={ranks}", *([f"parallel.{split}=2"] if split else []))
+        out = tmp_path / f"monitors-{ranks}{split}-{lr}.json"
         numerics(job, ranks, out)
-        found[(ranks, lr)] = json.loads(Path(f"{out}.monitors").read_text())
-    one, two, faster = found[(1, "1e-3")], found[(2, "1e-3")], found[(1, "4e-3")]
+        found[(split, lr)] = json.loads(Path(f"{out}.monitors").read_text())
+    one, faster = found[("", "1e-3")], found[("", "4e-3")]
     keys = {"mup/act_rms/input", "mup/act_rms/hidden", "mup/act_rms/output", "mup/update_ratio/input",
             "mup/update_ratio/hidden", "mup/update_ratio/output", "mup/update_ratio/vector"}
     assert len(one) == 10 and all(set(step) == keys for step in one)
-    for a, b in zip(one, two, strict=True):
-        for key in keys:
-            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    for split in ("dp_shard", "tp"):
+        for a, b in zip(one, found[(split, "1e-3")], strict=True):
+            for key in keys:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (split, key)
     ratio = faster[0]["mup/update_ratio/hidden"] / one[0]["mup/update_ratio/hidden"]
     assert 3.0 < ratio < 5.0, ratio
 

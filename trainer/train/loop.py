@@ -100,7 +100,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=device.type == "cuda")
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.watch = PreemptionWatch(job, device)
-        self.monitor = MupMonitor(self.model, cfg.model) if cfg.metrics.mup_monitors else None
+        self.monitor = MupMonitor(self.model, cfg.model, layout.tp) if cfg.metrics.mup_monitors else None
         self.profiler = StepProfiler(cfg.metrics.profile_steps, job, rank, device, self.metrics.line)
         # Token-expert assignments per MoE layer and expert since the last log line (this rank's).
         self.expert_load = torch.zeros(len(self.model.mixtures()), cfg.model.moe.experts, dtype=torch.long,

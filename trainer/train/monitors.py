@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from trainer.train.model import Transformer, param_plan, plain_name
 
@@ -23,13 +23,24 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def _tp_copies(param: nn.Parameter, tp: int) -> int:
+    """On how many TP ranks this rank's part of `param` also lives: 1 where TP splits it, `tp` where every TP rank
+    holds the same (norm gains; experts and routers, which TP does not split)."""
+    names = (param.device_mesh.mesh_dim_names or ()) if isinstance(param, DTensor) else ()
+    split = "tp" in names and isinstance(param.placements[names.index("tp")], Shard)
+    return 1 if split else tp
+
+
 class MupMonitor:
-    def __init__(self, model: Transformer, plan_cfg) -> None:
+    def __init__(self, model: Transformer, plan_cfg, tp: int = 1) -> None:
         self.model = model
         plan = param_plan(plan_cfg)
         self.params: dict[str, list[nn.Parameter]] = {}
+        self.copies: dict[str, list[int]] = {}
         for name, param in model.named_parameters():
-            self.params.setdefault(plan[plain_name(name)].role, []).append(param)
+            role = plan[plain_name(name)].role
+            self.params.setdefault(role, []).append(param)
+            self.copies.setdefault(role, []).append(_tp_copies(param, tp))
         self.sums: dict[str, torch.Tensor] = {}
         self.handles: list = []
         self.before: dict[str, list[torch.Tensor]] = {}
@@ -62,8 +73,10 @@ class MupMonitor:
             for role in roles:
                 now = [_local(p).float() for p in self.params[role]]
                 was = [b.float() for b in self.before[role]]
-                update = torch.stack([(n - w).pow(2).sum() for n, w in zip(now, was, strict=True)]).sum()
-                weight = torch.stack([n.pow(2).sum() for n in now]).sum()
+                # Summed over every rank below: what several TP ranks hold alike counts once.
+                copies = self.copies[role]
+                update = torch.stack([(n - w).pow(2).sum() / c for n, w, c in zip(now, was, copies, strict=True)]).sum()
+                weight = torch.stack([n.pow(2).sum() / c for n, c in zip(now, copies, strict=True)]).sum()
                 rows.append(torch.stack([update, weight]))
         values = torch.stack(rows)
         if dist.is_initialized() and dist.get_world_size() > 1:
