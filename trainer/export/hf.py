@@ -75,8 +75,9 @@ def our_names(name: str) -> list[str]:
     return [f"layers.{layer}.{_BLOCK_BACK[module]}.{leaf}"]
 
 
-def hf_config(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, bos_id: int | None, eos_id: int | None
-              ) -> dict:
+def hf_family(cfg: ModelConfig) -> dict:
+    """The transformers class this model exports to, and the config fields only that class has; an ExportError
+    where vanilla transformers has none."""
     family = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers,
              "layer_types": ["full_attention"] * cfg.n_layers}
@@ -87,13 +88,23 @@ def hf_config(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, bos_id: 
                   "moe_intermediate_size": cfg.expert_hidden, "decoder_sparse_step": 1, "mlp_only_layers": [],
                   "router_aux_loss_coef": moe.balance_coef, "output_router_logits": False}
     elif moe.experts:  # Mixtral: Llama attention, every feed-forward a mixture (renormalised top-k)
+        if not moe.normalize_top_k:
+            raise ExportError("model.moe.normalize_top_k is false without model.qk_norm: transformers' Mixtral always "
+                              "renormalises the top-k weights, and its Qwen3-MoE (which need not) has QK-norm; "
+                              "this model has no vanilla transformers class (nothing was written)")
         family = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": None,
                   "num_local_experts": moe.experts, "num_experts_per_tok": moe.top_k, "router_jitter_noise": 0.0,
                   "router_aux_loss_coef": moe.balance_coef, "output_router_logits": False}
     elif cfg.qk_norm:  # Qwen3: Llama's blocks with a per-head RMSNorm on queries and keys before RoPE
         family = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qwen3}
+    return family
+
+
+def hf_config(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, bos_id: int | None, eos_id: int | None
+              ) -> dict:
+    moe = cfg.moe
     return {
-        **family,
+        **hf_family(cfg),
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
         "intermediate_size": cfg.expert_hidden if moe.experts and not cfg.qk_norm else cfg.ffn_hidden,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
@@ -214,11 +225,7 @@ def export(job_cfg: AnvilConfig, step_dir: Path, out: Path, dtype: torch.dtype =
         raise ExportError(f"{out} already exists: give a new output folder (nothing was written)")
     if not is_complete(step_dir):
         raise ExportError(f"{step_dir} is not a complete checkpoint (no completion marker): it was interrupted")
-    moe = job_cfg.model.moe
-    if moe.experts and not moe.normalize_top_k and not job_cfg.model.qk_norm:
-        raise ExportError("model.moe.normalize_top_k is false without model.qk_norm: transformers' Mixtral always "
-                          "renormalises the top-k weights, and its Qwen3-MoE (which need not) has QK-norm; "
-                          "this model has no vanilla transformers class (nothing was written)")
+    hf_family(job_cfg.model)  # refuses a model vanilla transformers has no class for, before any work
     with staged_dir(out) as tmp:
         cfg = job_cfg.model
         write_safetensors(hf_tensors(step_dir, cfg, dtype), tmp, shard_bytes)

@@ -214,9 +214,10 @@ class MoE(nn.Module):
         per_sequence = torch.zeros(batch, self.experts, device=x.device).scatter_add_(
             1, chosen.view(batch, -1), torch.ones(batch, length * self.top_k, device=x.device))
         counts = per_sequence.sum(dim=0).long()  # static shapes (no bincount): it compiles in one graph
-        rows = self.grouped(tokens[order // self.top_k], counts)
+        token_of = order // self.top_k
+        rows = self.grouped(tokens[token_of], counts)
         rows = rows * weights.flatten()[order].unsqueeze(-1).to(rows.dtype)
-        out = torch.zeros_like(tokens).index_add_(0, order // self.top_k, rows.to(tokens.dtype))
+        out = torch.zeros_like(tokens).index_add_(0, token_of, rows.to(tokens.dtype))
         share = per_sequence / (length * self.top_k)
         self.balance = self.experts * (share * probs.view(batch, length, -1).mean(dim=1)).sum()
         self.load = counts.detach()
