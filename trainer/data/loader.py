@@ -156,15 +156,14 @@ class _Batches(IterableDataset):
         try:
             while True:
                 batches = []
-                while len(batches) < size and (rows := stream.next_batch()):
+                while len(batches) < size:
+                    tokens, positions, valid = stream.next_batch()
+                    if not valid:
+                        break
                     # Plain int32 arrays travel between processes far more cheaply than tensors (no shared-memory
                     # handles); the main process turns them into the batch.
-                    batches.append({
-                        "tokens": np.stack([r[0] for r in rows]),
-                        "valid": [r[2] for r in rows],
-                        "positions": np.stack([r[1] for r in rows]) if self.spec.positions else None,
-                        "state": stream.state_dict(),
-                    })
+                    batches.append({"tokens": tokens, "valid": valid, "positions": positions,
+                                    "state": stream.state_dict()})
                 if not batches:
                     return
                 yield {"batches": batches, "worker": logical, "full": len(batches) == size}
@@ -179,15 +178,16 @@ def _keep(item: dict) -> dict:
 
 
 def _to_batch(item: dict) -> dict[str, torch.Tensor]:
-    tokens = torch.from_numpy(item["tokens"]).long()
-    labels = tokens[:, 1:].clone()
+    # In numpy, then wrapped: a few torch calls per batch cost more than the copies themselves.
+    tokens = item["tokens"].astype(np.int64)
+    labels = tokens[:, 1:].copy()
     size = tokens.shape[1]
     for row, valid in enumerate(item["valid"]):
         if valid < size:
             labels[row, max(valid - 1, 0):] = -100  # padding at the very end of a finite run
-    batch = {"input_ids": tokens[:, :-1].contiguous(), "labels": labels}
+    batch = {"input_ids": torch.from_numpy(tokens[:, :-1].copy()), "labels": torch.from_numpy(labels)}
     if item["positions"] is not None:
-        batch["positions"] = torch.from_numpy(item["positions"][:, :-1]).long()
+        batch["positions"] = torch.from_numpy(item["positions"][:, :-1].astype(np.int64))
     return batch
 
 
@@ -228,17 +228,19 @@ class TokenLoader:
         dataset = _Batches(self.spec, self.shape.dp_rank, self.shape.dp_size, self.shape.num_workers,
                            self.batch_size, copy.deepcopy(self._states), self._next, max(chunk - self._into, 1),
                            threads)
-        kwargs = {}
-        if self.shape.num_workers > 0:
+        if self.shape.num_workers == 0:
+            # In-process, torch's DataLoader would only wrap every item in a profiler record (~40 us a batch).
+            items = iter(dataset)
+        else:
             # fork is fast and safe while this process has never loaded in-process (the trainer's case: with
             # workers, it never does). After that, its reading and tokenizing threads may still be alive, and a
             # forked child would inherit their locks without them: start from a clean server instead.
             context = "forkserver" if _LOADED_HERE else "fork"
-            kwargs = {"prefetch_factor": max(-(-self.prefetch // chunk), 2), "persistent_workers": False,
-                      "multiprocessing_context": context}
-        loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=self.shape.num_workers, **kwargs)
+            items = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=self.shape.num_workers,
+                               prefetch_factor=max(-(-self.prefetch // chunk), 2), persistent_workers=False,
+                               multiprocessing_context=context)
         try:
-            for item in loader:
+            for item in items:
                 into = self._into if item["worker"] == self._next else 0
                 for i, part in enumerate(item["batches"], 1):
                     self._states[base + item["worker"]] = part["state"]
@@ -259,6 +261,9 @@ class TokenLoader:
             if "Original Traceback" in message:
                 message = message.rsplit("DataError: ", 1)[-1].strip()
             raise DataError(message) from None
+        finally:
+            if self.shape.num_workers == 0:
+                items.close()  # the in-process stream's threads end now, not when the generator is collected
 
     def __iter__(self) -> Iterator[dict]:
         # The loader must not keep its iterator: a loader <-> generator cycle is torn down by the

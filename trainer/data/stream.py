@@ -14,6 +14,7 @@ much of it was used, and re-read from its Parquet window on restore.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import os
@@ -98,24 +99,23 @@ class _Window:
         source_starts = (np.cumsum(counts) - counts)[self.rows]
         extra = 1 + (bos_id is not None)
         self.ends = np.cumsum(sizes + extra)
-        total = int(self.ends[-1]) if len(order) else 0
-        self.tokens = np.full(total, eos_id, dtype=np.int32)  # every document's last token stays EOS
+        self.end_list: list[int] = self.ends.tolist()  # the same, for the packer's scalar lookups (no numpy scalars)
+        total = self.end_list[-1] if self.end_list else 0
         if not total:
+            self.tokens = np.empty(0, dtype=np.int32)
             return
+        # One gather builds the whole layout: each document's positions read its content from `flat`, shifted by
+        # where it starts there; its BOS and EOS positions read two sentinels appended to `flat`.
         starts = self.ends - sizes - extra
+        source = np.concatenate([flat, np.array([eos_id, eos_id if bos_id is None else bos_id], dtype=np.int32)])
+        index = np.repeat(source_starts - starts - (extra - 1), sizes + extra) + np.arange(total)
+        index[self.ends - 1] = len(flat)
         if bos_id is not None:
-            self.tokens[starts] = bos_id
-        # Where each document's content goes and where it comes from, as two index arrays.
-        first = starts + (bos_id is not None)
-        content = np.repeat(first - np.cumsum(sizes) + sizes, sizes) + np.arange(int(sizes.sum()))
-        self.tokens[content] = flat[np.repeat(source_starts - np.cumsum(sizes) + sizes, sizes)
-                                    + np.arange(int(sizes.sum()))]
+            index[starts] = len(flat) + 1
+        self.tokens = source[index]
 
     def __len__(self) -> int:
-        return len(self.ends)
-
-    def start(self, doc: int) -> int:
-        return int(self.ends[doc - 1]) if doc else 0
+        return len(self.end_list)
 
 
 def _window_rng(spec: StreamSpec, source: Source, shard: int, epoch: int, unit_pos: int, window: int):
@@ -402,31 +402,32 @@ class ShardReader:
         """Up to `n` tokens from the cursor on: (tokens, where documents start in them, the rest of the last
         document if the piece ends inside it); None once finished. The cursor moves past every document the
         piece touches: a document's rest is the caller's from then on."""
-        if not self._load_window():
+        if self._docs is None and not self._load_window():
             return None
-        window, doc, offset = self._docs, self.cursor[3], self.cursor[4]
-        if doc >= len(window):  # an all-empty window: a turn with nothing in it
+        window, cursor = self._docs, self.cursor
+        ends, doc, offset = window.end_list, cursor[3], cursor[4]
+        count = len(ends)
+        if doc >= count:  # an all-empty window: a turn with nothing in it
             return self._next_window(window.tokens[:0], _EMPTY, None)
-        pos = window.start(doc) + offset
-        limit = len(window.tokens) if self.across_documents else int(window.ends[doc])
-        end = min(pos + n, limit)
+        pos = (ends[doc - 1] if doc else 0) + offset
+        end = min(pos + n, len(window.tokens) if self.across_documents else ends[doc])
         piece = window.tokens[pos:end]
-        done = int(np.searchsorted(window.ends, end, side="right"))  # documents [doc, done) end inside the piece
+        done = bisect.bisect_right(ends, end, doc)  # documents [doc, done) end inside the piece
         doc_starts = _EMPTY
         if self.spec.positions:
             starts = window.ends[doc:done] - pos  # the next document starts where one ends
             starts = starts[starts < len(piece)]
             doc_starts = np.concatenate([[0], starts]) if offset == 0 else starts
         held = None
-        if done < len(window) and end > window.start(done):  # the piece ends inside document `done`
-            first = window.start(done)
-            held = Held(self.source_index, self.shard, [*self.cursor[:3], int(window.rows[done])], end - first,
-                        window.tokens[end:int(window.ends[done])].copy())
+        if done < count and end > (ends[done - 1] if done else 0):  # the piece ends inside document `done`
+            first = ends[done - 1] if done else 0
+            held = Held(self.source_index, self.shard, [*cursor[:3], int(window.rows[done])], end - first,
+                        window.tokens[end:ends[done]].copy())
             done += 1
         self.stats.docs += done - doc
-        if done == len(window):
+        if done == count:
             return self._next_window(piece, doc_starts, held)
-        self.cursor[3], self.cursor[4] = done, 0
+        cursor[3], cursor[4] = done, 0
         return piece, doc_starts, held
 
     def _next_window(self, piece, doc_starts, held):
@@ -446,6 +447,7 @@ class _SourceState:
     turn: int = 0
     tokens: int = 0
     feed: WindowFeed | None = None
+    live: bool = True  # some reader has not reached the epoch limit
 
 
 @dataclass
@@ -478,7 +480,8 @@ class WorkerStream:
                 )
             for i, reader in enumerate(readers):
                 reader.index = i
-            self.sources.append(_SourceState(readers, mine.get("turn", 0) % len(readers), mine.get("tokens", 0)))
+            self.sources.append(_SourceState(readers, mine.get("turn", 0) % len(readers), mine.get("tokens", 0),
+                                             live=not all(r.finished for r in readers)))
         self.stats.docs = saved.get("docs", 0)
         self.stats.empty_docs = saved.get("empty_docs", 0)
         self.weights = np.array(list(self.spec.weights.values()), dtype=np.float64)
@@ -525,10 +528,12 @@ class WorkerStream:
 
     def _choose(self) -> int | None:
         """The source furthest below its share of the tokens so far (deterministic)."""
+        if len(self.sources) == 1:
+            return 0 if self.sources[0].live else None
         total = sum(s.tokens for s in self.sources)
         best, best_gap = None, -np.inf
         for i, s in enumerate(self.sources):
-            if all(r.finished for r in s.readers):
+            if not s.live:
                 continue
             gap = self.weights[i] * total - s.tokens
             if gap > best_gap:
@@ -547,13 +552,13 @@ class WorkerStream:
                         src.turn = (src.turn + 1) % len(src.readers)
                     return got
             src.turn = (src.turn + 1) % len(src.readers)
+        src.live = False  # every reader has reached the epoch limit
         return None
 
-    def _row(self, lane: int) -> tuple[np.ndarray, np.ndarray | None, int]:
-        """Row `lane` of the next batch: (tokens[seq_len + 1], positions or None, valid length)."""
-        size = self.spec.seq_len + 1
-        tokens = np.full(size, self.spec.eos_id, dtype=np.int32)
-        positions = np.zeros(size, dtype=np.int32) if self.spec.positions else None
+    def _fill(self, lane: int, tokens: np.ndarray, positions: np.ndarray | None) -> int:
+        """Fill row `lane` of the next batch (`tokens`, `positions`: its views, EOS and 0 beforehand); returns how
+        many tokens are valid (fewer only at the end of a finite run)."""
+        size = len(tokens)
         filled = 0
         while filled < size:
             held = self.lanes[lane]
@@ -571,22 +576,30 @@ class WorkerStream:
                 got = self._take(source, size - filled)
                 if got is None:
                     continue
-                piece, doc_starts, rest = got
-                self.lanes[lane] = rest
-            tokens[filled:filled + len(piece)] = piece
+                piece, doc_starts, self.lanes[lane] = got
+            n = len(piece)
+            tokens[filled:filled + n] = piece
             if positions is not None:  # restarting at every document start, and at the start of the row
-                rel = np.arange(len(piece))
-                marks = np.zeros(len(piece), dtype=np.int64)
+                marks = np.zeros(n, dtype=np.int64)
                 marks[doc_starts] = doc_starts
-                positions[filled:filled + len(piece)] = rel - np.maximum.accumulate(marks)
-            filled += len(piece)
-            self.sources[source].tokens += len(piece)
-        return tokens, positions, filled
+                positions[filled:filled + n] = np.arange(n) - np.maximum.accumulate(marks)
+            filled += n
+            self.sources[source].tokens += n
+        return filled
 
-    def next_batch(self) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
-        """The next batch's rows (fewer, or none, only at the end of a finite run)."""
-        rows = [self._row(lane) for lane in range(self.rows)]
-        return [r for r in rows if r[2] > 0]
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+        """The next batch: tokens `[rows, seq_len + 1]`, positions (or None) and each row's valid length; fewer rows,
+        or none, only at the end of a finite run."""
+        shape = (self.rows, self.spec.seq_len + 1)
+        tokens = np.full(shape, self.spec.eos_id, dtype=np.int32)
+        positions = np.zeros(shape, dtype=np.int32) if self.spec.positions else None
+        valid = [self._fill(lane, tokens[lane], None if positions is None else positions[lane])
+                 for lane in range(self.rows)]
+        if 0 in valid:
+            keep = [lane for lane, n in enumerate(valid) if n]
+            tokens, valid = tokens[keep], [valid[lane] for lane in keep]
+            positions = None if positions is None else positions[keep]
+        return tokens, positions, valid
 
     def state_dict(self) -> dict:
         # Sent with every batch: only the cursors of readers used since the last call are copied again.
