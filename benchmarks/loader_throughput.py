@@ -1,6 +1,6 @@
 """Tokens/s of the Anvil data loader against the tokenizer's own `encode_batch` and HF `datasets` streaming.
 
-    python benchmarks/loader_throughput.py [--max-mb 6] [--short-docs 200000] [--workers 0,1,2] [--rounds 3]
+    python benchmarks/loader_throughput.py [--max-mb 8] [--short-docs 200000] [--workers 0,1,2] [--rounds 3]
         [--compare CHECKOUT] [--docs 1000000]
 
 Two tables, each on the same text and the same cores: the demo corpus (built from this machine's own text as
@@ -17,7 +17,9 @@ one EOS each); the packers emit the non-padding `input_ids`.
 
 Every measurement runs in a fresh Python process (the tokenizer's thread pool is sized once per process,
 and one used before a fork is unsafe in the child), round by round so machine noise hits every row alike;
-medians, with the spread of the rounds (this VM's CPU is noisy). Timed: from opening the data to the last
+each round runs the variants in a new (seeded) order; tokens/s are medians, with the spread of the
+rounds, and each ratio is the median of the rounds' own ratios (this VM's speed drifts by +-20 % within minutes:
+two runs of one round share more of it than two medians do). Timed: from opening the data to the last
 batch (worker start-up included); not timed: interpreter start, imports, and what follows the last batch
 (worker shutdown), nor the fixed 5 s `datasets` 5.x sleeps when a Parquet stream ends. Goals: loader >= 0.9 x
 encode_batch_fast with 0 and 1 workers, and >= 1.0 x HF datasets.
@@ -36,6 +38,7 @@ import itertools
 import json
 import os
 import pickle
+import random
 import shutil
 import signal
 import statistics
@@ -244,7 +247,8 @@ def fmt_rate(x: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-mb", type=float, default=6, help="size of the demo corpus (text)")
+    parser.add_argument("--max-mb", type=float, default=8,
+                        help="size of the demo corpus (text; 8 MB is what `python -m trainer.data demo` builds)")
     parser.add_argument("--short-docs", type=int, default=200_000,
                         help="one-line documents for the second table (0: skip it)")
     parser.add_argument("--workers", default="0,1,2", help="loader num_workers values, comma-separated")
@@ -313,46 +317,61 @@ def throughput_table(args, console: Console, title: str, common: dict, workers: 
     if hf_missing is None:
         rows[hf_name] = {"kind": "hf"}
     results: dict[str, list[dict]] = {name: [] for name in rows}
+    shuffle = random.Random(0)
     for r in range(args.rounds):  # interleaved rounds: machine noise hits every variant alike
-        for name, job in rows.items():
-            results[name].append(run_child({**common, **job}, args.timeout))
+        order = list(rows)
+        shuffle.shuffle(order)  # a new order each round: no variant always runs after the same one
+        for name in order:
+            results[name].append(run_child({**common, **rows[name]}, args.timeout))
         console.print(f"{title}: round {r + 1}/{args.rounds} done", markup=False, soft_wrap=True)
+
+    def rate(got: dict) -> float | None:
+        return None if "error" in got else got["tokens"] / got["seconds"]
 
     rates: dict[str, float | None] = {}
     for name, got in results.items():
-        ok = [g for g in got if "error" not in g]
-        rates[name] = statistics.median(g["tokens"] / g["seconds"] for g in ok) if ok else None
-    refs = {"encode_batch": rates["encode_batch"], "encode_batch_fast": rates["encode_batch_fast"],
-            "HF datasets": rates.get(hf_name)}
-    table = Table(title=f"{title}, seq_len {SEQ_LEN}, batch {BATCH}, median of {args.rounds} rounds ({cores} cores)")
+        ok = [x for x in map(rate, got) if x is not None]
+        rates[name] = statistics.median(ok) if ok else None
+    refs = {"encode_batch": "encode_batch", "encode_batch_fast": "encode_batch_fast", "HF datasets": hf_name}
+    refs = {label: name for label, name in refs.items() if rates.get(name)}
+
+    def paired(name: str, ref: str) -> list[float]:
+        """The variant's rate over the reference's, round by round: this VM's speed drifts by +-20 % within
+        minutes, and a ratio of two runs minutes apart carries that drift; two runs of one round do much less."""
+        pairs = zip(map(rate, results[name]), map(rate, results[ref]), strict=True)
+        return [a / b for a, b in pairs if a is not None and b is not None]
+
+    table = Table(title=f"{title}, seq_len {SEQ_LEN}, batch {BATCH}, {args.rounds} rounds ({cores} cores); "
+                        "ratios: median of the rounds' own ratios, their range in brackets")
     for column in ("variant", "tokens", "seconds", "tokens/s", "range of rounds", *(f"× {r}" for r in refs)):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for name, got in results.items():
         ok = [g for g in got if "error" not in g]
         errors = [g["error"] for g in got if "error" in g]
         note = f" ({len(errors)} of {len(got)} failed: {errors[0]})" if errors else ""
-        rate = rates[name]
-        if rate is None:
+        if rates[name] is None:
             table.add_row(name + note, *["-"] * (4 + len(refs)))
             continue
         spread = [g["tokens"] / g["seconds"] for g in ok]
+        cells = []
+        for ref in refs.values():
+            ratios = paired(name, ref)
+            cells.append(f"{statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}]" if ratios else "-")
         table.add_row(name + note, f"{ok[0]['tokens']:,}", f"{statistics.median(g['seconds'] for g in ok):.2f}",
-                      fmt_rate(rate), f"{fmt_rate(min(spread))}–{fmt_rate(max(spread))}",
-                      *(f"{rate / ref:.2f}" if ref else "-" for ref in refs.values()))
+                      fmt_rate(rates[name]), f"{fmt_rate(min(spread))}–{fmt_rate(max(spread))}", *cells)
     if hf_missing:
         table.add_row(f"HF datasets: {hf_missing}", *["-"] * (4 + len(refs)))
     console.print(table)
 
-    loader_rates = {w: rates[f"anvil loader, num_workers={w}"] for w in workers}
-    if 1 in workers and 2 in workers and loader_rates[1] and loader_rates[2]:
-        console.print(f"scaling, num_workers 1 -> 2 on {cores} cores: x{loader_rates[2] / loader_rates[1]:.2f}",
-                      markup=False, soft_wrap=True)
+    names = {w: f"anvil loader, num_workers={w}" for w in workers}
+    if 1 in workers and 2 in workers and rates[names[1]] and rates[names[2]]:
+        scaling = statistics.median(paired(names[2], names[1]))
+        console.print(f"scaling, num_workers 1 -> 2 on {cores} cores: x{scaling:.2f}", markup=False, soft_wrap=True)
     goals = (("encode_batch_fast", 0.9, "the call the loader makes"), ("HF datasets", 1.0, "the common baseline"))
     for label, goal, why in goals:
-        ref = refs[label]
-        if ref is None:
+        if label not in refs:
             continue
-        ratios = {w: rate / ref for w, rate in loader_rates.items() if rate}
+        ratios = {w: statistics.median(r) for w, name in names.items() if (r := paired(name, refs[label]))}
         met = [f"num_workers={w} ({r:.2f})" for w, r in ratios.items() if r >= goal]
         missed = [f"num_workers={w} ({r:.2f})" for w, r in ratios.items() if r < goal]
         console.print(f"loader >= {goal} x {label} ({why}): {'meets' if met else 'misses'}; "
