@@ -117,6 +117,9 @@ class _Window:
     def __len__(self) -> int:
         return len(self.end_list)
 
+    def start(self, doc: int) -> int:
+        return self.end_list[doc - 1] if doc else 0
+
 
 def _window_rng(spec: StreamSpec, source: Source, shard: int, epoch: int, unit_pos: int, window: int):
     return default_rng([spec.seed, stable_hash(source.name), shard, epoch, unit_pos, window])
@@ -402,14 +405,14 @@ class ShardReader:
         """Up to `n` tokens from the cursor on: (tokens, where documents start in them, the rest of the last
         document if the piece ends inside it); None once finished. The cursor moves past every document the
         piece touches: a document's rest is the caller's from then on."""
-        if self._docs is None and not self._load_window():
+        if not self._load_window():
             return None
         window, cursor = self._docs, self.cursor
         ends, doc, offset = window.end_list, cursor[3], cursor[4]
         count = len(ends)
         if doc >= count:  # an all-empty window: a turn with nothing in it
             return self._next_window(window.tokens[:0], _EMPTY, None)
-        pos = (ends[doc - 1] if doc else 0) + offset
+        pos = window.start(doc) + offset
         end = min(pos + n, len(window.tokens) if self.across_documents else ends[doc])
         piece = window.tokens[pos:end]
         done = bisect.bisect_right(ends, end, doc)  # documents [doc, done) end inside the piece
@@ -419,8 +422,8 @@ class ShardReader:
             starts = starts[starts < len(piece)]
             doc_starts = np.concatenate([[0], starts]) if offset == 0 else starts
         held = None
-        if done < count and end > (ends[done - 1] if done else 0):  # the piece ends inside document `done`
-            first = ends[done - 1] if done else 0
+        if done < count and end > window.start(done):  # the piece ends inside document `done`
+            first = window.start(done)
             held = Held(self.source_index, self.shard, [*cursor[:3], int(window.rows[done])], end - first,
                         window.tokens[end:ends[done]].copy())
             done += 1
@@ -528,8 +531,6 @@ class WorkerStream:
 
     def _choose(self) -> int | None:
         """The source furthest below its share of the tokens so far (deterministic)."""
-        if len(self.sources) == 1:
-            return 0 if self.sources[0].live else None
         total = sum(s.tokens for s in self.sources)
         best, best_gap = None, -np.inf
         for i, s in enumerate(self.sources):
