@@ -116,7 +116,7 @@ def test_lumi_checklist() -> None:
     assert 'export MIOPEN_USER_DB_PATH="$NODE_LOCAL/miopen" MIOPEN_CUSTOM_CACHE_DIR="$NODE_LOCAL/miopen"' in script
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in script
     # srun launcher: one task per GCD, no torchrun; ranks come from SLURM_PROCID in the trainer.
-    assert "torch.distributed.run --nnodes" not in script
+    assert "trainer.train.torchrun --nnodes" not in script
     assert '"${RUN[@]}" "$PYTHON" -m trainer.train "$JOB_DIR")' in script
 
 
@@ -125,7 +125,7 @@ def test_nvidia_checklist() -> None:
     opts = sbatch_options(script)
     assert opts["gpus-per-node"] == "8" and opts["ntasks-per-node"] == "1" and opts["cpus-per-task"] == "64"
     assert "exclusive" in opts and opts["mem"] == "0" and "account" not in opts
-    assert '-m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES"' in script
+    assert '-m trainer.train.torchrun --nnodes="$SLURM_JOB_NUM_NODES"' in script
     assert '--rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d' in script
     assert '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in script
     assert "--nproc-per-node=8" in script and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in script
@@ -135,7 +135,7 @@ def test_nvidia_checklist() -> None:
 def test_nvidia_container() -> None:
     script = render("nvidia-container")
     assert 'RUN=(apptainer exec --nv --bind "$JOB_DIR" --bind "$CODE_DIR" /images/pytorch.sif)' in script
-    assert '"${RUN[@]}" "$PYTHON" -m torch.distributed.run' in script
+    assert '"${RUN[@]}" "$PYTHON" -m trainer.train.torchrun' in script
 
 
 def test_rendered_values_stay_literal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,9 +129,10 @@ RUN=(singularity exec --bind "$JOB_DIR" --bind "$CODE_DIR" --bind /var/spool/slu
 
 report_environment >"$JOB_DIR/logs/env-$SLURM_JOB_ID-$RESTART.txt" 2>&1 || true
 
+# trainer.train.torchrun is torchrun (same arguments) that reports a failed rank in one line, not a traceback.
 if [ "$LOCAL" = 1 ]; then
     # Local executor: one node, no SLURM daemons; torchrun starts the ranks on this machine.
-    LAUNCH=("${RUN[@]}" "$PYTHON" -m torch.distributed.run --standalone --nnodes=1
+    LAUNCH=("${RUN[@]}" "$PYTHON" -m trainer.train.torchrun --standalone --nnodes=1
         --nproc-per-node=8 -m trainer.train "$JOB_DIR")
 else
     # Rendezvous on the first node, at a port derived from the job id: fixed ports collide.

@@ -122,9 +122,10 @@ RUN=()
 
 report_environment >"$JOB_DIR/logs/env-$SLURM_JOB_ID-$RESTART.txt" 2>&1 || true
 
+# trainer.train.torchrun is torchrun (same arguments) that reports a failed rank in one line, not a traceback.
 if [ "$LOCAL" = 1 ]; then
     # Local executor: one node, no SLURM daemons; torchrun starts the ranks on this machine.
-    LAUNCH=("${RUN[@]}" "$PYTHON" -m torch.distributed.run --standalone --nnodes=1
+    LAUNCH=("${RUN[@]}" "$PYTHON" -m trainer.train.torchrun --standalone --nnodes=1
         --nproc-per-node=8 -m trainer.train "$JOB_DIR")
 else
     # Rendezvous on the first node, at a port derived from the job id: fixed ports collide.
@@ -134,7 +135,7 @@ else
     export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
     LAUNCH=(srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1
         --cpus-per-task=64
-        "${RUN[@]}" "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES"
+        "${RUN[@]}" "$PYTHON" -m trainer.train.torchrun --nnodes="$SLURM_JOB_NUM_NODES"
         --nproc-per-node=8 --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d
         --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --max-restarts=0
         -m trainer.train "$JOB_DIR")
