@@ -38,3 +38,16 @@ def test_a_ranks_exit_code_reaches_the_batch_script(tmp_path: Path) -> None:
     assert done.returncode == 75 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert exit_code(-signal.SIGKILL) == 128 + signal.SIGKILL  # killed by a signal: as a shell reports it
     assert exit_code(3) == 3
+
+
+def test_a_cancelled_launcher_says_so_in_one_line(tmp_path: Path) -> None:
+    rank = tmp_path / "rank.py"
+    rank.write_text("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(75))\n"
+                    "print('up', flush=True)\ntime.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.train.torchrun", "--standalone", "--nproc-per-node=1",
+                             str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env())
+    assert proc.stdout.readline() == "up\n"
+    proc.send_signal(signal.SIGTERM)  # what scancel sends every process of the step
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == "anvil: torchrun stopped by SIGTERM; its ranks got the signal too"

@@ -3,7 +3,8 @@
 When a rank exits with an error, torchrun raises `ChildFailedError` out of its entry point: the job's error log
 then ends in the launcher's own stack trace and a failure table, under the rank's clear message (a refused config,
 a damaged checkpoint). Here the rank's message stands as the last word, the launcher adds one line naming the
-rank and its exit code, and exits with that code (2: refused, 75: preempted; torchrun's own is always 1).
+rank and its exit code, and exits with that code (2: refused, 75: preempted; torchrun's own is always 1). A signal
+that stops torchrun itself (cancellation) is one line too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
@@ -29,6 +31,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"anvil: rank {rank} on {socket.gethostname()} exited with code {failure.exitcode} (its own output "
               "is above)", file=sys.stderr)
         return exit_code(failure.exitcode)
+    except SignalException as exc:  # scancel, a time limit: torchrun has passed the signal on to its ranks
+        print(f"anvil: torchrun stopped by {exc.sigval.name}; its ranks got the signal too", file=sys.stderr)
+        return 128 + exc.sigval
     return 0
 
 
