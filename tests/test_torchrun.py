@@ -12,9 +12,12 @@ from tests.train_helpers import trainer_env
 from trainer.train.torchrun import exit_code
 
 
+def command(launcher: str, *target: str) -> list[str]:
+    return [sys.executable, "-m", launcher, "--standalone", "--nproc-per-node=1", *target]
+
+
 def launch(launcher: str, *target: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", launcher, "--standalone", "--nproc-per-node=1", *target],
-                          capture_output=True, text=True, timeout=300, env=trainer_env())
+    return subprocess.run(command(launcher, *target), capture_output=True, text=True, timeout=300, env=trainer_env())
 
 
 def test_a_refused_config_ends_in_the_trainers_message_not_a_traceback(tmp_path: Path) -> None:
@@ -44,8 +47,8 @@ def test_a_cancelled_launcher_says_so_in_one_line(tmp_path: Path) -> None:
     rank = tmp_path / "rank.py"
     rank.write_text("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(75))\n"
                     "print('up', flush=True)\ntime.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.train.torchrun", "--standalone", "--nproc-per-node=1",
-                             str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env())
+    proc = subprocess.Popen(command("trainer.train.torchrun", str(rank)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=trainer_env())
     assert proc.stdout.readline() == "up\n"
     proc.send_signal(signal.SIGTERM)  # what scancel sends every process of the step
     _, err = proc.communicate(timeout=120)

@@ -33,7 +33,7 @@ def main(argv: Sequence[str]) -> int:
         return exit_code(failure.exitcode)
     except SignalException as exc:  # scancel, a time limit: torchrun has passed the signal on to its ranks
         print(f"anvil: torchrun stopped by {exc.sigval.name}; its ranks got the signal too", file=sys.stderr)
-        return 128 + exc.sigval
+        return exit_code(-exc.sigval)
     return 0
 
 
