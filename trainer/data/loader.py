@@ -9,6 +9,7 @@ what workers have prefetched). TP ranks of one DP group build the same loader an
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import os
 from collections.abc import Iterator
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.launch.config import DataConfig
 from trainer.data.sources import DataError, open_source
 from trainer.data.stream import StreamSpec, WorkerStream, load_tokenizer
+from trainer.launch.config import DataConfig
+from trainer.processes import die_with_parent, ignore_stop_signals, stop_signals_blocked
 
 STATE_VERSION = 2
 """2: rows hold the rest of the document they are in (`lanes`, `pending`), and the mix's weights are recorded.
@@ -172,6 +174,15 @@ class _Batches(IterableDataset):
             stream.close()
 
 
+def _worker_start(rank_pid: int | None, worker_id: int) -> None:
+    """A data worker never decides: TERM/INT/HUP/USR2 sent to its process group or to every process of a step
+    (scancel, torchrun stopping its ranks) pass it by, so that its rank can still read the batches of the step it
+    finishes and checkpoint; and it dies with its rank, however the rank ends (kill -9 included), instead of
+    living on re-parented to PID 1 with the step's output pipes open."""
+    ignore_stop_signals()
+    die_with_parent(parent=rank_pid)
+
+
 def _keep(item: dict) -> dict:
     """No collation: torch's default would walk the state dict of every batch."""
     return item
@@ -236,9 +247,12 @@ class TokenLoader:
             # workers, it never does). After that, its reading and tokenizing threads may still be alive, and a
             # forked child would inherit their locks without them: start from a clean server instead.
             context = "forkserver" if _LOADED_HERE else "fork"
-            items = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=self.shape.num_workers,
-                               prefetch_factor=max(-(-self.prefetch // chunk), 2), persistent_workers=False,
-                               multiprocessing_context=context)
+            start = functools.partial(_worker_start, os.getpid() if context == "fork" else None)
+            loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=self.shape.num_workers,
+                                prefetch_factor=max(-(-self.prefetch // chunk), 2), persistent_workers=False,
+                                multiprocessing_context=context, worker_init_fn=start)
+            with stop_signals_blocked():  # the workers start with them held back, until they ignore them
+                items = iter(loader)
         try:
             for item in items:
                 into = self._into if item["worker"] == self._next else 0

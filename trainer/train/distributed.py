@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
 
@@ -12,12 +12,15 @@ import torch
 import torch.distributed as dist
 
 from trainer.launch.config import AnvilConfig
+from trainer.processes import node_name
 
 
 def log(rank: int, message: str) -> None:
     """One line of a rank's log, prefixed with its rank and node (the tests and users grep for these)."""
-    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-    print(f"anvil[rank {rank} {node}]: {message}", flush=True)
+    node = node_name()
+    # A log that cannot be written (the launcher gone, the output's disk full) must not stop the rank.
+    with contextlib.suppress(OSError, ValueError):
+        print(f"anvil[rank {rank} {node}]: {message}", flush=True)
 
 
 CACHE_VARIABLES = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MIOPEN_USER_DB_PATH")

@@ -1,19 +1,20 @@
-"""Stop at a step boundary when SLURM asks: every rank agrees, then the caller checkpoints and exits.
+"""Stop at a step boundary when asked: every rank agrees, then the caller checkpoints and exits.
 
-Signal handlers only set a flag (work inside a handler can land mid-backward or mid-write); the
-`PREEMPT` trigger file is checked by rank 0 alone, so thousands of ranks do not stat a shared
-filesystem every step; one all-reduce makes the decision common to all ranks.
+What asks: a stop signal to any rank (TERM, INT, HUP, USR2: noted by `trainer.processes.record_stop_signals`, never
+acted on inside the handler, which could land mid-backward or mid-write), or the batch shell's `PREEMPT` trigger
+file, which rank 0 alone checks (thousands of ranks must not stat a shared filesystem every step). One all-reduce per
+step makes the decision, and its cause, common to all ranks: the cause ranked last in `PREEMPT_CAUSES` wins, so a stop
+(TERM) outranks a requeue (USR2) that another rank heard.
 """
 
 from __future__ import annotations
-
-import signal
 
 import torch
 import torch.distributed as dist
 
 from trainer.files import write_atomic
-from trainer.launch.jobdir import JobDir
+from trainer.launch.jobdir import PREEMPT_CAUSES, TRIGGER_CAUSE, JobDir
+from trainer.processes import record_stop_signals, stop_signals_received
 
 
 class PreemptionWatch:
@@ -21,23 +22,24 @@ class PreemptionWatch:
         self.trigger = job.preempt
         self.marker = job.preempted
         self.device = device
-        self.signalled = False
-        # SIGTERM: SLURM's cancellation/time limit (and torchrun's forwarding of it); SIGUSR2: srun-launched
-        # ranks that receive the signal directly.
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            signal.signal(sig, self._on_signal)
+        self.cause: str | None = None
+        record_stop_signals()  # already on in a rank started by `python -m trainer.train`; tools too
 
-    def _on_signal(self, signum, frame) -> None:
-        self.signalled = True
+    def _local_cause(self) -> int:
+        heard = [PREEMPT_CAUSES.index(s.name) for s in stop_signals_received() if s.name in PREEMPT_CAUSES]
+        if dist.get_rank() == 0 and self.trigger.exists():
+            heard.append(PREEMPT_CAUSES.index(TRIGGER_CAUSE))
+        return max(heard, default=-1)
 
     def requested(self) -> bool:
         """True on every rank once any rank was signalled or the trigger file exists (a collective)."""
-        local = self.signalled or (dist.get_rank() == 0 and self.trigger.exists())
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        code = torch.tensor([float(self._local_cause() + 1)], device=self.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        found = int(code.item()) - 1
+        self.cause = PREEMPT_CAUSES[found] if found >= 0 else None
+        return self.cause is not None
 
     def mark_preempted(self, step: int) -> None:
-        """Call after the checkpoint is complete: tells the batch shell to requeue."""
+        """After the checkpoint is complete: tells the batch shell the step and the cause (it requeues or stops)."""
         if dist.get_rank() == 0:
-            write_atomic(self.marker, f"{step}\n")
+            write_atomic(self.marker, f"{step} {self.cause}\n")

@@ -1,21 +1,34 @@
-"""`python -m trainer.train.torchrun ARGS`: torchrun (same arguments), reporting a failed rank in one line.
+"""`python -m trainer.train.torchrun ARGS`: torchrun (same arguments), a transparent launcher for Anvil's ranks.
 
-When a rank exits with an error, torchrun raises `ChildFailedError` out of its entry point: the job's error log
-then ends in the launcher's own stack trace and a failure table, under the rank's clear message (a refused config,
-a damaged checkpoint). Here the rank's message stands as the last word, the launcher adds one line naming the
-rank and its exit code, and exits with that code (2: refused, 75: preempted; torchrun's own is always 1). A signal
-that stops torchrun itself (cancellation) is one line too.
+Two things torchrun does its own way, done here the way a SLURM job needs them:
+
+- **Signals.** torchrun meets TERM/INT/HUP by stopping its ranks itself, with SIGKILL 30 s later, and dies of USR2.
+  Here every stop signal (TERM, INT, HUP, USR2) is passed on to the ranks (with CONT, as SLURM sends it, so that a
+  stopped rank hears it too) and torchrun keeps waiting: the ranks agree on a step, checkpoint and exit, however long
+  the checkpoint takes (SLURM's KillWait bounds it on a cluster). A signal before the ranks exist ends torchrun at
+  once: there is nothing to save yet.
+- **Failures.** When a rank exits with an error, torchrun raises `ChildFailedError`: the job's error log would end in
+  the launcher's own stack trace and a failure table, under the rank's clear message. Here the rank's message stands
+  as the last word, the launcher adds one line naming the rank and its exit code, and exits with that code (2:
+  refused, 75: preempted, 128 + N: killed by signal N; torchrun's own is always 1). A rank killed by a signal could
+  not say why it ended, so the launcher records that in the job's ERROR (the first reason recorded stays).
 """
 
 from __future__ import annotations
 
-import socket
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import parse_args, run
+
+from trainer.launch import jobdir
+from trainer.processes import STOP_SIGNALS, children, die_with_parent, node_name, send
 
 
 def exit_code(code: int) -> int:
@@ -23,15 +36,59 @@ def exit_code(code: int) -> int:
     return 128 - code if code < 0 else code or 1
 
 
+class _Forward:
+    """Stop signals to this launcher go to its ranks; the first one is remembered."""
+
+    def __init__(self) -> None:
+        self.first: signal.Signals | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        sig = signal.Signals(signum)
+        self.first = self.first or sig
+        ranks = children(os.getpid())
+        if not ranks:
+            raise SignalException(f"got {sig.name} before any rank started", sigval=sig)
+        send(ranks, signal.SIGCONT)
+        send(ranks, sig)
+
+
+def _job(args) -> jobdir.JobDir | None:
+    """The job directory when the ranks run Anvil's trainer (`-m trainer.train JOB`)."""
+    if args.module and args.training_script == "trainer.train" and args.training_script_args:
+        return jobdir.JobDir(Path(args.training_script_args[0]).resolve())
+    return None
+
+
 def main(argv: Sequence[str]) -> int:
+    args = parse_args(list(argv))
+    forward = _Forward()
+    if hasattr(args, "signals_to_handle"):  # torch >= 2.9: torchrun handles only what it is told to
+        args.signals_to_handle = "SIGQUIT"
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, forward)
+    die_with_parent(signal.SIGTERM)  # the batch shell or srun's step gone: the ranks checkpoint and stop
     try:
-        run(parse_args(list(argv)))
+        run(args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        print(f"anvil: rank {rank} on {socket.gethostname()} exited with code {failure.exitcode} (its own output "
-              "is above)", file=sys.stderr)
+        host = node_name()
+        if failure.exitcode >= 0:
+            print(f"anvil: rank {rank} on {host} exited with code {failure.exitcode} (its own output is above)",
+                  file=sys.stderr)
+            return exit_code(failure.exitcode)
+        killed = (f"rank {rank} on {host} was killed by {signal.Signals(-failure.exitcode).name} (pid {failure.pid}: "
+                  "by hand, by the kernel's out-of-memory killer, or a crash)")
+        print(f"anvil: {killed}", file=sys.stderr)
+        job = _job(args)
+        if job is not None and job.path.is_dir():
+            jobdir.write_error(job, "killed", killed)
         return exit_code(failure.exitcode)
-    except SignalException as exc:  # scancel, a time limit: torchrun has passed the signal on to its ranks
+    except RendezvousError as exc:  # the store's host (another node's torchrun) is gone: the job is over
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"anvil: torchrun on {node_name()} lost the job's rendezvous ({cause}): another node's launcher is "
+              "gone", file=sys.stderr)
+        return jobdir.EXIT_LOST
+    except SignalException as exc:  # a signal before the ranks started, or a torch without signals_to_handle
         print(f"anvil: torchrun stopped by {exc.sigval.name}; its ranks got the signal too", file=sys.stderr)
         return exit_code(-exc.sigval)
     return 0
