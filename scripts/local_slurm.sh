@@ -164,13 +164,18 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=600
 KillWait=30
+# Preemption as on shared clusters: a job in 'urgent' preempts jobs in 'main', which get SIGTERM, GraceTime
+# seconds, and are requeued.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 EOF
     for ((i = 1; i <= nodes; i++)); do
         printf 'NodeName=n%d NodeHostname=%s NodeAddr=127.0.0.1 Port=%d CPUs=%s Sockets=%s CoresPerSocket=%s ThreadsPerCore=%s RealMemory=%s State=UNKNOWN\n' \
             "$i" "$host" "$((BASE_PORT + i))" "$cpus" "$sockets" "$cores" "$threads" "$mem"
         list+="${list:+,}n${i}"
     done
-    printf 'PartitionName=main Nodes=%s Default=YES MaxTime=INFINITE State=UP\n' "$list"
+    printf 'PartitionName=main Nodes=%s Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=30\n' "$list"
+    printf 'PartitionName=urgent Nodes=%s MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF\n' "$list"
 }
 
 any_slurm_daemon_running() {

@@ -81,7 +81,9 @@ def test_common_checklist(name: str) -> None:
     assert "requeue" in opts and opts["open-mode"] == "append"
     assert opts["output"] == f"{JOB_DIR}/logs/%x-%j.out" and opts["error"] == f"{JOB_DIR}/logs/%x-%j.err"
     assert opts["chdir"] == str(CODE_DIR)
-    assert "trap 'preempt USR2' USR2" in script and 'touch "$PREEMPT_FILE"' in script
+    # Every stop signal is noted and passed to the trainer through the trigger file, never fatal to the shell.
+    assert 'for sig in USR2 TERM INT HUP; do' in script and 'trap "note_signal $sig" "$sig"' in script
+    assert 'touch "$PREEMPT_FILE"' in script
     assert '"${LAUNCH[@]}" &' in script and 'wait "$STEP_PID"' in script  # interruptible wait
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script and 'if [ "$RESTART" -ge "$MAX_RESTARTS" ]' in script
     assert "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in script  # no fixed port

@@ -32,6 +32,7 @@ CODE_DIR=/scratch/project_465000001/anvil
 PYTHON=python
 MAX_RESTARTS=3
 RETRY_ON_FAILURE=0
+REQUEUED_ERRORS=lost # requeued even without job.retry_on_failure
 PREEMPTED_EXIT=75
 PREEMPT_FILE="$JOB_DIR"/PREEMPT
 PREEMPTED_FILE="$JOB_DIR"/PREEMPTED
@@ -43,27 +44,86 @@ SECRET_NAMES='TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL|PRIVATE_KEY'
 RESTART=${SLURM_RESTART_COUNT:-0}
 LOCAL=0
 if [ "${ANVIL_EXECUTOR:-slurm}" = local ]; then LOCAL=1; fi
+
+# Stop signals (SLURM: TERM on scancel, preemption and the time limit, USR2 before the time limit; the local executor:
+# INT for Ctrl-C, TERM, HUP) are noted, never fatal: the trainer is told through the trigger file (rank 0 polls it
+# every step; the ranks usually got the signal themselves too), checkpoints and exits, and the end decides what next.
+SIGNAL=""
+note_signal() {
+    SIGNAL=${SIGNAL:-$1}
+    echo "anvil: $1 received at $(date -u +%H:%M:%S); asking the trainer to checkpoint and stop" 2>/dev/null || true
+    touch "$PREEMPT_FILE" 2>/dev/null || true
+}
+for sig in USR2 TERM INT HUP; do
+    # shellcheck disable=SC2064  # the signal's name goes in now, on purpose
+    trap "note_signal $sig" "$sig"
+done
 cd "$CODE_DIR"
 
-# event NAME [REASON]: one JSON line per lifecycle event, for status tools (the reason made safe for JSON).
+# Every write into the job directory is allowed to fail (a full disk): the job still ends with its reason told.
 event() {
     local reason
     reason=$(printf '%s' "${2:-}" | tr -d '\000-\037' | sed 's/\\/\\\\/g; s/"/\\"/g')
     printf '{"time": "%s", "event": "%s", "job_id": "%s", "restart": %d, "nodes": "%s", "reason": "%s"}\n' \
         "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$1" "$SLURM_JOB_ID" "$RESTART" "${SLURM_JOB_NODELIST:-}" "$reason" \
-        >>"$EVENTS_FILE"
+        >>"$EVENTS_FILE" 2>/dev/null || true
 }
 
-# trainer_error: the first line of the trainer's own reason for stopping, if it wrote one.
+# tell REASON: put the job's end where the user looks: the SLURM job's comment (`squeue -o %k`, `scontrol show job`,
+# and sweep.py status), which lives in slurmctld, not on the job's own file system.
+tell() {
+    if [ "$LOCAL" = 0 ]; then
+        scontrol update JobId="$SLURM_JOB_ID" Comment="anvil: $(printf '%s' "$1" | tr -d '\000-\037' | cut -c1-400)" \
+            >/dev/null 2>&1 || true
+    fi
+}
+
+# The trainer's own reason for stopping (its ERROR marker: `<kind>: <message>`), else what its exit code says.
+error_kind() {
+    local kind=""
+    if [ -s "$ERROR_FILE" ]; then kind=$(head -n 1 "$ERROR_FILE" 2>/dev/null | cut -d: -f1); fi
+    if [ -z "$kind" ]; then
+        case $1 in
+        2) kind=refused ;;
+        74) kind=disk ;;
+        76) kind=lost ;;
+        124) kind=hung ;;
+        *) if [ "$1" -gt 128 ]; then kind=killed; else kind=crash; fi ;;
+        esac
+    fi
+    echo "$kind"
+}
 trainer_error() {
-    if [ -s "$ERROR_FILE" ]; then printf ' (%s)' "$(head -n 1 "$ERROR_FILE" | cut -c1-300)"; fi
+    if [ -s "$ERROR_FILE" ]; then
+        printf ' (%s)' "$(head -n 1 "$ERROR_FILE" 2>/dev/null | cut -c1-300)"
+    elif [ "$1" -gt 128 ]; then
+        printf ' (killed by SIG%s)' "$(kill -l $(($1 - 128)) 2>/dev/null || echo "nal $(($1 - 128))")"
+    elif [ "$1" = 74 ]; then
+        printf ' (disk: out of space or failing where the job writes; the trainer could not record more)'
+    fi
 }
 
 fail() {
-    printf '%s\njob %s, restart %s, %s\n' "$1" "$SLURM_JOB_ID" "$RESTART" "$(date -u)" >"$FAILED_FILE"
-    event failed "$1"
-    echo "anvil: FAILED: $1" >&2
+    local reason=$1
+    if ! printf '%s\njob %s, restart %s, %s\n' "$reason" "$SLURM_JOB_ID" "$RESTART" "$(date -u)" >"$FAILED_FILE" \
+        2>/dev/null; then
+        local where="the job's comment: scontrol show job $SLURM_JOB_ID"
+        if [ "$LOCAL" = 1 ]; then where="the terminal of submit.py"; fi
+        reason="$reason [$FAILED_FILE could not be written (a full or failing disk); this reason is on $where]"
+    fi
+    event failed "$reason"
+    tell "FAILED: $reason"
+    echo "anvil: FAILED: $reason" >&2 || true
     exit "${2:-1}"
+}
+
+# stopped SIGNAL REASON: checkpoint saved, not run again (scancel, Ctrl-C, a stop signal SLURM did not send to
+# requeue). The exit code is a shell's for that signal (130 for INT, 143 for TERM): not 75, which means "run me again".
+stopped() {
+    event stopped "$2"
+    tell "stopped: $2"
+    echo "anvil: stopped: $2" || true
+    exit $((128 + $(kill -l "$1" 2>/dev/null || echo 15)))
 }
 
 # requeue REASON: run again from the last checkpoint, at most MAX_RESTARTS times per SLURM job.
@@ -72,14 +132,37 @@ requeue() {
         fail "restart limit reached (job.max_restarts = $MAX_RESTARTS) after: $1"
     fi
     event requeue "$1"
-    echo "anvil: requeueing ($1); restart $((RESTART + 1)) of at most $MAX_RESTARTS"
+    echo "anvil: requeueing ($1); restart $((RESTART + 1)) of at most $MAX_RESTARTS" || true
     if [ "$LOCAL" = 1 ]; then
         exit "$PREEMPTED_EXIT" # the local executor runs the script again
     fi
     if scontrol requeue "$SLURM_JOB_ID"; then
         exit 0
     fi
+    case $(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null) in
+    PENDING | REQUEUED | REQUEUE_HOLD | REQUEUE_FED) # SLURM requeued it itself (a failed node: srun reported it)
+        echo "anvil: SLURM has requeued the job itself" || true
+        exit 0
+        ;;
+    esac
     fail "could not requeue after: $1 (job cancelled, or requeue not allowed); resubmit with: sbatch $JOB_DIR/slurm.sh"
+}
+
+# What SLURM is doing with this job, when a stop signal ended the step: preempted (SLURM requeues a preempted job only
+# if it is still running when the grace time ends, so the script requeues it), timeout (the time limit's TERM: the
+# USR2 warning came too late), cancelled; nothing while the job simply runs on (a signal sent by someone else).
+slurm_ending() {
+    local info
+    info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || return 0
+    if [[ "$info" =~ PreemptTime=([^ ]+) ]] && [ "${BASH_REMATCH[1]}" != None ]; then
+        echo preempted
+    elif [[ "$info" =~ JobState=(RUNNING|SUSPENDED|CONFIGURING)\  ]]; then
+        return 0
+    elif [ -n "$END_AT" ] && [ "$(date +%s)" -ge $((END_AT - 5)) ]; then
+        echo timeout
+    else
+        echo cancelled
+    fi
 }
 
 report_environment() {
@@ -93,20 +176,16 @@ report_environment() {
 }
 
 # A new attempt starts clean: markers left by the previous one would mislead the trainer and status.
-mkdir -p "$JOB_DIR/logs" "$JOB_DIR/checkpoints"
+mkdir -p "$JOB_DIR/logs" "$JOB_DIR/checkpoints" 2>/dev/null || true
 rm -f "$PREEMPT_FILE" "$PREEMPTED_FILE" "$DONE_FILE" "$FAILED_FILE" "$ERROR_FILE"
-echo "$RESTART" >"$JOB_DIR"/RESTARTS
+if [ -n "$SIGNAL" ]; then touch "$PREEMPT_FILE" 2>/dev/null || true; fi
+echo "$RESTART" >"$JOB_DIR"/RESTARTS 2>/dev/null || true
 event start
 echo "anvil: job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart $RESTART on ${SLURM_JOB_NODELIST:-?} at $(date -u)"
-
-# SLURM sends USR2 job.signal_lead seconds before the time limit (or on `scancel --signal=USR2 --batch`),
-# and TERM on cancellation: the trainer polls the trigger every step, checkpoints and exits.
-preempt() {
-    echo "anvil: $1 received at $(date -u +%H:%M:%S); asking the trainer to checkpoint and stop"
-    touch "$PREEMPT_FILE"
-}
-trap 'preempt USR2' USR2
-trap 'preempt TERM' TERM
+END_AT=""
+if [ "$LOCAL" = 0 ]; then
+    END_AT=$(date -d "$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)" +%s 2>/dev/null) || END_AT=""
+fi
 
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 export OMP_NUM_THREADS=7
@@ -147,6 +226,10 @@ else
         "${RUN[@]}" "$PYTHON" -m trainer.train "$JOB_DIR")
 fi
 
+if [ -n "$SIGNAL" ]; then # stopped before the step started: there is nothing to save
+    if [ "$SIGNAL" = USR2 ]; then requeue "$SIGNAL before the step started"; fi
+    stopped "$SIGNAL" "$SIGNAL before the step started; nothing to save"
+fi
 echo "anvil: launching: ${LAUNCH[*]}"
 # In the background, so that the traps above run while the step is going (bash defers them otherwise).
 "${LAUNCH[@]}" &
@@ -158,16 +241,41 @@ while :; do
     if [ "$STEP_RC" -gt 128 ] && kill -0 "$STEP_PID" 2>/dev/null; then continue; fi
     break
 done
-echo "anvil: step exited with code $STEP_RC at $(date -u)"
+echo "anvil: step exited with code $STEP_RC at $(date -u)" || true
 
-if [ -e "$PREEMPTED_FILE" ] || [ "$STEP_RC" -eq "$PREEMPTED_EXIT" ]; then
-    requeue "preempted at step $(cat "$PREEMPTED_FILE" 2>/dev/null || echo '?'), checkpoint saved"
+STOPPED_AT="" CAUSE=""
+if [ -s "$PREEMPTED_FILE" ]; then read -r STOPPED_AT CAUSE <"$PREEMPTED_FILE" || true; fi
+if [ -n "$STOPPED_AT" ] || [ "$STEP_RC" -eq "$PREEMPTED_EXIT" ]; then
+    # Checkpoint saved. The signal the shell got and the one the ranks agreed on: a stop (TERM, INT, HUP) outranks a
+    # requeue (USR2, the trigger).
+    AT="step ${STOPPED_AT:-?}, checkpoint saved"
+    BY=${SIGNAL:-${CAUSE#SIG}}
+    case "$SIGNAL ${CAUSE#SIG}" in *TERM*) BY=TERM ;; *INT*) BY=INT ;; *HUP*) BY=HUP ;; esac
+    if [ "$BY" = USR2 ]; then
+        requeue "preempted at $AT (USR2: the time limit is near)"
+    elif [ "$BY" = trigger ] || [ -z "$BY" ]; then
+        requeue "preempted at $AT (the PREEMPT trigger)"
+    fi
+    RESUME="resume with: sbatch $JOB_DIR/slurm.sh"
+    if [ "$LOCAL" = 1 ]; then
+        stopped "$BY" "stopped by SIG$BY at $AT; run the same command again to resume"
+    fi
+    case $(slurm_ending) in
+    preempted) requeue "preempted by SLURM (SIG$BY) at $AT" ;;
+    timeout) requeue "time limit reached (SIG$BY) at $AT; raise job.signal_lead if the USR2 warning came too late" ;;
+    cancelled) stopped "$BY" "cancelled (SIG$BY, scancel) at $AT; $RESUME" ;;
+    *) stopped "$BY" "stopped by SIG$BY at $AT (a signal to the job's processes, not SLURM ending the job); $RESUME" ;;
+    esac
 elif [ "$STEP_RC" -eq 0 ]; then
-    printf 'job %s, restart %s, %s\n' "$SLURM_JOB_ID" "$RESTART" "$(date -u)" >"$DONE_FILE"
+    printf 'job %s, restart %s, %s\n' "$SLURM_JOB_ID" "$RESTART" "$(date -u)" >"$DONE_FILE" 2>/dev/null || true
     event "done"
     echo "anvil: DONE"
-elif [ "$RETRY_ON_FAILURE" = 1 ]; then
-    requeue "trainer exited with code $STEP_RC$(trainer_error)"
 else
-    fail "trainer exited with code $STEP_RC$(trainer_error); see $JOB_DIR/logs/" "$STEP_RC"
+    KIND=$(error_kind "$STEP_RC")
+    REASON="trainer exited with code $STEP_RC$(trainer_error "$STEP_RC")"
+    case " $REQUEUED_ERRORS " in *" $KIND "*) requeue "$REASON" ;; esac
+    if [ "$RETRY_ON_FAILURE" = 1 ]; then
+        requeue "$REASON"
+    fi
+    fail "$REASON; see $JOB_DIR/logs/" "$STEP_RC"
 fi

@@ -386,6 +386,22 @@ class OptimConfig(Section):
     """The learning rate at the end of a decay, as a fraction of `lr`."""
 
 
+class RollbackConfig(Section):
+    max: int = Field(default=3, ge=0, le=1000)
+    """Rollbacks allowed per job: a non-finite loss or gradient norm, or a loss spike, reloads the newest whole
+    checkpoint and skips the data of the step that caused it; past this many, the job fails (0: fail at once)."""
+    spike_window: int = Field(default=50, ge=0)
+    """Recent steps a loss is compared with (0: only non-finite values roll back). No spike is called before the
+    window is full."""
+    spike_sigma: float = Field(default=6.0, gt=0)
+    """A spike: a loss this many standard deviations above the window's mean ..."""
+    spike_rise: float = Field(default=0.1, ge=0)
+    """... and this fraction above the mean too (so that a quiet window's tiny deviation is not a spike)."""
+
+
+STEP_RANGE = r"^\d+(-\d+)?$"
+
+
 class TrainConfig(Section):
     steps: int = Field(default=1000, ge=1)
     """Optimizer steps to train for."""
@@ -403,6 +419,28 @@ class TrainConfig(Section):
     the plain path."""
     gc_every: int = Field(default=50, ge=1)
     """Run Python's garbage collector every this many steps, on all ranks at once (no random straggler pauses)."""
+    rollback: RollbackConfig = RollbackConfig()
+    """What a non-finite loss or a loss spike does."""
+    skip_steps: list[Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=STEP_RANGE)]] = []
+    """Steps whose data is drawn and thrown away (each then trains on the next batch): numbers or ranges such as
+    `1200-1399`, e.g. to step over the data of a loss spike by hand. Rollbacks add theirs (events.jsonl)."""
+
+    @field_validator("skip_steps")
+    @classmethod
+    def _ranges_ascend(cls, items: list) -> list:
+        for item in items:
+            first, _, last = str(item).partition("-")
+            if last and int(last) < int(first):
+                raise ValueError(f"the range '{item}' runs backwards: write {last}-{first}")
+        return items
+
+    def skipped(self) -> set[int]:
+        """Every step in `skip_steps`, ranges spelled out."""
+        steps: set[int] = set()
+        for item in self.skip_steps:
+            first, _, last = str(item).partition("-")
+            steps.update(range(int(first), int(last or first) + 1))
+        return steps
 
 
 class DatasetSpec(Section):

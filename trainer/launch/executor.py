@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from trainer.launch.jobdir import DONE, FAILED, PREEMPTED, JobDir, known_job_ids, read_events
+from trainer.launch.jobdir import DONE, END_EVENTS, FAILED, PREEMPTED, JobDir, known_job_ids, read_events
 
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
                            "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"})
@@ -95,8 +95,12 @@ def recorded_state(job: JobDir) -> JobState:
         return JobState("NOT_SUBMITTED", None, "job directory")
     latest = ids[-1]
     events = read_events(job)
-    if any(e["event"] == "cancel" and str(e["job_id"]) == latest for e in events):
-        return JobState("CANCELLED", latest, "job directory")
+    mine = [e for e in events if str(e["job_id"]) == latest]
+    ended = [e for e in mine if e["event"] in END_EVENTS]
+    said = str(ended[-1].get("reason") or "") if ended else ""
+    if any(e["event"] == "cancel" for e in mine):
+        cancel = next(str(e.get("reason") or "") for e in mine if e["event"] == "cancel")
+        return JobState("CANCELLED", latest, "job directory", said or cancel)
     started = [e for e in events if e["event"] == "start"]
     if not started or str(started[-1]["job_id"]) != latest:  # every attempt's start clears the old markers
         return JobState("UNKNOWN", latest, "job directory", "left the queue without starting")
@@ -110,7 +114,8 @@ def recorded_state(job: JobDir) -> JobState:
     if marker == FAILED:
         return JobState("FAILED", latest, "job directory", text.splitlines()[0] if text else "")
     assert marker == PREEMPTED
-    return JobState("PREEMPTED", latest, "job directory", f"stopped at the checkpoint of step {text or '?'}")
+    step = text.split()[0] if text else "?"
+    return JobState("PREEMPTED", latest, "job directory", said or f"stopped at the checkpoint of step {step}")
 
 
 def executor_for(name: str) -> Executor:

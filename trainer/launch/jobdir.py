@@ -31,6 +31,7 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,11 @@ LOGS = "logs"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
-"""One JSON line per attempt start, requeue and end, appended by the batch shell."""
+"""One JSON line per attempt start, requeue and end, appended by the batch shell; the tools add `cancel`, the
+trainer `rollback`, `checkpoint_damaged`, `init_from` and `data_mix`."""
+END_EVENTS = ("done", "failed", "stopped", "requeue")
+"""How the batch script ends an attempt: finished; failed (the reason); stopped at a checkpoint and not run again
+(cancelled, interrupted); requeued (preemption, the time limit, a lost node)."""
 WANDB_ID = "wandb-run-id"
 EVAL = "eval"
 PROFILES = "profiles"
@@ -71,18 +76,45 @@ FAILED = "FAILED"
 RESTARTS = "RESTARTS"
 """SLURM_RESTART_COUNT of the current attempt."""
 ERROR = "ERROR"
-"""Written by a trainer rank that stops on an error: `<kind>: <its message's first line>`, kind being `refused`
-(bad input, a NaN loss: it would fail again), `oom` (out of memory: it would fail again) or `crash`."""
-REPEATING_ERRORS = ("refused", "oom")
+"""The first reason any process of the job gave for stopping on an error: `<kind>: <its message's first line>`.
+The first one written stays (a peer's collateral error never replaces it); the kinds are ERROR_KINDS."""
+ERROR_KINDS = {
+    "refused": "bad input a person must fix (config, data, checkpoint)",
+    "diverged": "the loss stayed non-finite or spiking after the allowed rollbacks",
+    "oom": "out of memory",
+    "disk": "out of disk space, over quota, or an I/O error where the job writes",
+    "killed": "a rank was killed by a signal (kill -9, the kernel's OOM killer, a segfault)",
+    "lost": "a rank stopped answering because its process or its node is gone",
+    "hung": "no rank made progress within the timeout (a stopped rank, a collective that never completes)",
+    "crash": "an unexpected error (a bug: its traceback is in the log)",
+}
+REPEATING_ERRORS = ("refused", "diverged", "oom", "disk")
 """Error kinds a plain retry would meet again."""
+REQUEUED_ERRORS = ("lost",)
+"""Error kinds the batch script requeues even without `job.retry_on_failure` (within `job.max_restarts`), as SLURM
+requeues a job whose node failed: the allocation broke, not the job."""
 COMPLETE = "COMPLETE"
 """In `checkpoints/step-N/`: the step is whole (written last, atomically)."""
 DAMAGED = ".damaged"
 """Suffix of a complete step found damaged later (files missing or cut short) and set aside: `step-N.damaged`."""
 
 PREEMPTED_EXIT = 75
-"""Exit code of a trainer that checkpointed on request and wants to be requeued (EX_TEMPFAIL). A file as well as a
-code, because torchrun reports any failing worker as exit code 1."""
+"""Exit code of a trainer that checkpointed on request (EX_TEMPFAIL). A file (PREEMPTED) as well as a code: a
+launcher between trainer and shell may not pass the code on (srun reports the highest code of its tasks)."""
+EXIT_DISK = 74
+"""The trainer stopped because the job's storage is full or failing (EX_IOERR): meant for when not even ERROR can be
+written."""
+EXIT_LOST = 76
+"""The trainer stopped because a peer rank is gone (its process or node): ERROR kind `lost`."""
+EXIT_HUNG = 124
+"""The trainer's watchdog ended a rank that made no progress within the timeout (as timeout(1) exits): kind `hung`."""
+
+TRIGGER_CAUSE = "trigger"
+PREEMPT_CAUSES = (TRIGGER_CAUSE, "SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM")
+"""What made the trainer checkpoint and stop, as PREEMPTED names it after the step (`<step> <cause>`): the PREEMPT
+trigger file, or a signal to one of the ranks. When ranks heard different ones, the last in this order wins: a stop
+(TERM, INT, HUP) outranks a requeue (the trigger, USR2). The batch script requeues on a requeue cause and stops on a
+stop cause (unless SLURM is preempting the job or its time limit was reached)."""
 
 _LOG = "{name}-{job_id}.{stream}"
 _ENV_REPORT = "env-{job_id}-{restart}.txt"
@@ -419,18 +451,48 @@ def git_state() -> dict[str, Any]:
     }
 
 
-def append_event(job: JobDir, event: str, job_id: str, reason: str = "") -> None:
-    """One more line of events.jsonl, as the batch script writes them (the tools add `cancel`)."""
-    line = {"time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "event": event, "job_id": job_id,
-            "restart": 0, "nodes": "", "reason": reason}
-    with open(job.events, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
+def append_event(job: JobDir, event: str, job_id: str | None = None, reason: str = "", **fields: Any) -> bool:
+    """One more line of events.jsonl, as the batch script writes them (the tools add `cancel`, the trainer
+    `rollback`, `checkpoint_damaged`, ...): inside a job, its id, restart and nodes come from SLURM's variables.
+    Returns whether it was written (a full disk loses the line, not the job)."""
+    env = os.environ
+    try:
+        restart = int(env.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        restart = 0
+    line = {"time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "event": event,
+            "job_id": job_id if job_id is not None else env.get("SLURM_JOB_ID", ""), "restart": restart,
+            "nodes": env.get("SLURM_JOB_NODELIST", "") if job_id is None else "", "reason": reason, **fields}
+    try:
+        with open(job.events, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        return True
+    except OSError:
+        return False
 
 
-def write_error(job: JobDir, kind: str, message: str) -> None:
-    """The trainer's own reason for stopping, for the FAILED marker and for deciding whether a retry can help."""
+def write_error(job: JobDir, kind: str, message: str) -> bool:
+    """Record a process's reason for stopping, for the FAILED marker and for deciding whether a retry can help: only
+    if no process of this attempt has recorded one yet (the first failure is the cause; what follows is collateral).
+    Returns whether it was recorded. Never raises: on a full or failing disk the reason stays in the log and exit
+    code."""
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"unknown error kind {kind!r}")
     first = next((line.strip() for line in message.splitlines() if line.strip()), "")[:500]
-    write_atomic(job.error, f"{kind}: {first}\n")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=job.path, prefix=f".{ERROR}.")
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{kind}: {first}\n")
+        os.link(tmp, job.error)  # atomic and exclusive, on NFS and Lustre too: the first one wins
+        return True
+    except OSError:  # FileExistsError: another process was first; ENOSPC and the like: nowhere to write it
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def read_error(job: JobDir) -> tuple[str, str] | None:

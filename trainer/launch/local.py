@@ -2,7 +2,9 @@
 
 For laptops and machines with no cluster: the same script, the same markers and logs, the same requeue protocol
 (the script exits with PREEMPTED_EXIT where it would call `scontrol requeue`, and the executor runs it again).
-Ctrl-C plays the part of SLURM's USR2: the trainer checkpoints and stops; a second Ctrl-C kills. While it runs,
+Ctrl-C (like TERM and HUP to this process) plays the part of scancel: the trainer checkpoints and stops; a second
+Ctrl-C kills every process of the run. Whatever of a run outlives its script is ended, as SLURM ends a job's
+processes; if this executor itself is killed, the script gets TERM and the job checkpoints and stops. While it runs,
 `local-run.json` in the job directory names this process, so that other commands see the run and can stop it
 (`cancel` is a Ctrl-C from afar).
 """
@@ -26,6 +28,7 @@ from trainer.files import write_atomic
 from trainer.launch.config import AnvilConfig
 from trainer.launch.executor import Executor, JobState, Submission
 from trainer.launch.jobdir import PREEMPTED_EXIT, JobDir, append_event, record_submission
+from trainer.processes import STOP_SIGNALS, die_with_parent, end_processes, process_start, send, with_environment
 
 
 def new_job_id() -> str:
@@ -34,12 +37,28 @@ def new_job_id() -> str:
 
 
 def _pump(source: IO[bytes], sink: IO[bytes], echo: IO[bytes] | None) -> None:
+    """Copy the job's output to its log (and the terminal) to the end. A log that cannot be written any more (a full
+    disk) is said once on the terminal and the copying goes on: the job must never block on a full pipe."""
+    broken = False
     for line in iter(source.readline, b""):
-        sink.write(line)
-        sink.flush()
+        if not broken:
+            try:
+                sink.write(line)
+                sink.flush()
+            except OSError as exc:
+                broken = True
+                _say(echo, f"anvil: cannot write {sink.name} any more ({exc.strerror}); the rest of this job's "
+                           "output goes to this terminal only\n")
         if echo is not None:
-            echo.write(line)
-            echo.flush()
+            with contextlib.suppress(OSError):
+                echo.write(line)
+                echo.flush()
+
+
+def _say(echo: IO[bytes] | None, text: str) -> None:
+    with contextlib.suppress(OSError):
+        (echo or sys.stderr.buffer).write(text.encode())
+        (echo or sys.stderr.buffer).flush()
 
 
 def _environment(cfg: AnvilConfig, job_id: str, restart: int) -> dict[str, str]:
@@ -65,8 +84,27 @@ def _environment(cfg: AnvilConfig, job_id: str, restart: int) -> dict[str, str]:
     return env
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""What stops a local run at a checkpoint: Ctrl-C, a kill, a closed terminal; passed on to the batch script as is."""
+
+
+def _job_processes(job_id: str) -> list[int]:
+    """Every process of this local run, wherever its parent went: they all carry its job id in their environment."""
+    return with_environment({"ANVIL_EXECUTOR": "local", "SLURM_JOB_ID": job_id})
+
+
+def _bash_child() -> None:
+    """In the batch script's process, before it starts: the stop signals at their defaults (a shell cannot trap a
+    signal it started with ignored, as anything started in the background of a script has SIGINT), and if this
+    executor dies, the job checkpoints and stops."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    die_with_parent(signal.SIGTERM)
+
+
 def _attempt(cfg: AnvilConfig, job: JobDir, job_id: str, restart: int, echo: bool) -> tuple[int, bool]:
-    """One run of the script; returns its exit code and whether the user interrupted it."""
+    """One run of the script; returns its exit code and whether the user interrupted it. Like SLURM at the end of a
+    job, it ends whatever of the run is still alive when the script has exited."""
     interrupted = False
     with open(job.log(job_id, "out"), "ab") as out, open(job.log(job_id, "err"), "ab") as err:
         proc = subprocess.Popen(
@@ -76,6 +114,7 @@ def _attempt(cfg: AnvilConfig, job: JobDir, job_id: str, restart: int, echo: boo
             env=_environment(cfg, job_id, restart),
             cwd=job.path,
             start_new_session=True,  # Ctrl-C reaches us, not the job; we forward it as SLURM would
+            preexec_fn=_bash_child,
         )
         pumps = [
             threading.Thread(target=_pump, args=(proc.stdout, out, sys.stdout.buffer if echo else None)),
@@ -84,22 +123,28 @@ def _attempt(cfg: AnvilConfig, job: JobDir, job_id: str, restart: int, echo: boo
         for t in pumps:
             t.start()
 
-        def on_interrupt(signum, frame):
+        def on_stop(signum, frame):
             nonlocal interrupted
             if not interrupted:
                 interrupted = True
-                print("\nanvil: stopping: the trainer checkpoints first (Ctrl-C again to kill)", file=sys.stderr)
-                proc.send_signal(signal.SIGUSR2)
-            else:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    print("\nanvil: stopping: the trainer checkpoints first (Ctrl-C again to kill)", file=sys.stderr)
+                proc.send_signal(signum)
+            elif signum == signal.SIGINT:
+                send(_job_processes(job_id), signal.SIGKILL)
 
-        previous = signal.signal(signal.SIGINT, on_interrupt)
+        previous = {sig: signal.signal(sig, on_stop) for sig in STOPS}
         try:
             rc = proc.wait()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            killed = end_processes(lambda: _job_processes(job_id))
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             for t in pumps:
                 t.join()
+        if killed:
+            _say(sys.stderr.buffer if echo else None,
+                 f"anvil: {len(killed)} process(es) of the run outlived its script and were killed: {killed}\n")
     return rc, interrupted
 
 
@@ -113,19 +158,10 @@ def run_local(cfg: AnvilConfig, job: JobDir, job_id: str, echo: bool = True) -> 
         restart += 1
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of a process (tells it from a later process that reuses the pid), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[-1].split()[19]  # field 22, counted after the parenthesised command name
-
-
 def mark_running(job: JobDir, job_id: str, pid: int) -> None:
     """Name the process running this job (until it ends), for other commands' states and cancel."""
     write_atomic(job.local_run, json.dumps({"job_id": job_id, "pid": pid, "host": socket.gethostname(),
-                                            "started": _process_start(pid)}) + "\n")
+                                            "started": process_start(pid)}) + "\n")
 
 
 def _live_run(job: JobDir) -> dict | None:
@@ -135,7 +171,7 @@ def _live_run(job: JobDir) -> dict | None:
         pid, host, started = int(record["pid"]), record["host"], record["started"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if host != socket.gethostname() or _process_start(pid) != started:
+    if host != socket.gethostname() or process_start(pid) != started:
         return None
     return record
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from trainer.errors import AnvilError
-from trainer.launch.executor import Executor, JobState, Submission
+from trainer.launch.executor import ACTIVE_STATES, Executor, JobState, Submission
 from trainer.launch.jobdir import JobDir, append_event, known_job_ids, record_submission
 
 
@@ -30,11 +30,22 @@ def _run(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         raise SlurmError(f"{' '.join(argv)} did not answer within {timeout:.0f} s: is slurmctld up?") from None
 
 
+COMMENT_PREFIX = "anvil: "
+"""How the batch script marks the end it writes into the SLURM job's comment (a reason that needs no file)."""
+
+
+def _detail(state: str, reason: str, comment: str) -> str:
+    """What to show beside a state: an ended job's end as its batch script told SLURM, else SLURM's reason."""
+    if comment.startswith(COMMENT_PREFIX) and state not in ACTIVE_STATES:
+        return comment[len(COMMENT_PREFIX):]
+    return "" if reason == "None" else reason
+
+
 def queue(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """{job id: (state, reason)} for the ids slurmctld still knows (finished ones for MinJobAge): one squeue call."""
+    """{job id: (state, detail)} for the ids slurmctld still knows (finished ones for MinJobAge): one squeue call."""
     if not job_ids:
         return {}
-    out = _run(["squeue", "--noheader", "--states=all", "--jobs", ",".join(job_ids), "--format=%i|%T|%r"])
+    out = _run(["squeue", "--noheader", "--states=all", "--jobs", ",".join(job_ids), "--format=%i|%T|%r|%k"])
     if out.returncode != 0:
         if "Invalid job id" in out.stderr:  # squeue's answer when it knows none of the ids
             return {}
@@ -42,9 +53,10 @@ def queue(job_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
     found = {}
     for line in out.stdout.splitlines():
         job_id, _, rest = line.partition("|")
-        state, _, reason = rest.partition("|")
+        state, _, rest = rest.partition("|")
+        reason, _, comment = rest.partition("|")  # the comment last: it is free text
         if job_id.strip() and state:
-            found[job_id.strip()] = (state.strip(), "" if reason.strip() == "None" else reason.strip())
+            found[job_id.strip()] = (state.strip(), _detail(state.strip(), reason.strip(), comment.strip()))
     return found
 
 
@@ -109,7 +121,7 @@ class SlurmExecutor(Executor):
             return {}
         try:
             out = _run(["sacct", "--noheader", "--parsable2", "--allocations", "--jobs", ",".join(job_ids),
-                        "--format=JobIDRaw,State,ExitCode"])
+                        "--format=JobIDRaw,State,ExitCode,Comment"])
         except SlurmError:
             self.accounting = False
             return {}
@@ -123,5 +135,7 @@ class SlurmExecutor(Executor):
             if len(fields) >= 2 and fields[0] in wanted:
                 state = fields[1].split()[0] if fields[1].split() else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
                 exit_code = fields[2] if len(fields) > 2 else ""
-                found[fields[0]] = JobState(state, fields[0], "sacct", f"exit code {exit_code}" if exit_code else "")
+                comment = "|".join(fields[3:])
+                detail = _detail(state, "", comment) or (f"exit code {exit_code}" if exit_code else "")
+                found[fields[0]] = JobState(state, fields[0], "sacct", detail)
         return found

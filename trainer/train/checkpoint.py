@@ -10,24 +10,99 @@ different number of DP ranks.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 
 from trainer.errors import AnvilError
-from trainer.launch.jobdir import is_complete, list_steps, mark_complete, pick_step, step_dir
+from trainer.launch.jobdir import (
+    COMPLETE,
+    is_complete,
+    latest_complete,
+    list_steps,
+    mark_complete,
+    pick_step,
+    step_dir,
+)
 
 LOADER_PREFIX = "loader.dp"
 
 
 class CheckpointError(AnvilError):
     """A checkpoint that cannot be used; the message names it and what to do."""
+
+
+class StorageError(AnvilError):
+    """The checkpoint's file system is full, over quota or failing: the message names the directory, the bytes
+    needed and free, and the newest whole checkpoint (which nothing touched)."""
+
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+"""Write errors that are the storage's, not the program's."""
+SPACE_MARGIN = 0.05
+"""Room asked for beyond the last checkpoint's size (metadata, the loader state growing, logs written meanwhile):
+5 % and SPACE_SLACK more."""
+SPACE_SLACK = 64 * 2**20
+
+
+def size_of(path: Path) -> int:
+    """Bytes in a step directory's files."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def storage_failure(exc: BaseException) -> OSError | None:
+    """The storage error inside a failed save (DCP wraps each rank's in a CheckpointException), or None."""
+    found = [exc]
+    if isinstance(exc, CheckpointException):
+        found = [wrapped[0] for wrapped in exc.failures.values()]
+    for error in found:
+        while error is not None:
+            if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+                return error
+            error = error.__cause__ or error.__context__
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def space_problem(root: Path, step: int, expected: int, measured: bool) -> str | None:
+    """Why checkpoint `step` cannot be written under `root` before writing anything, or None when it fits."""
+    needed = int(expected * (1 + SPACE_MARGIN)) + SPACE_SLACK
+    probe = root if root.exists() else root.parent
+    free = shutil.disk_usage(probe).free
+    if free >= needed:
+        return None
+    return (f"checkpoint {step_dir(root, step).name} not written: {root} has {_gib(free)} free, a checkpoint needs "
+            f"{_gib(needed)} ({'the last one took' if measured else 'its tensors take about'} {_gib(expected)}, plus "
+            f"{SPACE_MARGIN:.0%} and {SPACE_SLACK // 2**20} MiB); {newest_whole(root)}. Free space (or lower "
+            "checkpoint.keep) and resubmit: the job resumes from there")
+
+
+def newest_whole(root: Path) -> str:
+    """A phrase naming the newest complete checkpoint, for the messages of a failed save."""
+    latest = latest_complete(root)
+    return ("no checkpoint has been written yet" if latest is None else
+            f"the newest whole checkpoint is {step_dir(root, latest)} (untouched)")
+
+
+def write_failure(root: Path, step: int, error: OSError) -> str:
+    """The one line for a save that failed on the storage (after the space check passed)."""
+    what = os.strerror(error.errno) if error.errno else str(error)
+    return (f"writing checkpoint {step_dir(root, step).name} to {root} failed: {what} (errno {error.errno}"
+            f"{', ' + error.filename if getattr(error, 'filename', None) else ''}); {newest_whole(root)}, and the "
+            "partial step is removed. Free space or fix the file system, then resubmit: the job resumes from there")
 
 
 def _rank() -> int:
@@ -87,9 +162,43 @@ def save(root: Path, step: int, state: dict[str, Any], loader_states: dict[int, 
 
 
 def _mark_complete(root: Path, step: int, keep: int) -> None:
-    mark_complete(step_dir(root, step), {"step": step, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                                         "world_size": dist.get_world_size() if dist.is_initialized() else 1})
+    path = step_dir(root, step)
+    mark_complete(path, {"step": step, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                         "bytes": size_of(path)})
     prune(root, keep)
+
+
+def last_size(root: Path) -> int | None:
+    """Bytes of the newest complete checkpoint, as its completion marker recorded them (None: none recorded)."""
+    latest = latest_complete(root)
+    if latest is None:
+        return None
+    try:
+        size = json.loads((step_dir(root, latest) / COMPLETE).read_text()).get("bytes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) else None
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors this rank holds in a (nested) state dict: its shards of sharded ones."""
+    if isinstance(state, dict):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(tensor_bytes(v) for v in state)
+    if isinstance(state, DTensor):
+        state = state.to_local()
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    return len(state) if isinstance(state, bytes) else 0
+
+
+def remove_partial(root: Path, step: int) -> None:
+    """Remove what a failed save of `step` left (never a complete step): it frees the space it took."""
+    path = step_dir(root, step)
+    if path.is_dir() and not is_complete(path):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def prune(root: Path, keep: int) -> None:

@@ -8,14 +8,16 @@ the newest complete checkpoint; trains; checkpoints every `checkpoint.interval` 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import gc
 import json
 import math
 import os
+import re
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,15 +29,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from trainer.data.loader import build_loader
 from trainer.errors import EXIT_REFUSED, AnvilError
 from trainer.launch import jobdir
 from trainer.launch.config import AnvilConfig
-from trainer.launch.jobdir import JobDir
+from trainer.launch.jobdir import EXIT_DISK, JobDir
+from trainer.processes import node_name
 from trainer.train import checkpoint, liger
 from trainer.train.distributed import init_distributed, log
+from trainer.train.guard import ROLLBACK_EVENT, DivergedError, StepGuard, StepRejected
 from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set
 from trainer.train.metrics import MetricsLogger, memory_gib, mfu
 from trainer.train.model import (
@@ -51,11 +54,11 @@ from trainer.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.train.parallelize import Layout, build_layout, build_model
 from trainer.train.preemption import PreemptionWatch
 from trainer.train.profiling import StepProfiler
+from trainer.train.watchdog import Watchdog, collective_failure, collective_timeout
 
 
 class TrainingError(AnvilError):
-    """A problem a person must fix (bad input, a NaN loss): the trainer exits with EXIT_REFUSED, which the batch
-    script does not retry."""
+    """A problem a person must fix (bad input): the trainer exits with EXIT_REFUSED, which a retry would meet again."""
 
 
 def compute_dtype(cfg: AnvilConfig) -> torch.dtype:
@@ -66,9 +69,28 @@ RESTORABLE = ("model", "optimizer", "scheduler", "data", "step")
 """The parts of a checkpoint (`checkpoint.init_restore` picks among them; a job's own resume takes all)."""
 
 
+@dataclass
+class LogWindow:
+    """What the log line of the next logged step averages over: the steps since the last one."""
+
+    start: float
+    tokens: int = 0
+    data_wait: float = 0.0
+    loss: float = 0.0
+    steps: int = 0
+    balance: torch.Tensor | None = None
+
+    @classmethod
+    def fresh(cls, device: torch.device) -> LogWindow:
+        return cls(time.perf_counter(), balance=torch.zeros((), device=device))
+
+
 class Trainer:
-    def __init__(self, cfg: AnvilConfig, job: JobDir, rank: int, layout: Layout, device: torch.device):
+    def __init__(self, cfg: AnvilConfig, job: JobDir, rank: int, layout: Layout, device: torch.device,
+                 watchdog: Watchdog | None = None):
         self.cfg, self.job, self.rank, self.layout, self.device = cfg, job, rank, layout, device
+        self.watchdog = watchdog
+        self.guard = StepGuard(cfg.train.rollback, cfg.train.skipped(), job)
         self.ckpt_root = job.checkpoints
         self.metrics = MetricsLogger(cfg, job, enabled=rank == 0)
         t = cfg.train
@@ -122,37 +144,83 @@ class Trainer:
         self.autocast = (torch.autocast(device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not layout.fsdp else contextlib.nullcontext())
 
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Tell the watchdog that a long phase (save, eval, restore) runs, and that it ended."""
+        if self.watchdog is None:
+            yield
+            return
+        before = self.watchdog.phase
+        self.watchdog.progress(self.step, name)
+        yield
+        self.watchdog.progress(self.step, before)
+
     def evaluate(self) -> None:
-        with torch.no_grad(), self.autocast:
+        with self.phase("eval"), torch.no_grad(), self.autocast:
             bpb = heldout_bits_per_byte(self.model, self.heldout, self.cfg.data.seq_len, self.device)
         self.metrics.log_eval(self.step, {"heldout_bits_per_byte": bpb})
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def _train_state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict()}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                "guard": self.guard.state_dict()}
 
     def save(self, wait: bool = False) -> None:
-        """Checkpoint the current step; in the background when async saving is on, unless `wait`."""
+        """Checkpoint the current step; in the background when async saving is on, unless `wait`. Refused before
+        anything is written when the file system has no room for it; a write that fails on the storage all the same
+        removes the partial step. Either way: StorageError, and the newest whole checkpoint is untouched."""
         started = time.perf_counter()
-        self.finish_pending_save()
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state,
-                 "train": json.dumps(self._train_state()).encode()}
-        loader_states = {self.layout.dp_rank: self.loader.state_dict()} if self.layout.tp_rank == 0 else {}
-        self.pending = checkpoint.save(self.ckpt_root, self.step, state, loader_states,
-                                       keep=self.cfg.checkpoint.keep, async_group=self.async_group)
-        self.saved_step = self.step
-        if self.pending is not None and wait:
+        with self.phase("save"):
             self.finish_pending_save()
+            model_state, optim_state = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_state, "optim": optim_state,
+                     "train": json.dumps(self._train_state()).encode()}
+            loader_states = {self.layout.dp_rank: self.loader.state_dict()} if self.layout.tp_rank == 0 else {}
+            self._check_space(state)
+            with self._storage_errors(self.step):
+                self.pending = checkpoint.save(self.ckpt_root, self.step, state, loader_states,
+                                               keep=self.cfg.checkpoint.keep, async_group=self.async_group)
+            self.saved_step = self.step
+            if self.pending is not None and wait:
+                self.finish_pending_save()
         how = "saved" if self.pending is None else "staged (writing in the background)"
         self.metrics.line(f"checkpoint {jobdir.step_dir(self.ckpt_root, self.step).name} {how} in "
                           f"{time.perf_counter() - started:.2f} s")
 
+    def _check_space(self, state: dict) -> None:
+        """Collective: rank 0 compares the file system's free space with the last checkpoint's size (before the
+        first: the state's tensor bytes summed over ranks) and tells every rank."""
+        local = torch.tensor([float(checkpoint.tensor_bytes(state))], dtype=torch.float64)
+        dist.all_reduce(local)
+        problem: list = [None]
+        if self.rank == 0:
+            measured = checkpoint.last_size(self.ckpt_root)
+            expected = measured if measured is not None else int(local.item())
+            problem = [checkpoint.space_problem(self.ckpt_root, self.step, expected, measured is not None)]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise checkpoint.StorageError(problem[0])
+
+    @contextlib.contextmanager
+    def _storage_errors(self, step: int) -> Iterator[None]:
+        """A save that fails on the storage (ENOSPC, EDQUOT, EIO, ...) becomes one StorageError line; the partial step
+        is removed (rank 0). Other failures pass through."""
+        try:
+            yield
+        except BaseException as exc:  # DCP reports failures as CheckpointException, a BaseException
+            error = checkpoint.storage_failure(exc)
+            if error is None:
+                raise
+            if self.rank == 0:
+                checkpoint.remove_partial(self.ckpt_root, step)
+            raise checkpoint.StorageError(checkpoint.write_failure(self.ckpt_root, step, error)) from None
+
     def finish_pending_save(self) -> None:
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            pending.finish()
+            with self._storage_errors(pending.step):
+                pending.finish()
 
     def _checkpoint_to_resume(self) -> int | None:
         """The newest complete step whose files are whole. Rank 0 checks, sets damaged newer steps aside (logged,
@@ -182,6 +250,10 @@ class Trainer:
     def restore(self) -> None:
         """This job's newest whole checkpoint, all of it; else, with `checkpoint.init_from`, the parts of another
         job's checkpoint that `checkpoint.init_restore` names."""
+        with self.phase("restore"):
+            self._restore()
+
+    def _restore(self) -> None:
         latest = self._checkpoint_to_resume()
         if latest is not None:
             try:
@@ -236,6 +308,7 @@ class Trainer:
         train = json.loads(state["train"]) if "train" in state else {}
         if "step" in parts:
             self.step, self.tokens_seen = train["step"], train["tokens_seen"]
+            self.guard.load_state_dict(train.get("guard", {}))
         if "scheduler" in parts:
             self.scheduler.load_state_dict(train["scheduler"])
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
@@ -273,8 +346,9 @@ class Trainer:
         return value
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
-        """Forward/backward over the micro-batches, clip, step; returns this rank's loss part, the gradient
-        norm, the learning rate used and the global token count."""
+        """Forward/backward over the micro-batches, clip, check, step. Returns the step's global loss, the gradient
+        norm, the learning rate used and the global token count. A non-finite loss or gradient norm, or a loss
+        spike (`StepGuard`), raises StepRejected with nothing applied."""
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
         # The loss is a sum over every token of the global batch divided by their count: exact under
         # gradient accumulation, uneven padding and any number of data-parallel ranks.
@@ -309,15 +383,18 @@ class Trainer:
             loss_sum += loss.detach()
         clip = self.cfg.optim.grad_clip or math.inf
         grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
-        if not torch.isfinite(grad_norm):
-            loss = self._reduce_dp(loss_sum.clone())
-            raise FloatingPointError(f"loss {loss.item():g}, gradient norm {grad_norm.item():g}")
+        loss, norm = torch.stack([self._reduce_dp(loss_sum), grad_norm.float()]).tolist()  # one sync with the host
+        problem = self.guard.problem(loss, norm)
+        if problem is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise StepRejected(self.step + 1, problem)
+        self.guard.passed(loss)
         group = self.optimizer.param_groups[0]
         lr = group["lr"] / group["lr_mult"]  # the peak-relative LR, whatever muP does per group
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum, "grad_norm": grad_norm, "lr": lr, "tokens": global_tokens, "balance": balance_sum}
+        return {"loss": loss, "grad_norm": norm, "lr": lr, "tokens": global_tokens, "balance": balance_sum}
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -335,14 +412,67 @@ class Trainer:
             dist.all_reduce(exhausted, op=dist.ReduceOp.MAX)
         return None if exhausted.item() else found
 
-    def run(self) -> int:
+    def _batches_for_next_step(self, batches) -> list[dict] | None:
+        """The next step's micro-batches; the data of a skipped step (train.skip_steps, a rollback's) is drawn
+        first and thrown away."""
+        step = self.step + 1
+        if step in self.guard.skip:
+            self.metrics.line(f"step {step}: its data is skipped (train.skip_steps or a rollback); it trains on the "
+                              "next batch")
+            if self._next_micro_batches(batches) is None:
+                return None
+        return self._next_micro_batches(batches)
+
+    def _stop_for_preemption(self) -> int:
+        """Checkpoint the step reached (unless it is the one just restored or saved) and exit for the batch shell."""
+        if self.saved_step != self.step:
+            self.save(wait=True)
+        self.finish_pending_save()
+        self.watch.mark_preempted(self.step)
+        dist.barrier()  # nobody leaves before the marker is written: a launcher may end the others at the first exit
+        self.metrics.line(f"preempted after step {self.step} ({self.watch.cause}); checkpoint saved, "
+                          "exiting for the batch script")
+        return jobdir.PREEMPTED_EXIT
+
+    def _roll_back(self, rejected: StepRejected) -> None:
+        """Back to the newest whole checkpoint, the rejected step's data to be skipped (see guard.py); or
+        DivergedError when no rollback is left."""
+        self.finish_pending_save()
+        newest = self._checkpoint_to_resume()
+        self.guard.check_budget(rejected.step, rejected.problem, newest)
+        with self.phase("restore"):
+            self._load(self.ckpt_root, newest, set(RESTORABLE))
+        self.saved_step = self.step
+        self.expert_load.zero_()
+        cfg = self.cfg.train.rollback
+        message = (f"step {rejected.step}: {rejected.problem}; rolled back to step-{newest} (rollback "
+                   f"{self.guard.rollbacks} of at most {cfg.max}), the data of step {rejected.step} will be skipped")
+        self.metrics.line(message)
+        if self.rank == 0:
+            jobdir.append_event(self.job, ROLLBACK_EVENT, reason=message, skip=rejected.step, to=newest)
+            self.metrics.rewind(newest)
+            self.metrics.log_event(newest, {"rollbacks": self.guard.rollbacks, "rollback_from_step": rejected.step})
+
+    def _log(self, out: dict, window: LogWindow, monitors: dict, flops: float) -> None:
         cfg = self.cfg
-        self.restore()
-        self.metrics.start(self.step)
+        elapsed = time.perf_counter() - window.start
+        per_device = window.tokens / elapsed / dist.get_world_size() * self.layout.tp
+        self.metrics.log({
+            "step": self.step, "loss": window.loss / window.steps,
+            "grad_norm": out["grad_norm"], "lr": out["lr"],
+            "tokens_seen": self.tokens_seen, "tokens_per_s": window.tokens / elapsed,
+            "tokens_per_s_per_device": per_device,
+            "mfu": mfu(per_device / self.layout.tp, flops, cfg.cluster.mfu_peak_tflops),
+            "memory_gib": memory_gib(self.device), "data_wait": window.data_wait / elapsed,
+            "step_time_s": elapsed / window.steps, **monitors,
+            **self._expert_metrics(window.balance, window.steps),
+        })
+
+    def _announce(self, flops: float) -> None:
+        cfg = self.cfg
         shapes = {plain_name(n): tuple(p.shape) for n, p in self.model.named_parameters()}
         if self.step == 0:
             self.metrics.print_plan(param_plan(cfg.model), shapes)
-        flops = flops_per_token(cfg.model, cfg.data.seq_len)
         moe = cfg.model.moe
         active = (f" ({num_params(cfg.model, active=True) / 1e6:.1f}M active: {moe.top_k} of {moe.experts} experts)"
                   if moe.experts else "")
@@ -351,80 +481,81 @@ class Trainer:
             f"mesh dp_replicate×dp_shard×tp = {'×'.join(map(str, self.layout.mesh.shape))}; "
             f"{self.dtype} compute; {self.accum} micro-batch(es) of {cfg.train.micro_batch_size} per step; "
             f"training steps {self.step + 1}..{cfg.train.steps}")
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self.restore()
+        self.metrics.start(self.step)
+        flops = flops_per_token(cfg.model, cfg.data.seq_len)
+        self._announce(flops)
+        if self.watchdog is not None:
+            self.watchdog.progress(self.step, "start")  # a long phase: the first step compiles
         batches = iter(self.loader)
-        window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
-        window_loss, window_steps = torch.zeros((), device=self.device), 0
-        window_balance = torch.zeros((), device=self.device)
+        window = LogWindow.fresh(self.device)
         gc.disable()
-        while self.step < cfg.train.steps:
-            if self.watch.requested():
-                self.save(wait=True)
-                self.watch.mark_preempted(self.step)
-                self.metrics.line(f"preempted after step {self.step}; checkpoint saved, requeue requested")
-                return jobdir.PREEMPTED_EXIT
-            self.profiler.begin(self.step + 1)
-            fetch = time.perf_counter()
-            micro_batches = self._next_micro_batches(batches)
-            data_wait += time.perf_counter() - fetch
-            if micro_batches is None:
-                self.metrics.line(f"the data ended (data.epochs = {cfg.data.epochs}) after step {self.step}")
-                break
-            logged = self._log_step(self.step + 1)
-            if self.monitor is not None and logged:
-                self.monitor.arm()
-            try:
-                out = self.train_step(micro_batches)
-            except FloatingPointError as exc:
-                latest = jobdir.latest_complete(self.ckpt_root)
-                newest = "none" if latest is None else jobdir.step_dir(self.ckpt_root, latest).name
-                raise TrainingError(
-                    f"step {self.step + 1}: {exc}. Nothing was saved from this state; the newest complete "
-                    f"checkpoint is {newest}. Lower optim.lr, raise "
-                    "optim.warmup_steps or set optim.grad_clip, and resubmit") from None
-            self.step += 1
-            self.profiler.end(self.step)
-            monitors = self.monitor.collect() if self.monitor is not None and logged else {}
-            if self.pending is not None and self.pending.done():  # mark a background save complete promptly
-                self.finish_pending_save()
-            self.tokens_seen += out["tokens"]
-            window_tokens += out["tokens"]
-            # Added on the device; read at the next log line. (Each step still syncs with the host three times:
-            # the global token count, the finite-gradient check and the preemption flag.)
-            window_loss += out["loss"]
-            window_balance += out["balance"]
-            window_steps += 1
-            if self.step == 1:  # start-up (compilation, first collectives) is over: hangs now fail fast
-                timeout = dt.timedelta(seconds=cfg.parallel.step_timeout_s)
-                for group in [None, *self.layout.all_groups()]:
-                    _set_pg_timeout(timeout, group)
-            if self.step % cfg.train.gc_every == 0:
-                gc.collect(1)
-            if logged:
-                elapsed = time.perf_counter() - window_start
-                per_device = window_tokens / elapsed / dist.get_world_size() * self.layout.tp
-                self.metrics.log({
-                    "step": self.step, "loss": self._reduce_dp(window_loss).item() / window_steps,
-                    "grad_norm": out["grad_norm"].item(), "lr": out["lr"],
-                    "tokens_seen": self.tokens_seen, "tokens_per_s": window_tokens / elapsed,
-                    "tokens_per_s_per_device": per_device,
-                    "mfu": mfu(per_device / self.layout.tp, flops, cfg.cluster.mfu_peak_tflops),
-                    "memory_gib": memory_gib(self.device), "data_wait": data_wait / elapsed,
-                    "step_time_s": elapsed / window_steps, **monitors,
-                    **self._expert_metrics(window_balance, window_steps),
-                })
-                window_start, window_tokens, data_wait = time.perf_counter(), 0, 0.0
-                window_loss, window_steps = torch.zeros((), device=self.device), 0
-                window_balance = torch.zeros((), device=self.device)
-            if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.train.steps):
-                self.evaluate()
-            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
-                self.save()
-        else:
-            self.metrics.line(f"finished {self.step} steps")
+        try:
+            while self.step < cfg.train.steps:
+                if self.watch.requested():
+                    return self._stop_for_preemption()
+                self.profiler.begin(self.step + 1)
+                fetch = time.perf_counter()
+                micro_batches = self._batches_for_next_step(batches)
+                window.data_wait += time.perf_counter() - fetch
+                if micro_batches is None:
+                    self.metrics.line(f"the data ended (data.epochs = {cfg.data.epochs}) after step {self.step}")
+                    break
+                logged = self._log_step(self.step + 1)
+                if self.monitor is not None and logged:
+                    self.monitor.arm()
+                try:
+                    out = self.train_step(micro_batches)
+                except StepRejected as rejected:
+                    _close(batches)
+                    self._roll_back(rejected)
+                    batches, window = iter(self.loader), LogWindow.fresh(self.device)
+                    continue
+                self.step += 1
+                self._after_step(out, window, logged, flops)
+                if logged:
+                    window = LogWindow.fresh(self.device)
+            else:
+                self.metrics.line(f"finished {self.step} steps")
+        finally:
+            _close(batches)
         if self.saved_step != self.step:
             self.save()
         self.finish_pending_save()
         return 0
+
+    def _after_step(self, out: dict, window: LogWindow, logged: bool, flops: float) -> None:
+        """Account for the step just taken: metrics, the watchdog, evaluation and the periodic checkpoint."""
+        cfg = self.cfg
+        if self.watchdog is not None:
+            self.watchdog.progress(self.step)
+        self.profiler.end(self.step)
+        monitors = self.monitor.collect() if self.monitor is not None and logged else {}
+        if self.pending is not None and self.pending.done():  # mark a background save complete promptly
+            self.finish_pending_save()
+        self.tokens_seen += out["tokens"]
+        window.tokens += out["tokens"]
+        window.loss += out["loss"]
+        window.balance += out["balance"]
+        window.steps += 1
+        if self.step % cfg.train.gc_every == 0:
+            gc.collect(1)
+        if logged:
+            self._log(out, window, monitors, flops)
+        if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.train.steps):
+            self.evaluate()
+        if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+            self.save()
+
+
+def _close(batches: Iterator) -> None:
+    """End a loader iteration now (its threads and worker processes), not when the interpreter exits."""
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
 
 
 def main(argv: Sequence[str]) -> int:
@@ -438,7 +569,7 @@ def main(argv: Sequence[str]) -> int:
         if job.path.is_dir():
             jobdir.write_error(job, "refused", str(exc))
         return EXIT_REFUSED
-    ranks = init_distributed(cfg, timeout_s=cfg.parallel.init_timeout_s)
+    ranks = init_distributed(cfg, timeout_s=collective_timeout(cfg.parallel).total_seconds())
     expected = cfg.world_size
     if ranks.world_size != expected:
         if ranks.rank == 0:
@@ -452,22 +583,36 @@ def main(argv: Sequence[str]) -> int:
     log(ranks.rank, f"rank {ranks.rank}/{ranks.world_size} on {device}; "
                     f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')}")
     torch.manual_seed(cfg.train.seed)
+    watchdog = Watchdog(job, ranks.rank, ranks.world_size, cfg.parallel, lambda message: log(ranks.rank, message))
+    watchdog.start()
     trainer = None
     try:
         layout = build_layout(cfg, device.type)
-        trainer = Trainer(cfg, job, ranks.rank, layout, device)
+        trainer = Trainer(cfg, job, ranks.rank, layout, device, watchdog)
         code = trainer.run()
-    except AnvilError as exc:
+    except AnvilError as exc:  # refused input, a full disk, a run that kept diverging: one line, no traceback
+        kind, code = ("disk", EXIT_DISK) if isinstance(exc, checkpoint.StorageError) else (
+            "diverged" if isinstance(exc, DivergedError) else "refused", EXIT_REFUSED)
         log(ranks.rank, f"error: {exc}")
-        jobdir.write_error(job, "refused", f"rank {ranks.rank}: {exc}")
-        code = EXIT_REFUSED
+        jobdir.write_error(job, kind, f"rank {ranks.rank}: {exc}")
     except (torch.OutOfMemoryError, MemoryError) as exc:  # recorded, so that a retry knows it would repeat
         jobdir.write_error(job, "oom", f"rank {ranks.rank}: {type(exc).__name__}: {exc}")
         raise
     except Exception as exc:
-        jobdir.write_error(job, "crash", f"rank {ranks.rank}: {type(exc).__name__}: {exc}")
-        raise
+        if collective_failure(exc):
+            _end_after_lost_peer(job, ranks.rank, watchdog, exc)
+        worker = DEAD_WORKER.search(str(exc))
+        if worker:  # torch's DataLoader noticed that a worker process died (kill -9, the kernel's OOM killer)
+            message = (f"rank {ranks.rank} on {node_name()}: its data worker (pid {worker[1]}) was killed by a "
+                       f"signal ({worker[2]}: by hand, or by the kernel's out-of-memory killer)")
+            log(ranks.rank, f"error: {message}")
+            jobdir.write_error(job, "killed", message)
+            code = 128 + signal.SIGKILL
+        else:
+            jobdir.write_error(job, "crash", f"rank {ranks.rank}: {type(exc).__name__}: {exc}")
+            raise
     finally:
+        watchdog.stop()
         if trainer is not None:
             trainer.profiler.close()
             trainer.metrics.finish()
@@ -475,3 +620,18 @@ def main(argv: Sequence[str]) -> int:
     return code
 
 
+DEAD_WORKER = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: (\w+)")
+
+
+def _end_after_lost_peer(job: JobDir, rank: int, watchdog: Watchdog, exc: BaseException) -> None:
+    """A collective failed because a peer went away: name it (if it is gone rather than stopped on its own, which
+    recorded its reason), and leave at once — a process group with a dead peer may hang when torn down."""
+    reason = watchdog.lost(exc)
+    if reason is None:
+        log(rank, "stopping: a peer rank stopped (its reason is recorded in ERROR and in its own log)")
+    else:
+        recorded = jobdir.write_error(job, "lost", reason)
+        log(rank, f"error: {reason}" + ("" if recorded else " (an earlier reason is recorded in ERROR)"))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(jobdir.EXIT_LOST)

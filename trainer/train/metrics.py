@@ -6,10 +6,13 @@ On resume, `metrics.jsonl` is cut back to the restored step: the history reads a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import resource
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,6 +22,7 @@ from rich.table import Table
 from trainer.files import write_atomic
 from trainer.launch.config import AnvilConfig
 from trainer.launch.jobdir import JobDir
+from trainer.train.checkpoint import STORAGE_ERRNOS, StorageError, newest_whole
 from trainer.train.distributed import log
 from trainer.train.model import ParamPlan
 
@@ -56,12 +60,34 @@ class MetricsLogger:
         """Cut history back to the restored step and open (or continue) the wandb run."""
         if not self.enabled:
             return
-        if self.path.exists():
-            kept = [row for row in self.path.read_text().splitlines()
-                    if row.strip() and json.loads(row).get("step", 0) <= resumed_step]
-            write_atomic(self.path, "".join(f"{row}\n" for row in kept))
+        self.rewind(resumed_step)
         if self.cfg.metrics.wandb.enabled:
             self.run = self._wandb_run()
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step` (a resume or a rollback to it): the history reads as one run."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [row for row in self.path.read_text().splitlines()
+                if row.strip() and json.loads(row).get("step", 0) <= step]
+        with self._storage(self.path):
+            write_atomic(self.path, "".join(f"{row}\n" for row in kept))
+
+    @contextlib.contextmanager
+    def _storage(self, path) -> Iterator[None]:
+        """metrics.jsonl on a full or failing disk: the run stops with the disk's reason, as a failed save does."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            raise StorageError(f"writing {path} failed: {os.strerror(exc.errno)} (errno {exc.errno}); "
+                               f"{newest_whole(self.job.checkpoints)}. Free space or fix the file system, then "
+                               "resubmit: the job resumes from there") from None
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with self._storage(self.path), self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def _wandb_run(self):
         import wandb  # imported only when enabled: it takes a second and spawns a service process
@@ -80,8 +106,7 @@ class MetricsLogger:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(row)
         if self.run is not None:
             self.run.log(row)
         parts = [f"step {row['step']}/{self.cfg.train.steps}", f"loss {row['loss']:.4f}",
@@ -94,12 +119,17 @@ class MetricsLogger:
     def log_eval(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        self.log_event(step, values)
+        self.line(f"step {step} eval  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+    def log_event(self, step: int, values: dict[str, Any]) -> None:
+        """A row of other values at a step (an evaluation, a rollback), in metrics.jsonl and wandb."""
+        if not self.enabled:
+            return
         row = {"step": step, **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(row)
         if self.run is not None:
             self.run.log(row)
-        self.line(f"step {step} eval  " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
     def finish(self) -> None:
         if self.run is not None:

@@ -18,7 +18,6 @@ from trainer.launch.checks import all_problems
 from trainer.launch.config import AnvilConfig
 from trainer.launch.executor import Executor, JobState, Submission
 from trainer.launch.jobdir import (
-    PREEMPTED_EXIT,
     REPEATING_ERRORS,
     JobDir,
     JobDirError,
@@ -140,7 +139,7 @@ def submit(executor: Executor, state: SweepState, path: Path, names: Sequence[st
             done.append(name)
             if len(done) % 100 == 0:
                 write_state(path, state)
-            if submission.exit_code == PREEMPTED_EXIT and record.job.preempted.exists():
+            if submission.exit_code and record.job.preempted.exists():  # a local run stopped at a checkpoint
                 stopped = True
                 break
     finally:
