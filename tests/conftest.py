@@ -115,3 +115,24 @@ def slurm_cluster() -> None:
     if os.environ.get("ANVIL_REQUIRE_SLURM") == "1":
         pytest.fail("the local SLURM cluster is not up: scripts/local_slurm.sh install && scripts/local_slurm.sh start")
     pytest.skip("no SLURM cluster here (as root: scripts/local_slurm.sh install && scripts/local_slurm.sh start)")
+
+
+def _argv(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def ranks_among(pids: list[int]) -> list[int]:
+    """The trainer ranks among a job's processes: the children of the torchrun launcher (`python -m
+    trainer.train.torchrun`; not srun, whose command line names it too, nor the ranks' data workers)."""
+    found = []
+    for pid in pids:
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if _argv(ppid)[1:3] == [b"-m", b"trainer.train.torchrun"]:
+            found.append(pid)
+    return found

@@ -78,7 +78,8 @@ def test_six_point_sweep_cancel_failure_retry_summary_and_plot(roots, tmp_path: 
                  "every point to end")
     assert {p: r["state"] for p, r in rows.items()} == {
         **{n: "COMPLETED" for n in names[1:-1]}, victim: "FAILED", cancelled: "CANCELLED"}
-    assert "trainer exited with code" in rows[victim]["detail"]
+    assert "trainer exited with code" in rows[victim]["detail"] and "killed by SIGKILL" in rows[victim]["detail"]
+    assert rows[cancelled]["detail"] == "cancelled with scancel"  # every ended point says why
 
     # Retry takes exactly those two (and a second retry finds nothing while they run).
     assert sweep_main(["retry", "six"]) == 0

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.train_helpers import trainer_env
 from trainer.train.torchrun import exit_code
 
@@ -43,14 +45,42 @@ def test_a_ranks_exit_code_reaches_the_batch_script(tmp_path: Path) -> None:
     assert exit_code(3) == 3
 
 
-def test_a_cancelled_launcher_says_so_in_one_line(tmp_path: Path) -> None:
+RANK = """
+import signal, sys, time
+
+def stop(signum, frame):
+    print("checkpointing after", signal.Signals(signum).name, flush=True)
+    time.sleep(2)  # a checkpoint takes a while
+    sys.exit(75)
+
+for sig in (signal.SIGTERM, signal.SIGUSR2):
+    signal.signal(sig, stop)
+print("up", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2], ids=lambda s: s.name)
+def test_a_signal_to_the_launcher_reaches_the_ranks_which_checkpoint_and_decide(tmp_path: Path, sig) -> None:
+    """scancel sends TERM to every process of a step, `scancel --signal=USR2` USR2: the launcher passes them on and
+    waits for the ranks' own exit (75: checkpoint saved), however long the checkpoint takes."""
     rank = tmp_path / "rank.py"
-    rank.write_text("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(75))\n"
-                    "print('up', flush=True)\ntime.sleep(120)\n")
-    proc = subprocess.Popen(command("trainer.train.torchrun", str(rank)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=trainer_env())
-    assert proc.stdout.readline() == "up\n"
-    proc.send_signal(signal.SIGTERM)  # what scancel sends every process of the step
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
-    assert err.rstrip().splitlines()[-1] == "anvil: torchrun stopped by SIGTERM; its ranks got the signal too"
+    rank.write_text(RANK)
+
+    def signalled(launcher: str) -> tuple[subprocess.Popen, str]:
+        proc = subprocess.Popen(command(launcher, str(rank)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=trainer_env(), start_new_session=True)
+        assert proc.stdout.readline() == "up\n"
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            subprocess.run(["pkill", "-9", "-f", str(rank)], check=False)  # a rank the launcher left behind
+        out, err = proc.communicate(timeout=60)
+        return proc, out + err
+
+    proc, said = signalled("trainer.train.torchrun")
+    assert proc.returncode == 75 and f"checkpointing after {sig.name}" in said and "Traceback" not in said, said
+    # Control: torchrun itself dies of USR2 (its rank never hears of it) and ends TERM in a traceback.
+    proc, said = signalled("torch.distributed.run")
+    assert proc.returncode != 75 and ("Traceback" in said or proc.returncode == -sig), said

@@ -247,16 +247,18 @@ def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_che
         assert abs(final[step] - loss) <= 1e-6, (step, final[step], loss)
 
 
-def test_nan_loss_stops_with_a_message_and_saves_nothing_of_it(tmp_path: Path, corpus: Path) -> None:
+def test_nan_loss_before_any_checkpoint_stops_with_a_message_and_saves_nothing_of_it(tmp_path: Path,
+                                                                                      corpus: Path) -> None:
     job = make_job(tmp_path, "diverges", corpus, "model.init_std=1e30", "optim.grad_clip=null")
     done = run_trainer(job)
     assert done.returncode == 2
-    message = r"error: step 1: loss \S+, gradient norm (nan|inf)\. Nothing was saved from this state"
+    message = (r"error: step 1: loss \S+, gradient norm (nan|inf)\. Nothing was saved from this state, and there is no "
+               "checkpoint to roll back to")
     assert re.search(message, done.stdout), done.stdout[-2000:]
     assert "Lower optim.lr" in done.stdout and "Traceback" not in done.stderr
     assert not list((job / "checkpoints").glob("step-*"))
-    # Recorded for the batch script's FAILED reason and for sweep.py retry: a refusal, which would repeat.
-    assert re.fullmatch(r"refused: rank 0: step 1: loss \S+, gradient norm (nan|inf)\. Nothing was saved.*\n",
+    # Recorded for the batch script's FAILED reason and for sweep.py retry: a divergence, which would repeat.
+    assert re.fullmatch(r"diverged: rank 0: step 1: loss \S+, gradient norm (nan|inf)\. Nothing was saved.*\n",
                         (job / "ERROR").read_text())
 
 

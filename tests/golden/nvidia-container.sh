@@ -47,9 +47,9 @@ if [ "${ANVIL_EXECUTOR:-slurm}" = local ]; then LOCAL=1; fi
 # Stop signals (SLURM: TERM on scancel, preemption and the time limit, USR2 before the time limit; the local executor:
 # INT for Ctrl-C, TERM, HUP) are noted, never fatal: the trainer is told through the trigger file (rank 0 polls it
 # every step; the ranks usually got the signal themselves too), checkpoints and exits, and the end decides what next.
-SIGNAL=""
+SIGNAL="" SIGNAL_AT=0
 note_signal() {
-    SIGNAL=${SIGNAL:-$1}
+    if [ -z "$SIGNAL" ]; then SIGNAL=$1 SIGNAL_AT=$(date +%s); fi
     echo "anvil: $1 received at $(date -u +%H:%M:%S); asking the trainer to checkpoint and stop" 2>/dev/null || true
     touch "$PREEMPT_FILE" 2>/dev/null || true
 }
@@ -135,16 +135,17 @@ requeue() {
     if [ "$LOCAL" = 1 ]; then
         exit "$PREEMPTED_EXIT" # the local executor runs the script again
     fi
-    if scontrol requeue "$SLURM_JOB_ID"; then
+    local said
+    if said=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
         exit 0
     fi
-    case $(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null) in
-    PENDING | REQUEUED | REQUEUE_HOLD | REQUEUE_FED) # SLURM requeued it itself (a failed node: srun reported it)
-        echo "anvil: SLURM has requeued the job itself" || true
+    case "$said $(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null)" in
+    *"pending execution"* | *PENDING | *REQUEUED | *REQUEUE_HOLD | *REQUEUE_FED)
+        echo "anvil: SLURM has requeued the job itself (a failed node: srun reported it)" || true
         exit 0
         ;;
     esac
-    fail "could not requeue after: $1 (job cancelled, or requeue not allowed); resubmit with: sbatch $JOB_DIR/slurm.sh"
+    fail "could not requeue after: $1 ($said: the job was cancelled, or requeue is not allowed); resubmit with: sbatch $JOB_DIR/slurm.sh"
 }
 
 # What SLURM is doing with this job, when a stop signal ended the step: preempted (SLURM requeues a preempted job only
@@ -261,6 +262,18 @@ if [ -n "$STOPPED_AT" ] || [ "$STEP_RC" -eq "$PREEMPTED_EXIT" ]; then
     cancelled) stopped "$BY" "cancelled (SIG$BY, scancel) at $AT; $RESUME" ;;
     *) stopped "$BY" "stopped by SIG$BY at $AT (a signal to the job's processes, not SLURM ending the job); $RESUME" ;;
     esac
+elif [ -n "$SIGNAL" ] && [ "$SIGNAL" != USR2 ] && [ "$STEP_RC" -gt 128 ]; then
+    # Asked to stop, then killed before the checkpoint was written: the newest whole checkpoint is where it resumes.
+    AFTER=$(($(date +%s) - SIGNAL_AT))
+    if [ "$LOCAL" = 0 ] && [ "$AFTER" -le 5 ]; then
+        WHY="srun killed the step as SIG$SIGNAL reached it (scancel --full signals srun too, and srun answers TERM and HUP by killing its tasks at once), so this step's checkpoint could not be written"
+    else
+        WHY="the step was killed $AFTER s after SIG$SIGNAL, before its checkpoint was done (SLURM's KillWait ran out, or a second Ctrl-C)"
+    fi
+    if [ "$LOCAL" = 1 ]; then
+        stopped "$SIGNAL" "$WHY; run the same command again: it resumes from the newest whole checkpoint"
+    fi
+    stopped "$SIGNAL" "$WHY; resume with: sbatch $JOB_DIR/slurm.sh (from the newest whole checkpoint)"
 elif [ "$STEP_RC" -eq 0 ]; then
     printf 'job %s, restart %s, %s\n' "$SLURM_JOB_ID" "$RESTART" "$(date -u)" >"$DONE_FILE" 2>/dev/null || true
     event "done"

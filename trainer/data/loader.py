@@ -8,10 +8,12 @@ what workers have prefetched). TP ranks of one DP group build the same loader an
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import glob
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +204,18 @@ def _to_batch(item: dict) -> dict[str, torch.Tensor]:
     return batch
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+"""Iterations not yet finished or closed."""
+
+
+@atexit.register
+def _close_open() -> None:
+    """An iteration left open (a rank that returned early) ends before the interpreter tears its modules down: closed
+    later by the garbage collector, its reading and tokenizing threads would meet modules whose globals are gone."""
+    for iteration in list(_OPEN):
+        iteration.close()
+
+
 _LOADED_HERE = False
 """Set once this process has run a loader in-process (num_workers=0)."""
 
@@ -282,7 +296,9 @@ class TokenLoader:
     def __iter__(self) -> Iterator[dict]:
         # The loader must not keep its iterator: a loader <-> generator cycle is torn down by the
         # garbage collector in an order that leaves torch's worker shutdown waiting 5 s per worker.
-        return self._start()
+        iteration = self._start()
+        _OPEN.add(iteration)
+        return iteration
 
     def state_dict(self) -> dict:
         """This DP rank's part of the loader state: cursors and counters (a few KB), no buffered text."""

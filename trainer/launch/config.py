@@ -351,9 +351,11 @@ class ParallelConfig(Section):
     compile: bool = False
     """`torch.compile` each transformer block (needs a C++ compiler on CPU, Triton on GPU)."""
     init_timeout_s: int = Field(default=600, ge=10)
-    """Collective timeout until the first step is done (process-group start, compilation)."""
+    """Hang watchdog: the longest a rank may make no progress until its first step is done (rendezvous, restore,
+    a large model's first compile), and during a checkpoint save, a restore or an evaluation."""
     step_timeout_s: int = Field(default=300, ge=10)
-    """Collective timeout after the first step: a hung rank fails the job quickly instead of burning hours."""
+    """Hang watchdog: the longest one training step may take; past it the job ends naming the rank that holds it
+    up (exit 124, requeued with job.retry_on_failure) instead of burning the allocation."""
 
     @field_validator("dp_shard")
     @classmethod

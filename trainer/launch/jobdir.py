@@ -9,7 +9,7 @@ jobs/<name>/
   logs/           <name>-<jobid>.out/.err, env-<jobid>-<restart>.txt
   checkpoints/    step-N/ (DCP), complete once step-N/COMPLETE exists; step-N.damaged/ set aside on resume
   metrics.jsonl   one JSON row per logged step;  wandb/, wandb-run-id
-  events.jsonl    one JSON line per attempt start, requeue, done, failed (written by the batch script)
+  events.jsonl    one JSON line per attempt start and end (END_EVENTS), and what the tools and trainer add
   eval/step-N/    lm-eval results of the export of step N
   profiles/       torch.profiler traces (and CUDA memory snapshots) of metrics.profile_steps
   RESTARTS  PREEMPT  PREEMPTED  DONE  FAILED  ERROR  local-run.json   markers (see below)

@@ -9,11 +9,13 @@ different number of DP ranks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, 
 SPACE_MARGIN = 0.05
 """Room asked for beyond the last checkpoint's size (metadata, the loader state growing, logs written meanwhile):
 5 % and SPACE_SLACK more."""
-SPACE_SLACK = 64 * 2**20
+SPACE_SLACK = 2**20
 
 
 def size_of(path: Path) -> int:
@@ -73,8 +75,8 @@ def storage_failure(exc: BaseException) -> OSError | None:
     return None
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def space_problem(root: Path, step: int, expected: int, measured: bool) -> str | None:
@@ -84,9 +86,9 @@ def space_problem(root: Path, step: int, expected: int, measured: bool) -> str |
     free = shutil.disk_usage(probe).free
     if free >= needed:
         return None
-    return (f"checkpoint {step_dir(root, step).name} not written: {root} has {_gib(free)} free, a checkpoint needs "
-            f"{_gib(needed)} ({'the last one took' if measured else 'its tensors take about'} {_gib(expected)}, plus "
-            f"{SPACE_MARGIN:.0%} and {SPACE_SLACK // 2**20} MiB); {newest_whole(root)}. Free space (or lower "
+    return (f"checkpoint {step_dir(root, step).name} not written: {root} has {_size(free)} free, a checkpoint needs "
+            f"{_size(needed)} ({'the last one took' if measured else 'its tensors take about'} {_size(expected)}, "
+            f"plus {SPACE_MARGIN:.0%} and {_size(SPACE_SLACK)}); {newest_whole(root)}. Free space (or lower "
             "checkpoint.keep) and resubmit: the job resumes from there")
 
 
@@ -95,6 +97,37 @@ def newest_whole(root: Path) -> str:
     latest = latest_complete(root)
     return ("no checkpoint has been written yet" if latest is None else
             f"the newest whole checkpoint is {step_dir(root, latest)} (untouched)")
+
+
+def check_space(root: Path, step: int, state: dict[str, Any]) -> None:
+    """Collective, before anything of checkpoint `step` is written: rank 0 compares the file system's free space with
+    the last checkpoint's size (before the first one: the state's tensor bytes summed over ranks) and tells every
+    rank; StorageError on all of them when it will not fit."""
+    local = torch.tensor([float(tensor_bytes(state))], dtype=torch.float64)
+    dist.all_reduce(local)
+    problem: list = [None]
+    if _rank() == 0:
+        measured = last_size(root)
+        expected = measured if measured is not None else int(local.item())
+        problem = [space_problem(root, step, expected, measured is not None)]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise StorageError(problem[0])
+
+
+@contextlib.contextmanager
+def storage_errors(root: Path, step: int) -> Iterator[None]:
+    """A save of `step` that fails on the storage (ENOSPC, EDQUOT, EIO, ...) becomes one StorageError line, and rank 0
+    removes the partial step. Other failures pass through."""
+    try:
+        yield
+    except BaseException as exc:  # DCP reports failures as CheckpointException, a BaseException
+        error = storage_failure(exc)
+        if error is None:
+            raise
+        if _rank() == 0:
+            remove_partial(root, step)
+        raise StorageError(write_failure(root, step, error)) from None
 
 
 def write_failure(root: Path, step: int, error: OSError) -> str:

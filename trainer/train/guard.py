@@ -46,8 +46,8 @@ class StepGuard:
         self.rollbacks = len(records)
         self.skip = set(skip) | {e["skip"] for e in records}
 
-    def problem(self, loss: float, grad_norm: float) -> str | None:
-        """What is wrong with a step's global loss and gradient norm, or None."""
+    def problem(self, step: int, loss: float, grad_norm: float) -> str | None:
+        """What is wrong with step `step`'s global loss and gradient norm, or None."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return f"loss {loss:g}, gradient norm {grad_norm:g}"
         window = self.cfg.spike_window

@@ -34,7 +34,7 @@ from trainer.data.loader import build_loader
 from trainer.errors import EXIT_REFUSED, AnvilError
 from trainer.launch import jobdir
 from trainer.launch.config import AnvilConfig
-from trainer.launch.jobdir import EXIT_DISK, JobDir
+from trainer.launch.jobdir import JobDir
 from trainer.processes import node_name
 from trainer.train import checkpoint, liger
 from trainer.train.distributed import init_distributed, log
@@ -177,8 +177,8 @@ class Trainer:
             state = {"model": model_state, "optim": optim_state,
                      "train": json.dumps(self._train_state()).encode()}
             loader_states = {self.layout.dp_rank: self.loader.state_dict()} if self.layout.tp_rank == 0 else {}
-            self._check_space(state)
-            with self._storage_errors(self.step):
+            checkpoint.check_space(self.ckpt_root, self.step, state)
+            with checkpoint.storage_errors(self.ckpt_root, self.step):
                 self.pending = checkpoint.save(self.ckpt_root, self.step, state, loader_states,
                                                keep=self.cfg.checkpoint.keep, async_group=self.async_group)
             self.saved_step = self.step
@@ -188,38 +188,10 @@ class Trainer:
         self.metrics.line(f"checkpoint {jobdir.step_dir(self.ckpt_root, self.step).name} {how} in "
                           f"{time.perf_counter() - started:.2f} s")
 
-    def _check_space(self, state: dict) -> None:
-        """Collective: rank 0 compares the file system's free space with the last checkpoint's size (before the
-        first: the state's tensor bytes summed over ranks) and tells every rank."""
-        local = torch.tensor([float(checkpoint.tensor_bytes(state))], dtype=torch.float64)
-        dist.all_reduce(local)
-        problem: list = [None]
-        if self.rank == 0:
-            measured = checkpoint.last_size(self.ckpt_root)
-            expected = measured if measured is not None else int(local.item())
-            problem = [checkpoint.space_problem(self.ckpt_root, self.step, expected, measured is not None)]
-        dist.broadcast_object_list(problem, src=0)
-        if problem[0] is not None:
-            raise checkpoint.StorageError(problem[0])
-
-    @contextlib.contextmanager
-    def _storage_errors(self, step: int) -> Iterator[None]:
-        """A save that fails on the storage (ENOSPC, EDQUOT, EIO, ...) becomes one StorageError line; the partial step
-        is removed (rank 0). Other failures pass through."""
-        try:
-            yield
-        except BaseException as exc:  # DCP reports failures as CheckpointException, a BaseException
-            error = checkpoint.storage_failure(exc)
-            if error is None:
-                raise
-            if self.rank == 0:
-                checkpoint.remove_partial(self.ckpt_root, step)
-            raise checkpoint.StorageError(checkpoint.write_failure(self.ckpt_root, step, error)) from None
-
     def finish_pending_save(self) -> None:
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            with self._storage_errors(pending.step):
+            with checkpoint.storage_errors(self.ckpt_root, pending.step):
                 pending.finish()
 
     def _checkpoint_to_resume(self) -> int | None:
@@ -384,7 +356,7 @@ class Trainer:
         clip = self.cfg.optim.grad_clip or math.inf
         grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
         loss, norm = torch.stack([self._reduce_dp(loss_sum), grad_norm.float()]).tolist()  # one sync with the host
-        problem = self.guard.problem(loss, norm)
+        problem = self.guard.problem(self.step + 1, loss, norm)
         if problem is not None:
             self.optimizer.zero_grad(set_to_none=True)
             raise StepRejected(self.step + 1, problem)
@@ -591,7 +563,7 @@ def main(argv: Sequence[str]) -> int:
         trainer = Trainer(cfg, job, ranks.rank, layout, device, watchdog)
         code = trainer.run()
     except AnvilError as exc:  # refused input, a full disk, a run that kept diverging: one line, no traceback
-        kind, code = ("disk", EXIT_DISK) if isinstance(exc, checkpoint.StorageError) else (
+        kind, code = ("disk", jobdir.EXIT_DISK) if isinstance(exc, checkpoint.StorageError) else (
             "diverged" if isinstance(exc, DivergedError) else "refused", EXIT_REFUSED)
         log(ranks.rank, f"error: {exc}")
         jobdir.write_error(job, kind, f"rank {ranks.rank}: {exc}")

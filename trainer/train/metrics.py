@@ -107,8 +107,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._append(row)
-        if self.run is not None:
-            self.run.log(row)
+        self._wandb("log", row)
         parts = [f"step {row['step']}/{self.cfg.train.steps}", f"loss {row['loss']:.4f}",
                  f"grad {row['grad_norm']:.3f}", f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
         if row.get("mfu") is not None:
@@ -128,13 +127,23 @@ class MetricsLogger:
             return
         row = {"step": step, **values}
         self._append(row)
-        if self.run is not None:
-            self.run.log(row)
+        self._wandb("log", row)
+
+    def _wandb(self, call: str, *args: Any) -> None:
+        """A call to the wandb run that can never stop training: wandb's service is a process of its own, which a
+        scancel's TERM ends at once; from then on metrics go to metrics.jsonl only (the next attempt continues the
+        wandb run)."""
+        if self.run is None:
+            return
+        try:
+            getattr(self.run, call)(*args)
+        except Exception as exc:  # noqa: BLE001 - whatever the lost service raises
+            self.run = None
+            self.line(f"wandb stopped working ({type(exc).__name__}: {exc}); metrics go on to {self.path} only")
 
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+        self._wandb("finish")
+        self.run = None
 
     def print_plan(self, plan: dict[str, ParamPlan], shapes: dict[str, tuple[int, ...]]) -> None:
         """The muP plan, one row per role: what each kind of parameter gets."""

@@ -11,7 +11,8 @@ Two things torchrun does its own way, done here the way a SLURM job needs them:
   the launcher's own stack trace and a failure table, under the rank's clear message. Here the rank's message stands
   as the last word, the launcher adds one line naming the rank and its exit code, and exits with that code (2:
   refused, 75: preempted, 128 + N: killed by signal N; torchrun's own is always 1). A rank killed by a signal could
-  not say why it ended, so the launcher records that in the job's ERROR (the first reason recorded stays).
+  not say why it ended, so the launcher records that in the job's ERROR as soon as it sees it (the first reason
+  recorded stays).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -52,6 +54,27 @@ class _Forward:
         send(ranks, sig)
 
 
+def _report_kills_at_once(job: jobdir.JobDir) -> None:
+    """Record a rank killed by a signal the moment torchrun's monitor sees it: torchrun itself raises only after its
+    other ranks have ended, and by then a peer's diagnosis ("rank N is gone") may have been recorded first."""
+    original = LocalElasticAgent._monitor_workers
+
+    def monitor(self, worker_group):
+        result = original(self, worker_group)
+        killed = [(rank, f) for rank, f in result.failures.items() if f.exitcode < 0]
+        if killed and job.path.is_dir():
+            rank, failure = min(killed, key=lambda item: item[1].timestamp)
+            jobdir.write_error(job, "killed", _killed(rank, failure))
+        return result
+
+    LocalElasticAgent._monitor_workers = monitor
+
+
+def _killed(rank: int, failure) -> str:
+    return (f"rank {rank} on {node_name()} was killed by {signal.Signals(-failure.exitcode).name} (pid {failure.pid}: "
+            "by hand, by the kernel's out-of-memory killer, or a crash)")
+
+
 def _job(args) -> jobdir.JobDir | None:
     """The job directory when the ranks run Anvil's trainer (`-m trainer.train JOB`)."""
     if args.module and args.training_script == "trainer.train" and args.training_script_args:
@@ -67,6 +90,9 @@ def main(argv: Sequence[str]) -> int:
         for sig in STOP_SIGNALS:
             signal.signal(sig, forward)
     die_with_parent(signal.SIGTERM)  # the batch shell or srun's step gone: the ranks checkpoint and stop
+    job = _job(args)
+    if job is not None:
+        _report_kills_at_once(job)
     try:
         run(args)
     except ChildFailedError as exc:
@@ -76,12 +102,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"anvil: rank {rank} on {host} exited with code {failure.exitcode} (its own output is above)",
                   file=sys.stderr)
             return exit_code(failure.exitcode)
-        killed = (f"rank {rank} on {host} was killed by {signal.Signals(-failure.exitcode).name} (pid {failure.pid}: "
-                  "by hand, by the kernel's out-of-memory killer, or a crash)")
-        print(f"anvil: {killed}", file=sys.stderr)
-        job = _job(args)
-        if job is not None and job.path.is_dir():
-            jobdir.write_error(job, "killed", killed)
+        print(f"anvil: {_killed(rank, failure)}", file=sys.stderr)
         return exit_code(failure.exitcode)
     except RendezvousError as exc:  # the store's host (another node's torchrun) is gone: the job is over
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -43,9 +43,9 @@ _KEY = "anvil/heartbeat/{rank}"
 
 
 def heartbeat_interval(parallel: ParallelConfig) -> float:
-    """Often enough to tell a stopped rank within a small part of the timeout, seldom enough that thousands of ranks
-    do not load the store: a sixtieth of the step timeout, between 1 and 5 seconds."""
-    return min(max(parallel.step_timeout_s / 60, 1.0), 5.0)
+    """Often enough to tell a stopped rank within seconds, seldom enough that thousands of ranks do not load the store
+    (a few hundred small writes a second): a hundredth of the step timeout, between 0.5 and 2 seconds."""
+    return min(max(parallel.step_timeout_s / 100, 0.5), 2.0)
 
 
 def collective_timeout(parallel: ParallelConfig) -> dt.timedelta:
@@ -88,10 +88,11 @@ class Watchdog:
 
     def _connect(self) -> dist.Store | None:
         """A client of its own to the rendezvous store (torchrun's agent, or rank 0 under srun), with a short
-        timeout: a store that does not answer is itself a finding."""
+        timeout: it is asked only when something already went wrong, and a store that does not answer at once is
+        itself a finding."""
         try:
             return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                 timeout=dt.timedelta(seconds=max(3 * self.interval, 10)))
+                                 timeout=dt.timedelta(seconds=max(2 * self.interval, 2)))
         except (KeyError, ValueError, RuntimeError, dist.DistError) as exc:
             self.log(f"watchdog: no heartbeats ({type(exc).__name__}: {exc}); hangs end at the collective timeout")
             return None
@@ -187,16 +188,17 @@ class Watchdog:
                 "(the network, or NCCL/RCCL)")
 
     def lost(self, error: BaseException) -> str | None:
-        """After a collective failed at once (a connection closed or reset): the rank that is gone, or None when every
-        peer is still alive (one of them stopped on its own, and recorded its reason)."""
+        """After a collective failed at once (a connection closed or reset): the rank on another node that is gone, or
+        None when every peer is alive (one stopped on its own and recorded why) or the gone one was on this node (its
+        launcher saw how it ended and records that)."""
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         cause = cause.split(". This is typically")[0][:200]  # gloo's advice is longer than its finding
         found = self._silent()
         if isinstance(found, str):
             return f"{found} ({cause})"
         silent, _ = found
-        if not silent:
-            return None
+        if not silent or all(b.host == self.host for b in silent):
+            return None  # a peer that ended on its own said why; one on this node, its launcher reports
         names = "; ".join(f"{b.who()} during {b.where()}" for b in silent)
         return (f"{names}: gone (its connection closed and its heartbeat stopped: killed, or its node was lost); "
                 f"rank {self.rank} on {self.host} saw: {cause}")
