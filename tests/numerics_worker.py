@@ -40,7 +40,7 @@ def main(job_dir: str, out: str, steps: int = 10) -> None:
         if trainer.monitor is not None:  # metrics.mup_monitors: every step is watched here
             trainer.monitor.arm()
         result = trainer.train_step(micro)
-        record.append([trainer._reduce_dp(result["loss"]).item(), result["grad_norm"].item()])
+        record.append([result["loss"], result["grad_norm"]])  # both global already
         if trainer.monitor is not None:
             monitored.append(trainer.monitor.collect())
     if ranks.rank == 0:

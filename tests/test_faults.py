@@ -243,11 +243,44 @@ def test_a_full_disk_stops_before_the_save_in_one_line_and_the_same_command_resu
     assert sorted(p.name for p in root.iterdir()) == ["step-4"] and damage(root / "step-4") is None
     complete.write_text(json.dumps(record))
 
+    # Not a byte left: the trainer's log, ERROR and FAILED cannot be written; the reason reaches the terminal, which
+    # says where it is.
+    fill(small_disk, 0)
+    code, out = run_local(jobs, "full", *tiny, *settings)
+    assert code == jobdir.EXIT_DISK and "Traceback" not in out, out[-3000:]
+    assert f"anvil: cannot write {job / 'logs'}" in out and "the rest of this job's output goes to this terminal" in out
+    assert re.search(r"error: writing \S+metrics.jsonl failed: No space left on device \(errno 28\); the newest "
+                     r"whole checkpoint is \S+/step-4 \(untouched\)", out), out[-3000:]
+    assert re.search(r"anvil: FAILED: trainer exited with code 74 \(disk: .*\)\S* \[\S+/FAILED could not be written "
+                     r"\(a full or failing disk\); this reason is on the terminal of submit.py\]", out), out[-3000:]
+    assert "its reason is above" in out and not (job / "FAILED").exists()
+
     filler.unlink()  # space freed: the same command resumes and ends as the uninterrupted twin
     code, out = run_local(jobs, "full", *tiny, *settings)
     assert code == 0, out[-3000:]
     assert f"resumed from {root / 'step-4'} (step 4)" in out
     assert losses(job) == pytest.approx(losses(twin), abs=1e-6) and sorted(losses(job)) == list(range(1, 13))
+
+
+def test_a_full_log_disk_never_stops_the_output_pump(tmp_path: Path) -> None:
+    """The local executor copies a job's output to its log and the terminal; a log that cannot be written is said once
+    and the copying goes on (a pump that stopped would leave the job blocked on a full pipe)."""
+    import io
+
+    from trainer.launch.local import _pump
+
+    class Full(io.BytesIO):
+        name = "logs/job-1.out"
+
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+    source, echo = io.BytesIO(b"".join(b"line %d\n" % i for i in range(1000))), io.BytesIO()
+    _pump(source, Full(), echo)
+    said = echo.getvalue().decode()
+    assert said.count("cannot write logs/job-1.out any more (No space left on device)") == 1
+    assert said.endswith("line 999\n") and source.read() == b""  # all of it read and shown (the pump before this
+    # change raised the OSError at the first line, from its thread, and stopped reading)
 
 
 # -- training faults --------------------------------------------------------------------------------------------------

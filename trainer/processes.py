@@ -20,11 +20,8 @@ from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 """What asks a job to checkpoint and stop: TERM (scancel, preemption, the time limit), INT (Ctrl-C), HUP (a closed
-terminal) and USR2 (Anvil's time-limit warning, `#SBATCH --signal=B:USR2@lead`). USR1 is left to NCCL."""
-
-REQUEUE_SIGNALS = frozenset({signal.SIGUSR2})
-"""Of those, the ones that mean "run again": SLURM's warning before the time limit. TERM, INT and HUP mean stop; it is
-SLURM's business, not the job's, to run a cancelled or preempted job again (see the batch script)."""
+terminal) and USR2 (Anvil's time-limit warning, `#SBATCH --signal=B:USR2@lead`). USR1 is left to NCCL. Which of them
+mean "run again" is the batch script's decision (`jobdir.PREEMPT_CAUSES`)."""
 
 _PR_SET_PDEATHSIG = 1
 

@@ -175,13 +175,18 @@ report_environment() {
     if command -v rocm-smi >/dev/null; then rocm-smi --showproductname || true; fi
 }
 
+# An attempt SLURM ended before its script could say how (a node failure requeues a job and kills the batch shell
+# at once) gets its end recorded now, with the reason its trainer left.
+if [ "$RESTART" -gt 0 ] && tail -n 1 "$EVENTS_FILE" 2>/dev/null | grep -q "\"event\": \"start\", \"job_id\": \"$SLURM_JOB_ID\""; then
+    RESTART=$((RESTART - 1)) event requeue "requeued by SLURM$(trainer_error 0)"
+fi
 # A new attempt starts clean: markers left by the previous one would mislead the trainer and status.
 mkdir -p "$JOB_DIR/logs" "$JOB_DIR/checkpoints" 2>/dev/null || true
 rm -f "$PREEMPT_FILE" "$PREEMPTED_FILE" "$DONE_FILE" "$FAILED_FILE" "$ERROR_FILE"
 if [ -n "$SIGNAL" ]; then touch "$PREEMPT_FILE" 2>/dev/null || true; fi
 echo "$RESTART" >"$JOB_DIR"/RESTARTS 2>/dev/null || true
 event start
-echo "anvil: job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart $RESTART on ${SLURM_JOB_NODELIST:-?} at $(date -u)"
+echo "anvil: job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart $RESTART on ${SLURM_JOB_NODELIST:-?} at $(date -u)" || true
 END_AT=""
 if [ "$LOCAL" = 0 ]; then
     END_AT=$(date -d "$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null)" +%s 2>/dev/null) || END_AT=""
@@ -226,7 +231,7 @@ if [ -n "$SIGNAL" ]; then # stopped before the step started: there is nothing to
     if [ "$SIGNAL" = USR2 ]; then requeue "$SIGNAL before the step started"; fi
     stopped "$SIGNAL" "$SIGNAL before the step started; nothing to save"
 fi
-echo "anvil: launching: ${LAUNCH[*]}"
+echo "anvil: launching: ${LAUNCH[*]}" || true
 # In the background, so that the traps above run while the step is going (bash defers them otherwise).
 "${LAUNCH[@]}" &
 STEP_PID=$!
@@ -277,7 +282,7 @@ elif [ -n "$SIGNAL" ] && [ "$SIGNAL" != USR2 ] && [ "$STEP_RC" -gt 128 ]; then
 elif [ "$STEP_RC" -eq 0 ]; then
     printf 'job %s, restart %s, %s\n' "$SLURM_JOB_ID" "$RESTART" "$(date -u)" >"$DONE_FILE" 2>/dev/null || true
     event "done"
-    echo "anvil: DONE"
+    echo "anvil: DONE" || true
 else
     KIND=$(error_kind "$STEP_RC")
     REASON="trainer exited with code $STEP_RC$(trainer_error "$STEP_RC")"
