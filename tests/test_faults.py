@@ -22,6 +22,7 @@ from tests.train_helpers import corpus_overrides, losses, make_job, run_trainer,
 from trainer.errors import EXIT_REFUSED
 from trainer.launch import jobdir
 from trainer.launch.config import RollbackConfig
+from trainer.launch.local import LocalExecutor
 from trainer.processes import with_environment
 from trainer.train.guard import StepGuard
 
@@ -81,8 +82,7 @@ def test_data_workers_ignore_stop_signals_and_die_with_their_rank(corpus: Path) 
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.stdout.readline() == "read 20 batches after SIGTERM\n"
         assert all(alive(pid) for pid in workers)
-        proc.kill()  # kill -9 of the rank: the kernel ends its workers at once
-        proc.wait()
+        orphan_when_the_rank_dies(proc, workers)  # kill -9 of the rank: the kernel ends its workers at once
         wait_for(lambda: not any(alive(pid) for pid in workers), 2, "the workers to die with their rank", 0.05)
     finally:
         proc.kill()
@@ -95,17 +95,25 @@ def test_data_workers_ignore_stop_signals_and_die_with_their_rank(corpus: Path) 
         assert proc.returncode == 1 and "is killed by signal: Terminated" in out + err, out + err
     finally:
         proc.kill()
-    # ... and outlive a rank killed with -9 (re-parented to PID 1).
+    # ... and outlive a rank killed with -9 (re-parented to PID 1) for as long as nothing else wakes them.
     proc, workers = start_loader("torch-default", corpus)
     try:
-        proc.kill()
-        proc.wait()
+        orphan_when_the_rank_dies(proc, workers)
         time.sleep(1.5)
-        assert any(alive(pid) for pid in workers)
+        assert all(alive(pid) for pid in workers)
     finally:
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def orphan_when_the_rank_dies(rank: subprocess.Popen, workers: list[int]) -> None:
+    """Kill the rank with -9 while its workers are stopped (busy, as a worker blocked on a full pipe is): only a
+    signal the kernel sends them can end them then (SIGKILL ends a stopped process too)."""
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    rank.kill()
+    rank.wait()
 
 
 LEFT_OPEN = """
@@ -148,6 +156,10 @@ def run_local(jobs: Path, name: str, *overrides: str, env: dict[str, str] | None
     proc = submit_local(jobs, name, *overrides, env=env)
     out, err = proc.communicate(timeout=600)
     return proc.returncode, out + err
+
+
+def last_event_of(job: Path) -> dict:
+    return json.loads((job / "events.jsonl").read_text().splitlines()[-1])
 
 
 def local_job_id(job: Path) -> str:
@@ -236,24 +248,28 @@ def test_a_full_disk_stops_before_the_save_in_one_line_and_the_same_command_resu
     record = json.loads(complete.read_text())
     complete.write_text(json.dumps({**record, "bytes": 1}))
     fill(small_disk, int(0.5 * size))
+    (job / "FAILED").unlink()  # the first run's; now the job's own FAILED cannot be written: the reason goes to the
+    (job / "FAILED").mkdir()  # terminal
     code, out = run_local(jobs, "full", *tiny, *settings)
     assert code == jobdir.EXIT_DISK and "Traceback" not in out, out[-3000:]
     assert re.search(r"error: writing checkpoint step-8 to \S+ failed: No space left on device \(errno 28.*\); the "
                      r"newest whole checkpoint is \S+/step-4 \(untouched\), and the partial step is removed", out), out
+    assert re.search(r"anvil: FAILED: trainer exited with code 74 \(disk: rank 0: writing checkpoint step-8 .*\[\S+/"
+                     r"FAILED could not be written \(a full or failing disk\); this reason is on the terminal of "
+                     r"submit.py\]", out), out[-3000:]
+    assert "its reason is above" in out and last_event_of(job)["event"] == "failed"
+    state = LocalExecutor().states([jobdir.JobDir(job)])[job]  # status reads it from events.jsonl
+    assert state.state == "FAILED" and "could not be written" in state.detail
+    (job / "FAILED").rmdir()
     assert sorted(p.name for p in root.iterdir()) == ["step-4"] and damage(root / "step-4") is None
     complete.write_text(json.dumps(record))
 
-    # Not a byte left: the trainer's log, ERROR and FAILED cannot be written; the reason reaches the terminal, which
-    # says where it is.
+    # Not a byte left: submit.py refuses in one line, before anything runs.
     fill(small_disk, 0)
     code, out = run_local(jobs, "full", *tiny, *settings)
-    assert code == jobdir.EXIT_DISK and "Traceback" not in out, out[-3000:]
-    assert f"anvil: cannot write {job / 'logs'}" in out and "the rest of this job's output goes to this terminal" in out
-    assert re.search(r"error: writing \S+metrics.jsonl failed: No space left on device \(errno 28\); the newest "
-                     r"whole checkpoint is \S+/step-4 \(untouched\)", out), out[-3000:]
-    assert re.search(r"anvil: FAILED: trainer exited with code 74 \(disk: .*\)\S* \[\S+/FAILED could not be written "
-                     r"\(a full or failing disk\); this reason is on the terminal of submit.py\]", out), out[-3000:]
-    assert "its reason is above" in out and not (job / "FAILED").exists()
+    assert code == EXIT_REFUSED and "Traceback" not in out, out[-3000:]
+    assert re.search(rf"cannot write the job directory {job}: No space left on device \(errno 28(, \S+)?\); free space",
+                     out), out
 
     filler.unlink()  # space freed: the same command resumes and ends as the uninterrupted twin
     code, out = run_local(jobs, "full", *tiny, *settings)

@@ -194,13 +194,21 @@ def test_a_killed_a_hung_and_a_lost_rank_end_the_job_with_the_reason(submit, job
     assert code == 0, err
     job, job_id = jobs_dir / "failing", submitted_id(out)
 
-    # kill -9 of one rank: the job ends within seconds, its launcher names it, nothing of it stays alive.
+    # kill -9 of one rank: the job ends within seconds, its launcher names it, nothing of it stays alive. (And FAILED
+    # cannot be written here, as on a full disk: the reason is in the SLURM job's comment, and status shows it.)
     reach(job, job_id, 25)
+    (job / "FAILED").mkdir()
     victim = rank_on(job_id, "n2")
     os.kill(victim, signal.SIGKILL)
     assert ended(job_id, 60) < 20
-    assert re.match(rf"trainer exited with code \d+ \(killed: rank \d on n2 was killed by SIGKILL \(pid {victim}:",
-                    (job / "FAILED").read_text())
+    comment = subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%k"], capture_output=True,
+                             text=True).stdout
+    said = rf"trainer exited with code \d+ \(killed: rank \d on n2 was killed by SIGKILL \(pid {victim}:"
+    assert re.match(rf"anvil: FAILED: {said}.*FAILED could not be written .* this reason is in the job's comment: "
+                    rf"scontrol show job {job_id}\]", comment), comment
+    state = SlurmExecutor().states([jobdir.JobDir(job)])[job]
+    assert state.state == "FAILED" and re.match(said, state.detail), state
+    (job / "FAILED").rmdir()
 
     # A stopped rank (SIGSTOP: a hung process, a node that stopped answering): the watchdog ends the job within
     # parallel.step_timeout_s, naming it.

@@ -72,7 +72,7 @@ event() {
 # and sweep.py status), which lives in slurmctld, not on the job's own file system.
 tell() {
     if [ "$LOCAL" = 0 ]; then
-        scontrol update JobId="$SLURM_JOB_ID" Comment="anvil: $(printf '%s' "$1" | tr -d '\000-\037' | cut -c1-400)" \
+        scontrol update JobId="$SLURM_JOB_ID" Comment="anvil: $(printf '%s' "$1" | tr -d '\000-\037' | cut -c1-1000)" \
             >/dev/null 2>&1 || true
     fi
 }
@@ -106,9 +106,9 @@ fail() {
     local reason=$1
     if ! printf '%s\njob %s, restart %s, %s\n' "$reason" "$SLURM_JOB_ID" "$RESTART" "$(date -u)" >"$FAILED_FILE" \
         2>/dev/null; then
-        local where="the job's comment: scontrol show job $SLURM_JOB_ID"
-        if [ "$LOCAL" = 1 ]; then where="the terminal of submit.py"; fi
-        reason="$reason [$FAILED_FILE could not be written (a full or failing disk); this reason is on $where]"
+        local where="in the job's comment: scontrol show job $SLURM_JOB_ID"
+        if [ "$LOCAL" = 1 ]; then where="on the terminal of submit.py"; fi
+        reason="$reason [$FAILED_FILE could not be written (a full or failing disk); this reason is $where]"
     fi
     event failed "$reason"
     tell "FAILED: $reason"
@@ -182,7 +182,7 @@ if [ "$RESTART" -gt 0 ] && tail -n 1 "$EVENTS_FILE" 2>/dev/null | grep -q "\"eve
 fi
 # A new attempt starts clean: markers left by the previous one would mislead the trainer and status.
 mkdir -p "$JOB_DIR/logs" "$JOB_DIR/checkpoints" 2>/dev/null || true
-rm -f "$PREEMPT_FILE" "$PREEMPTED_FILE" "$DONE_FILE" "$FAILED_FILE" "$ERROR_FILE"
+rm -f "$PREEMPT_FILE" "$PREEMPTED_FILE" "$DONE_FILE" "$FAILED_FILE" "$ERROR_FILE" 2>/dev/null || true
 if [ -n "$SIGNAL" ]; then touch "$PREEMPT_FILE" 2>/dev/null || true; fi
 echo "$RESTART" >"$JOB_DIR"/RESTARTS 2>/dev/null || true
 event start

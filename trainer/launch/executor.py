@@ -105,6 +105,8 @@ def recorded_state(job: JobDir) -> JobState:
     if not started or str(started[-1]["job_id"]) != latest:  # every attempt's start clears the old markers
         return JobState("UNKNOWN", latest, "job directory", "left the queue without starting")
     outcome = job.outcome()
+    if outcome is None and ended and ended[-1]["event"] in ("failed", "stopped"):  # its marker could not be written
+        return JobState("FAILED" if ended[-1]["event"] == "failed" else "PREEMPTED", latest, "job directory", said)
     if outcome is None:
         return JobState("UNKNOWN", latest, "job directory",
                         "started, then left the queue with no end recorded (killed, or its node failed)")

@@ -407,10 +407,13 @@ def write_job(cfg: AnvilConfig, script: str, job: JobDir, force: bool = False) -
                 + "\n  Use --name to start a new job, or --force to replace its config and script "
                 "(logs and checkpoints are kept, and it resumes from them)."
             )
-        write_atomic(job.config, config_text)
-        write_atomic(job.script, script, 0o755)
-        job.logs.mkdir(exist_ok=True)
-        job.checkpoints.mkdir(exist_ok=True)
+        with _writing(job.path):  # what is already as it should be is not written again (a full disk can resubmit)
+            if old_text != config_text:
+                write_atomic(job.config, config_text)
+            if not job.script.is_file() or job.script.read_text(encoding="utf-8") != script:
+                write_atomic(job.script, script, 0o755)
+            job.logs.mkdir(exist_ok=True)
+            job.checkpoints.mkdir(exist_ok=True)
         return False
     try:
         with staged_dir(job.path) as staging:  # the directory appears complete or not at all
@@ -420,11 +423,26 @@ def write_job(cfg: AnvilConfig, script: str, job: JobDir, force: bool = False) -
             os.chmod(new.script, 0o755)
             new.logs.mkdir()
             new.checkpoints.mkdir()
-    except OSError:
+    except OSError as exc:
         if job.path.exists():
             raise JobDirError(f"{job.path} appeared while it was being created; submit again") from None
-        raise
+        raise _unwritable(job.path, exc) from None
     return True
+
+
+def _unwritable(path: Path, exc: OSError) -> JobDirError:
+    return JobDirError(f"cannot write the job directory {path}: {exc.strerror or exc} (errno {exc.errno}"
+                       f"{', ' + str(exc.filename) if exc.filename else ''}); free space or fix the file system, "
+                       "then submit again")
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A job directory that cannot be written (a full disk, a quota) is refused in one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -559,7 +577,8 @@ def record_submission(job: JobDir, executor: str, command: list[str], job_id: st
     git = dict(git_state())
     diff = git.pop("diff")
     if diff:
-        write_atomic(job.git_diff, redact_secrets(diff))
+        with _writing(job.path):
+            write_atomic(job.git_diff, redact_secrets(diff))
     entry = {
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "executor": executor,
@@ -576,5 +595,6 @@ def record_submission(job: JobDir, executor: str, command: list[str], job_id: st
         except json.JSONDecodeError:
             record = {"submissions": [], "note": f"an unreadable earlier {SUBMISSIONS} was replaced"}
     record.setdefault("submissions", []).append(entry)
-    write_atomic(job.submissions, json.dumps(record, indent=2) + "\n")
+    with _writing(job.path):
+        write_atomic(job.submissions, json.dumps(record, indent=2) + "\n")
     return entry

@@ -170,7 +170,7 @@ def _outcome(job: JobDir, rc: int) -> str:
         return "finished (DONE)"
     if job.preempted.exists():
         return "stopped at a checkpoint; run the same command again to resume"
-    if not job.failed.exists():  # a full disk: the reason could only go to this terminal
+    if not job.failed.is_file():  # a full disk: the reason could only go to this terminal
         return f"stopped with exit code {rc}; its reason is above ({job.failed} could not be written)"
     return f"stopped with exit code {rc}; see {job.failed} and the logs"
 
