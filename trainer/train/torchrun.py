@@ -38,20 +38,14 @@ def exit_code(code: int) -> int:
     return 128 - code if code < 0 else code or 1
 
 
-class _Forward:
-    """Stop signals to this launcher go to its ranks; the first one is remembered."""
-
-    def __init__(self) -> None:
-        self.first: signal.Signals | None = None
-
-    def __call__(self, signum: int, frame: object) -> None:
-        sig = signal.Signals(signum)
-        self.first = self.first or sig
-        ranks = children(os.getpid())
-        if not ranks:
-            raise SignalException(f"got {sig.name} before any rank started", sigval=sig)
-        send(ranks, signal.SIGCONT)
-        send(ranks, sig)
+def _forward(signum: int, frame: object) -> None:
+    """A stop signal to this launcher goes to its ranks (with CONT, so that a stopped one hears it too)."""
+    sig = signal.Signals(signum)
+    ranks = children(os.getpid())
+    if not ranks:
+        raise SignalException(f"got {sig.name} before any rank started", sigval=sig)
+    send(ranks, signal.SIGCONT)
+    send(ranks, sig)
 
 
 def _report_kills_at_once(job: jobdir.JobDir) -> None:
@@ -84,11 +78,10 @@ def _job(args) -> jobdir.JobDir | None:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(list(argv))
-    forward = _Forward()
     if hasattr(args, "signals_to_handle"):  # torch >= 2.9: torchrun handles only what it is told to
         args.signals_to_handle = "SIGQUIT"
         for sig in STOP_SIGNALS:
-            signal.signal(sig, forward)
+            signal.signal(sig, _forward)
     die_with_parent(signal.SIGTERM)  # the batch shell or srun's step gone: the ranks checkpoint and stop
     job = _job(args)
     if job is not None:

@@ -168,8 +168,8 @@ class Watchdog:
 
     def hung(self, waited: float) -> str:
         """Why this rank has made no progress for `waited` seconds, naming whom it waits for."""
-        mine = f"rank {self.rank} on {self.host} made no progress for {waited:.0f} s in " + (
-            f"step {self.step + 1}" if self.phase == "step" else f"{self.phase} of step {self.step}")
+        here = f"step {self.step + 1}" if self.phase == "step" else f"{self.phase} of step {self.step}"
+        mine = f"rank {self.rank} on {self.host} made no progress for {waited:.0f} s in {here}"
         found = self._silent()
         if isinstance(found, str):
             return f"{mine}; {found}"
@@ -183,9 +183,7 @@ class Watchdog:
         if lowest is not None and len(behind) < len(beats):
             names = "; ".join(f"{b.who()} is still in {b.where()}" for b in behind)
             return f"{names} while the other ranks have moved on and wait for it; {mine}"
-        return (f"every rank has waited {waited:.0f} s in {self.phase if self.phase != 'step' else 'step'} "
-                f"{self.step + 1 if self.phase == 'step' else self.step}: a collective that never completes "
-                "(the network, or NCCL/RCCL)")
+        return f"every rank has waited {waited:.0f} s in {here}: a collective that never completes (network, NCCL)"
 
     def lost(self, error: BaseException) -> str | None:
         """After a collective failed at once (a connection closed or reset): the rank on another node that is gone, or
