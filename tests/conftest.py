@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -93,6 +94,23 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A multiprocessing child the tests left alive fails the run, by name, and is killed: at interpreter exit
+    multiprocessing waits for its children, and a child that ignores TERM (a data worker) would hold the run (and CI)
+    until it is killed from outside."""
+    left = multiprocessing.active_children()
+    if not left:
+        return
+    for process in left:
+        process.kill()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = f"{len(left)} multiprocessing child(ren) outlived the tests and were killed: " + ", ".join(
+        f"{p.name} (pid {p.pid})" for p in left)
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _cluster_up() -> bool:

@@ -12,6 +12,7 @@ import atexit
 import copy
 import functools
 import glob
+import multiprocessing
 import os
 import weakref
 from collections.abc import Iterator
@@ -185,6 +186,21 @@ def _worker_start(rank_pid: int | None, worker_id: int) -> None:
     die_with_parent(parent=rank_pid)
 
 
+def _end_workers(items: Iterator, workers: list) -> None:
+    """End an iteration's workers now, however it ended. Left to torch's iterator being collected, they would live
+    as long as anything holds it — a traceback of a worker's error does, until interpreter exit — and there
+    multiprocessing terminates its children with TERM and joins them: workers that ignore TERM would hang the rank's
+    exit for ever. So: torch's own shutdown (what its iterator does when collected: the workers finish and leave,
+    or get TERM after a few seconds), then KILL for any worker still alive."""
+    shutdown = getattr(items, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for process in workers:
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+
+
 def _keep(item: dict) -> dict:
     """No collation: torch's default would walk the state dict of every batch."""
     return item
@@ -265,8 +281,10 @@ class TokenLoader:
             loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=self.shape.num_workers,
                                 prefetch_factor=max(-(-self.prefetch // chunk), 2), persistent_workers=False,
                                 multiprocessing_context=context, worker_init_fn=start)
+            before = set(multiprocessing.active_children())
             with stop_signals_blocked():  # the workers start with them held back, until they ignore them
                 items = iter(loader)
+            workers = [p for p in multiprocessing.active_children() if p not in before]
         try:
             for item in items:
                 into = self._into if item["worker"] == self._next else 0
@@ -292,6 +310,8 @@ class TokenLoader:
         finally:
             if self.shape.num_workers == 0:
                 items.close()  # the in-process stream's threads end now, not when the generator is collected
+            else:
+                _end_workers(items, workers)
 
     def __iter__(self) -> Iterator[dict]:
         # The loader must not keep its iterator: a loader <-> generator cycle is torn down by the
