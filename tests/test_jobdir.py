@@ -92,3 +92,47 @@ def test_secret_values_are_redacted_from_saved_text() -> None:
     diff = "+token = 'hf_abcdefgh123'\n+key = 'k-9876543210'\n+home = '/root'\n+x = 'abc'\n"
     assert redact_secrets(diff, environ) == (
         "+token = '<HF_TOKEN redacted>'\n+key = '<MY_API_KEY redacted>'\n+home = '/root'\n+x = 'abc'\n")
+
+
+def test_no_arguments_give_usage_and_an_empty_file_says_so(submit, tmp_path: Path) -> None:
+    code, out, err = submit()
+    assert code == 2 and out == "" and err.startswith("usage: "), err
+    assert "give a config file (e.g. configs/demo.yaml), or --name NAME" in err and "required" not in err
+    for text in ("", "# settings to come\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        code, _, err = submit(str(tmp_path / "empty.yaml"))
+        assert code == 2 and f"config file '{tmp_path / 'empty.yaml'}' is empty (or only comments)" in err, err
+    (tmp_path / "empty.yaml").write_text("job: {name: full}\n")  # the control: a file with settings goes on
+    code, _, err = submit(str(tmp_path / "empty.yaml"), "--dry-run")
+    assert code == 0, err
+
+
+def test_dry_run_and_submit_say_what_becomes_of_an_existing_job(submit, jobs_dir: Path) -> None:
+    from trainer.launch.jobdir import mark_complete
+    from trainer.launch.render import render_script
+    from trainer.launch.submit import as_submitted
+
+    code, _, err = submit("--name", "ex", "--dry-run", "--executor", "slurm")
+    assert code == 0 and f"dry run: would write {jobs_dir}/ex/ and run: sbatch" in err, err
+    job = job_dir(jobs_dir, "ex")
+    cfg = as_submitted(load_config(None, ["job.name=ex"], environ={}))
+    write_job(cfg, render_script(cfg, job.path), job)  # as submit.py writes it
+    code, _, err = submit("--name", "ex", "--dry-run", "--executor", "slurm")
+    assert code == 0 and f"dry run: would resume the job in {job.path}/ (from the start: no whole checkpoint yet) " \
+                          "with: sbatch" in err, err
+    (job.checkpoints / "step-10").mkdir()
+    mark_complete(job.checkpoints / "step-10", {"step": 10})
+    code, _, err = submit("--name", "ex", "--dry-run", "--executor", "slurm")
+    assert code == 0 and "(from its checkpoint of step 10)" in err, err
+    code, _, err = submit("--name", "ex", "train.steps=5", "--dry-run", "--executor", "slurm")
+    assert code == 2 and "a submit would refuse: job 'ex' already exists" in err and "train.steps: 1000 -> 5" in err
+    code, _, err = submit("--name", "ex", "train.steps=5", "--dry-run", "--force", "--executor", "slurm")
+    assert code == 0 and f"would replace the config and script in {job.path}/ (it resumes)" in err, err
+
+    job.done.write_text("job 7, restart 0, Sat Dec  5 04:00:00 UTC 2026\n")
+    code, _, err = submit("--name", "ex", "--dry-run", "--executor", "slurm")
+    assert code == 0 and "dry run: job ex has finished (DONE), so a submit would do nothing" in err, err
+    code, out, err = submit("--name", "ex", "--executor", "local")
+    assert code == 0 and "anvil: job ex has finished (DONE: job 7, restart 0, Sat Dec  5 04:00:00 UTC 2026); " \
+                          "nothing to run" in out, out + err
+    assert not job.submissions.exists()  # nothing was started

@@ -22,7 +22,7 @@ from trainer.launch.executor import executor_for
 from trainer.launch.jobdir import JobDir
 from trainer.launch.layers import load_config
 from trainer.launch.render import render_script
-from trainer.launch.submit import absolute_paths
+from trainer.launch.submit import as_submitted
 
 
 @pytest.fixture
@@ -38,6 +38,10 @@ def without_torch(tmp_path: Path, jobs_dir: Path):
                               text=True, timeout=120)
 
     return run
+
+
+HOST_TORCH = ("cluster.modules=[pytorch]",)
+"""The job's torch comes from a module (as on a login node without torch): submit cannot check its interpreter."""
 
 
 def test_the_harness_blocks_torch(without_torch) -> None:
@@ -56,11 +60,16 @@ def test_every_launch_module_imports_without_torch(without_torch) -> None:
 
 @pytest.mark.parametrize("cluster", ["local", "nvidia"])
 def test_dry_run_and_config_docs_without_torch(without_torch, jobs_dir: Path, cluster: str) -> None:
-    args = ["--name", "dry", "--cluster", cluster, "--dry-run"]
-    done = without_torch(str(REPO_ROOT / "submit.py"), *args, "--executor", "slurm")
+    args = ["--name", "dry", "--cluster", cluster, "--dry-run", "--executor", "slurm"]
+    done = without_torch(str(REPO_ROOT / "submit.py"), *args, *HOST_TORCH)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("#!/bin/bash\n") and "-m trainer.train" in done.stdout
     assert list(jobs_dir.iterdir()) == []
+    # Without the module, the job would run this very interpreter, which has no torch: refused in one line.
+    refused = without_torch(str(REPO_ROOT / "submit.py"), *args)
+    assert refused.returncode == 2 and refused.stdout == "", refused.stderr
+    assert f"cluster.python: the job would run '{sys.executable}', which cannot import torch" in refused.stderr
+    assert "Traceback" not in refused.stderr
     docs = without_torch("-m", "trainer.launch.docs")
     assert docs.returncode == 0 and "| `optim.lr` | float |" in docs.stdout, docs.stderr[-2000:]
 
@@ -68,8 +77,8 @@ def test_dry_run_and_config_docs_without_torch(without_torch, jobs_dir: Path, cl
 def test_sweep_submit_dry_run_and_status_without_torch(without_torch, jobs_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "s.yaml").write_text("name: nt\naxes: {optim.lr: [1e-3, 3e-3]}\n")
     sweeps = ["--sweeps-dir", str(tmp_path / "sweeps")]
-    done = without_torch(str(REPO_ROOT / "sweep.py"), *sweeps, "submit", str(tmp_path / "s.yaml"), "--dry-run",
-                         "--executor", "local")
+    done = without_torch(str(REPO_ROOT / "sweep.py"), *sweeps, "submit", str(tmp_path / "s.yaml"), *HOST_TORCH,
+                         "--dry-run", "--executor", "local")
     assert done.returncode == 0 and "lr-3e-3" in done.stdout, done.stderr[-2000:]
     assert list(jobs_dir.iterdir()) == [] and not (tmp_path / "sweeps").exists()
     job = jobs_dir / "plain"
@@ -87,11 +96,11 @@ def test_dry_run_redirected_is_the_script_byte_for_byte(without_torch, jobs_dir:
     config = REPO_ROOT / "configs" / "demo.yaml"
     with open(tmp_path / "job.sh", "w") as out:
         done = without_torch(str(REPO_ROOT / "submit.py"), str(config), "--dry-run",
-                             "--executor", "local", stdout=out)
+                             "--executor", "local", *HOST_TORCH, stdout=out)
     assert done.returncode == 0, done.stderr[-2000:]
     printed = (tmp_path / "job.sh").read_text()
     monkeypatch.chdir(tmp_path)
-    cfg = absolute_paths(load_config(config, environ={}))
+    cfg = as_submitted(load_config(config, [*HOST_TORCH], environ={}))
     expected = render_script(cfg, jobs_dir / cfg.job.name)
     assert max(map(len, expected.splitlines())) > 80  # a terminal-width wrap (rich's default) would show
     assert printed == expected

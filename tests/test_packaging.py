@@ -9,6 +9,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -105,11 +106,21 @@ def test_an_undeclared_import_is_found(wheel: Path, tmp_path: Path) -> None:
     assert undeclared(package, metadata) == {"sqlalchemy": {"trainer/launch/extra.py"}}
 
 
+def venv_seeing_these_packages(venv: Path) -> Path:
+    """A fresh virtual environment that imports this environment's packages (no network at test time) after its own.
+    Not `--system-site-packages`: made from inside a virtual environment, that sees the base interpreter's packages,
+    not this environment's."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    (Path(own) / "these-packages.pth").write_text("".join(f"{path}\n" for path in site.getsitepackages()))
+    return python
+
+
 def test_installed_wheel_submits_and_imports_the_trainer_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    # The dependencies come from this environment (no network at test time); the package itself only from the wheel.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
+    python = venv_seeing_these_packages(venv)  # the dependencies from here; Anvil itself only from the wheel
     installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                                 "--force-reinstall", str(wheel)], capture_output=True, text=True, timeout=300)
     assert installed.returncode == 0, installed.stderr[-3000:]
@@ -133,6 +144,22 @@ def test_installed_wheel_submits_and_imports_the_trainer_outside_the_checkout(wh
     assert dry.stdout.startswith("#!/bin/bash\n") and "#SBATCH --gpus-per-node=8" in dry.stdout  # profile found
     assert f"would write {elsewhere.resolve() / 'jobs' / 'outside'}/" in dry.stderr  # not inside site-packages
     assert not (elsewhere / "jobs").exists()
+
+    # Not activated (its bin/ is not on PATH, where `python3` has no torch): the job runs the venv's python all the
+    # same; a job told to run that `python3` is refused before anything is written.
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")  # no site-packages: no torch
+    (bare / "python3").chmod(0o755)
+    path, env["PATH"] = env["PATH"], f"{bare}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    local = run(str(venv / "bin" / "anvil-submit"), "--name", "here", "--executor", "local", "--dry-run")
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert f"PYTHON={python}\n" in local.stdout
+    refused = run(str(venv / "bin" / "anvil-submit"), "--name", "here", "--executor", "local", "cluster.python=python3")
+    assert refused.returncode == 2 and not (elsewhere / "jobs").exists(), refused.stderr[-3000:]
+    assert "cluster.python: the job would run 'python3', which cannot import torch; point cluster.python at an " \
+           f"interpreter with torch, or leave it unset to run the one running this ({python})" in refused.stderr
+    env["PATH"] = path
 
     trainer = run(str(python), "-c", "import trainer.train.loop, trainer.export.cli, trainer.data.loader; print('ok')")
     assert trainer.returncode == 0 and trainer.stdout.strip() == "ok", trainer.stderr[-3000:]

@@ -24,10 +24,11 @@ JOB_DIR, CODE_DIR = Path("/scratch/project_465000001/anvil/jobs/run-1"), Path("/
 
 PROFILES = {
     "lumi": ["--cluster=lumi", "cluster.account=project_465000001", "cluster.nodes=4"],
-    "nvidia": ["--cluster=nvidia", "cluster.nodes=2"],
+    # As submit.py freezes it: no container, so the python that submitted (here, a user's venv).
+    "nvidia": ["--cluster=nvidia", "cluster.nodes=2", "cluster.python=/home/user/venv/bin/python"],
     "nvidia-container": ["--cluster=nvidia", "cluster.nodes=2",
                          "cluster.container={runtime: apptainer, image: /images/pytorch.sif, flags: [--nv]}"],
-    "local": ["--cluster=local", "cluster.nodes=2"],
+    "local": ["--cluster=local", "cluster.nodes=2", "cluster.python=/home/user/venv/bin/python"],
 }
 
 

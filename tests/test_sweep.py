@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,9 @@ def test_status_of_1000_points_makes_one_squeue_call(roots, tmp_path: Path) -> N
 def test_example_sweep_file_is_valid() -> None:
     sweep = read_sweep(REPO_ROOT / "sweeps" / "demo-lr.yaml")
     assert sweep.name == "demo-lr" and len(sweep.points) == 5 and len(sweep.skipped) == 1
+    said = re.search(r"(\d+) learning rates x (\d+) widths, less the (\d+) skipped = (\d+) points",
+                     sweep.file.read_text())  # the file's own comment counts them right
+    assert said is not None and [int(n) for n in said.groups()] == [3, 2, len(sweep.skipped), len(sweep.points)]
     assert yaml.safe_load((REPO_ROOT / "sweeps" / "demo-lr.yaml").read_text())["base"] == "configs/demo.yaml"
 
 

@@ -23,7 +23,7 @@
 set -euo pipefail
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
-    echo "anvil: this script runs under SLURM: sbatch $0 (or python submit.py with the job's config)" >&2
+    echo "anvil: this script runs under SLURM: sbatch $0 (or "'python submit.py'" with the job's config)" >&2
     exit 2
 fi
 
@@ -108,7 +108,7 @@ fail() {
     if ! printf '%s\njob %s, restart %s, %s\n' "$reason" "$SLURM_JOB_ID" "$RESTART" "$(date -u)" >"$FAILED_FILE" \
         2>/dev/null; then
         local where="in the job's comment: scontrol show job $SLURM_JOB_ID"
-        if [ "$LOCAL" = 1 ]; then where="on the terminal of submit.py"; fi
+        if [ "$LOCAL" = 1 ]; then where="on the terminal of "'python submit.py'; fi
         reason="$reason [$FAILED_FILE could not be written (a full or failing disk); this reason is $where]"
     fi
     event failed "$reason"

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib.util
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from trainer.launch.config import AnvilConfig, format_walltime, walltime_seconds
@@ -203,3 +208,49 @@ def checkpoint_problems(cfg: AnvilConfig) -> list[str]:
 def all_problems(cfg: AnvilConfig, filesystem: bool = True) -> list[str]:
     problems = parallel_problems(cfg) + cluster_problems(cfg) + checkpoint_problems(cfg) + metrics_problems(cfg)
     return problems + (filesystem_problems(cfg) if filesystem else [])
+
+
+_IMPORTS_TORCH = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('torch') else 3)"
+
+
+@functools.lru_cache(maxsize=8)
+def _interpreter_problem(python: str) -> str | None:
+    """Why `python` cannot run the trainer here (not found, no torch), or None. Finding torch, not importing it:
+    milliseconds, once per interpreter (a sweep asks for every point)."""
+    found = shutil.which(python)
+    if found is None:
+        return "is not found" + ("" if os.sep in python else " on PATH")
+    if Path(found) == Path(sys.executable) or found == shutil.which(sys.executable):
+        return None if importlib.util.find_spec("torch") else "cannot import torch"  # this one runs submit
+    try:
+        done = subprocess.run([found, "-c", _IMPORTS_TORCH], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot be run ({exc})"
+    return None if done.returncode == 0 else "cannot import torch"
+
+
+def interpreter_problems(cfg: AnvilConfig, local: bool) -> list[str]:
+    """The interpreter a job runs must have torch. Checked where the job runs on this host's software: the local
+    executor, and SLURM (a login node sees the compute nodes' software) — where an interpreter missing here may
+    still exist on the nodes, so there only one that is here and lacks torch is refused. A container or `modules`
+    bring their own python, known only inside the job: not checked."""
+    c = cfg.cluster
+    if c.container is not None or c.modules:
+        return []
+    problem = _interpreter_problem(c.interpreter)
+    if problem is None or (not local and problem.startswith("is not found")):
+        return []
+    if c.venv is not None:
+        return [f"cluster.venv: the job would run '{c.interpreter}', which {problem}; point cluster.venv at an "
+                "environment with torch"]
+    return [f"cluster.python: the job would run '{c.interpreter}', which {problem}; point cluster.python at an "
+            f"interpreter with torch, or leave it unset to run the one running this ({sys.executable})"]
+
+
+def submit_problems(cfg: AnvilConfig, executor: str) -> list[str]:
+    """Everything that stops `cfg` from running on `executor` ('slurm' or 'local'): submit.py and every sweep point."""
+    problems = all_problems(cfg)
+    if executor == "local" and cfg.cluster.nodes > 1:
+        problems.append(f"cluster.nodes: the local executor runs one node, not {cfg.cluster.nodes}; "
+                        "set cluster.nodes=1 or submit to a SLURM cluster")
+    return problems + interpreter_problems(cfg, local=executor == "local")

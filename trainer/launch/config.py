@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -152,8 +154,9 @@ class ClusterConfig(Section):
     """Run the ranks inside this container (None: on the host)."""
     venv: str | None = None
     """A virtual environment whose python runs the trainer (on the host, or inside the container)."""
-    python: str = "python3"
-    """Python interpreter that runs the trainer."""
+    python: str | None = None
+    """Python interpreter that runs the trainer. Unset: the one that ran submit.py (a job runs in the environment
+    it was submitted from, activated or not), or `python3` where a container or `modules` bring their own."""
     env: dict[EnvName, str] = {}
     """Environment variables exported to every rank (never secrets: those stay in your environment)."""
     torchrun_args: list[str] = []
@@ -162,6 +165,15 @@ class ClusterConfig(Section):
     """Node-local scratch for compile caches (Triton, Inductor, MIOpen): shared filesystems race."""
     mfu_peak_tflops: float | None = Field(default=None, gt=0)
     """Peak bf16 TFLOPS per device, for MFU (H100 SXM: 989; MI250X GCD: 191.5)."""
+
+    @property
+    def interpreter(self) -> str:
+        """The python the job runs: the venv's, else `python`, else the default described there."""
+        if self.venv is not None:
+            return str(Path(self.venv) / "bin" / "python")
+        if self.python is not None:
+            return self.python
+        return "python3" if self.container is not None or self.modules else sys.executable
 
     @field_validator("env")
     @classmethod
@@ -412,7 +424,7 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(default=1, ge=1)
     """Sequences per data-parallel rank per forward/backward; gradient accumulation makes up the rest."""
     seed: int = Field(default=0, ge=0)
-    """Random seed for initialisation and data order."""
+    """Random seed of the weights' initialisation, and of the data order unless `data.seed` is set."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute dtype: `bf16` parameters in forward/backward with fp32 master weights and gradient reduction,
     or `fp32` throughout; `auto` is bf16 on GPU and fp32 on CPU."""
@@ -483,6 +495,10 @@ class DataConfig(Section):
     document of a packed row (FlexAttention block masks on GPU, an explicit mask on CPU)."""
     epochs: int | None = Field(default=None, ge=1)
     """Stop after this many passes over every dataset (None: loop forever, as pretraining does)."""
+    seed: int | None = Field(default=None, ge=0)
+    """Seed of the data order: each epoch's order of row groups, the shuffle inside `shuffle_window`, and so which
+    documents fill each batch. None: `train.seed`. Fix it to vary the initialisation alone: a sweep over
+    `train.seed` then measures seed noise, not how easy each data order happens to be."""
 
 
 class CheckpointConfig(Section):
@@ -591,6 +607,11 @@ class AnvilConfig(Section):
     def world_size(self) -> int:
         """Ranks the allocation gives: nodes × devices per node."""
         return self.cluster.nodes * self.cluster.devices_per_node
+
+    @property
+    def data_seed(self) -> int:
+        """`data.seed`, or `train.seed` where unset."""
+        return self.train.seed if self.data.seed is None else self.data.seed
 
     @property
     def dp_shard(self) -> int:

@@ -217,7 +217,8 @@ class JobDir:
         try:
             return AnvilConfig.model_validate_json(self.config.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise JobDirError(f"{self.config} not found: give the job directory that submit.py created") from None
+            raise JobDirError(f"{self.config} not found: give a job directory (jobs/<name>, as submit makes them)"
+                              ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise JobDirError(f"{self.config} cannot be read: {exc}") from None
         except ValidationError as exc:
@@ -383,30 +384,49 @@ def config_differences(old: dict, new: dict, limit: int = 8) -> list[str]:
     return lines
 
 
+def frozen(cfg: AnvilConfig) -> str:
+    """config.json's text for `cfg`."""
+    return cfg.model_dump_json(indent=2) + "\n"
+
+
+def holds(job: JobDir, cfg: AnvilConfig) -> bool:
+    """Whether `job` exists with exactly this config (a submit resumes it)."""
+    try:
+        return job.config.read_text(encoding="utf-8") == frozen(cfg)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_replaceable(cfg: AnvilConfig, job: JobDir, force: bool) -> str:
+    """An existing job directory may take `cfg`: it holds the same config, or `force`. Returns its config.json's
+    text; raises JobDirError saying what differs."""
+    if not job.config.is_file():
+        raise JobDirError(f"{job.path} exists but is not an Anvil job directory (no {CONFIG}); pick another name")
+    old_text = job.config.read_text(encoding="utf-8")
+    config_text = frozen(cfg)
+    if old_text != config_text and not force:
+        try:
+            diff = config_differences(json.loads(old_text), json.loads(config_text))
+        except json.JSONDecodeError:
+            diff = [f"(the existing {CONFIG} is not valid JSON)"]
+        raise JobDirError(
+            f"job '{cfg.job.name}' already exists at {job.path} with a different config:\n    "
+            + "\n    ".join(diff)
+            + "\n  Use --name to start a new job, or --force to replace its config and script "
+            "(logs and checkpoints are kept, and it resumes from them)."
+        )
+    return old_text
+
+
 def write_job(cfg: AnvilConfig, script: str, job: JobDir, force: bool = False) -> bool:
     """Create the job directory (atomically), or refresh an existing one for the same config.
 
     Returns True if the directory was new. A different config under the same name is refused unless
     `force`, which replaces config.json and slurm.sh but keeps logs and checkpoints.
     """
-    config_text = cfg.model_dump_json(indent=2) + "\n"
+    config_text = frozen(cfg)
     if job.path.exists():
-        if not job.config.is_file():
-            raise JobDirError(
-                f"{job.path} exists but is not an Anvil job directory (no {CONFIG}); pick another name"
-            )
-        old_text = job.config.read_text(encoding="utf-8")
-        if old_text != config_text and not force:
-            try:
-                diff = config_differences(json.loads(old_text), json.loads(config_text))
-            except json.JSONDecodeError:
-                diff = [f"(the existing {CONFIG} is not valid JSON)"]
-            raise JobDirError(
-                f"job '{cfg.job.name}' already exists at {job.path} with a different config:\n    "
-                + "\n    ".join(diff)
-                + "\n  Use --name to start a new job, or --force to replace its config and script "
-                "(logs and checkpoints are kept, and it resumes from them)."
-            )
+        old_text = check_replaceable(cfg, job, force)
         with _writing(job.path):  # what is already as it should be is not written again (a full disk can resubmit)
             if old_text != config_text:
                 write_atomic(job.config, config_text)

@@ -97,7 +97,8 @@ def read_yaml(path: Path, what: str = "config file") -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{what} '{path}' is not valid YAML{where}: {problem}"], "cannot read config") from None
     if data is None:
-        return {}
+        raise ConfigError([f"{what} '{path}' is empty (or only comments): it holds no settings"],
+                          "cannot read config")
     if not isinstance(data, dict):
         raise ConfigError(
             [f"{what} '{path}' must hold a mapping of sections (job:, cluster:, ...), not a {type(data).__name__}"],

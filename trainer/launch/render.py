@@ -17,6 +17,7 @@ import jinja2
 
 from trainer.errors import AnvilError
 from trainer.launch import jobdir
+from trainer.launch.commands import command
 from trainer.launch.config import ENV_NAME, SBATCH_WORD, SECRET_NAME, AnvilConfig
 
 TEMPLATES_DIR = Path(str(importlib.resources.files("trainer.launch") / "templates"))
@@ -76,7 +77,6 @@ def render_script(cfg: AnvilConfig, job_dir: Path, code_dir: Path = jobdir.CODE_
     job = jobdir.JobDir(job_dir)
     cluster = cfg.cluster
     cpus_per_rank = max(cluster.cores_per_node // cluster.devices_per_node, 1)
-    python = cluster.python if cluster.venv is None else str(Path(cluster.venv) / "bin" / "python")
     return _template().render(
         job=cfg.job,
         cluster=cluster,
@@ -85,7 +85,8 @@ def render_script(cfg: AnvilConfig, job_dir: Path, code_dir: Path = jobdir.CODE_
         log_out=str(job.logs / jobdir.sbatch_log("out")),
         log_err=str(job.logs / jobdir.sbatch_log("err")),
         env_report=_Raw(jobdir.env_report_name("$SLURM_JOB_ID", "$RESTART")),  # expanded by the script
-        python=python,
+        python=cluster.interpreter,
+        submit=command("submit"),
         cpus_per_rank=cpus_per_rank,
         threads_per_rank=cpus_per_rank,
         layout=jobdir,  # every name in the job directory, its markers and exit codes

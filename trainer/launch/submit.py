@@ -6,6 +6,7 @@ Non-interactive by design: everything is decided by arguments, and every refusal
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,18 +15,28 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from trainer.errors import AnvilError, run_command
-from trainer.launch.checks import all_problems
+from trainer.errors import EXIT_REFUSED, AnvilError, run_command
+from trainer.launch.checks import submit_problems
+from trainer.launch.commands import command
 from trainer.launch.config import AnvilConfig
 from trainer.launch.executor import Submission, executor_for
-from trainer.launch.jobdir import JobDir, JobDirError, job_dir, jobs_root, write_job
+from trainer.launch.jobdir import (
+    JobDir,
+    JobDirError,
+    check_replaceable,
+    holds,
+    job_dir,
+    jobs_root,
+    latest_complete,
+    write_job,
+)
 from trainer.launch.layers import ConfigError, load_config
 from trainer.launch.render import RenderError, render_script
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="submit.py",
+        prog=command("submit"),
         description="Validate a config, create jobs/<name>/ and submit it to SLURM (or run it locally).",
         epilog="Overrides take dotted paths: optim.lr=1e-3 cluster.nodes=2 'data.datasets=[{path: data/x}]'. "
         "Environment: ANVIL_<SECTION>__<FIELD>=value. Precedence: defaults < cluster profile < YAML < env < CLI.",
@@ -66,8 +77,9 @@ def split_items(items: Sequence[str]) -> tuple[Path | None, list[str]]:
     return config_file, overrides
 
 
-def absolute_paths(cfg: AnvilConfig) -> AnvilConfig:
-    """Relative paths are relative to where submit.py runs; the frozen config holds absolute ones."""
+def as_submitted(cfg: AnvilConfig) -> AnvilConfig:
+    """What depends on where submit.py runs, fixed in the frozen config: relative paths become absolute, and an
+    unset `cluster.python` becomes the interpreter the job will run (a resubmission with `sbatch` runs the same)."""
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().absolute())
 
@@ -77,6 +89,8 @@ def absolute_paths(cfg: AnvilConfig) -> AnvilConfig:
     })
     cluster = cfg.cluster
     update = {"venv": absolute(cluster.venv) if cluster.venv else None}
+    if cluster.python is None and cluster.venv is None:
+        update["python"] = cluster.interpreter
     if cluster.container is not None:
         update["container"] = cluster.container.model_copy(update={"image": absolute(cluster.container.image)})
     return cfg.model_copy(update={"data": data, "cluster": cluster.model_copy(update=update)})
@@ -97,19 +111,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _submit(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_intermixed_args(argv)
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
     out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    if not args.items and args.name is None and "ANVIL_JOB__NAME" not in os.environ:
+        parser.print_usage(sys.stderr)
+        err.print(f"{parser.prog}: give a config file (e.g. configs/demo.yaml), or --name NAME to run on the "
+                  f"defaults; {parser.prog} --help for more", markup=False, soft_wrap=True)
+        return EXIT_REFUSED
     config_file, overrides = split_items(args.items)
     if args.name is not None:
         overrides.append(f"job.name={args.name}")
     if args.cluster is not None:
         overrides.append(f"cluster.profile={args.cluster}")
-    cfg = absolute_paths(load_config(config_file, overrides))
+    cfg = as_submitted(load_config(config_file, overrides))
     executor = executor_for(args.executor)
-    problems = all_problems(cfg)
-    if executor.name == "local" and cfg.cluster.nodes > 1:
-        problems.append(f"cluster.nodes: the local executor runs one node, not {cfg.cluster.nodes}; "
-                        "set cluster.nodes=1 or submit to a SLURM cluster")
+    problems = submit_problems(cfg, executor.name)
     if problems:
         raise ConfigError(problems)
 
@@ -123,10 +140,29 @@ def _submit(argv: Sequence[str] | None) -> int:
     except (JobDirError, RenderError) as exc:
         raise JobDirError(f"cannot create the job: {exc}") from None
 
+    same = holds(job, cfg)
+    finished = same and job.done.is_file()
     if args.dry_run:
         _print_exactly(out, script, "bash")
         command = " ".join(executor.command(job))
-        err.print(f"dry run: would write {job.path}/ and run: {command}", markup=False, soft_wrap=True)
+        if finished:
+            what = f"job {cfg.job.name} has finished (DONE), so a submit would do nothing"
+        elif same:
+            what = f"would resume the job in {job.path}/ ({_resumes_from(job)}) with: {command}"
+        elif job.path.exists():
+            try:
+                check_replaceable(cfg, job, args.force)  # refuses as the submit would
+            except JobDirError as exc:
+                raise JobDirError(f"a submit would refuse: {exc}") from None
+            what = f"would replace the config and script in {job.path}/ (it resumes) and run: {command}"
+        else:
+            what = f"would write {job.path}/ and run: {command}"
+        err.print(f"dry run: {what}", markup=False, soft_wrap=True)
+        return 0
+    if finished:
+        out.print(f"anvil: job {cfg.job.name} has finished (DONE: {_read(job.done)}); nothing to run. To train on, "
+                  "raise train.steps (with --force: it resumes from its last checkpoint); for a new run, --name",
+                  markup=False, soft_wrap=True)
         return 0
 
     if job.path.exists():
@@ -163,6 +199,18 @@ def _submit(argv: Sequence[str] | None) -> int:
         return 0
     out.print(f"anvil: job {cfg.job.name} {_outcome(job, submission.exit_code)}", markup=False, soft_wrap=True)
     return submission.exit_code
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+
+
+def _resumes_from(job: JobDir) -> str:
+    step = latest_complete(job.checkpoints)
+    return "from the start: no whole checkpoint yet" if step is None else f"from its checkpoint of step {step}"
 
 
 def _outcome(job: JobDir, rc: int) -> str:

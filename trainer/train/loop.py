@@ -99,7 +99,7 @@ class Trainer:
         # One loader batch is this rank's rows of a whole step, split into micro-batches here: the loader keeps
         # the rows of a batch independent (no document in two rows), so that holds for the step, not only for
         # each micro-batch.
-        self.loader = build_loader(cfg.data, t.seed, layout.dp_rank, layout.dp_size,
+        self.loader = build_loader(cfg.data, cfg.data_seed, layout.dp_rank, layout.dp_size,
                                    t.micro_batch_size * self.accum, pin_memory=device.type == "cuda")
         self.model = build_model(cfg, layout, device, self.dtype)
         if self.model.mixtures() and self.dtype == torch.bfloat16 and not grouped_mm_runs(device):

@@ -12,11 +12,13 @@ Two things torchrun does its own way, done here the way a SLURM job needs them:
   as the last word, the launcher adds one line naming the rank and its exit code, and exits with that code (2:
   refused, 75: preempted, 128 + N: killed by signal N; torchrun's own is always 1). A rank killed by a signal could
   not say why it ended, so the launcher records that in the job's ERROR as soon as it sees it (the first reason
-  recorded stays).
+  recorded stays). torchrun's own log line for the same failure (`E… failed (exitcode: N) …`) is dropped, and a rank
+  that checkpointed and stopped (75) is no failure: the launcher says nothing of it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -69,6 +71,13 @@ def _killed(rank: int, failure) -> str:
             "by hand, by the kernel's out-of-memory killer, or a crash)")
 
 
+class _DropFailureLine(logging.Filter):
+    """torchrun's `failed (exitcode: …)` record: this launcher reports the failure in its own one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed (exitcode")
+
+
 def _job(args) -> jobdir.JobDir | None:
     """The job directory when the ranks run Anvil's trainer (`-m trainer.train JOB`)."""
     if args.module and args.training_script == "trainer.train" and args.training_script_args:
@@ -83,6 +92,7 @@ def main(argv: Sequence[str]) -> int:
         for sig in STOP_SIGNALS:
             signal.signal(sig, _forward)
     die_with_parent(signal.SIGTERM)  # the batch shell or srun's step gone: the ranks checkpoint and stop
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropFailureLine())
     job = _job(args)
     if job is not None:
         _report_kills_at_once(job)
@@ -91,6 +101,8 @@ def main(argv: Sequence[str]) -> int:
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         host = node_name()
+        if failure.exitcode == jobdir.PREEMPTED_EXIT:  # checkpointed and stopped, as asked: the rank said so
+            return failure.exitcode
         if failure.exitcode >= 0:
             print(f"anvil: rank {rank} on {host} exited with code {failure.exitcode} (its own output is above)",
                   file=sys.stderr)

@@ -15,6 +15,7 @@ from rich.live import Live
 from rich.table import Table
 
 from trainer.errors import run_command
+from trainer.launch.commands import command
 from trainer.launch.executor import Submission, executor_for
 from trainer.launch.jobdir import JobDir, JobDirError, jobs_root
 from trainer.launch.layers import ConfigError
@@ -29,7 +30,7 @@ SETTLED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweep.py", description="SLURM-native sweeps over ordinary job directories.")
+    p = argparse.ArgumentParser(prog=command("sweep"), description="SLURM-native sweeps over ordinary job directories.")
     p.add_argument("--sweeps-dir", help="where sweeps live (default: $ANVIL_SWEEPS_DIR or sweeps/)")
     p.add_argument("--jobs-dir", help="where job directories go (default: $ANVIL_JOBS_DIR or jobs/)")
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -154,7 +155,7 @@ def _report_submitted(out: Console, path: Path, done: list[str], stopped: bool) 
         out.print(f"stopped at a checkpoint after {len(done)} point(s): run the same command again to continue",
                   markup=False)
         return 75
-    out.print(f"submitted {len(done)} point(s); watch with: python sweep.py status {path}", markup=False)
+    out.print(f"submitted {len(done)} point(s); watch with: {command('sweep')} status {path}", markup=False)
     return 0
 
 

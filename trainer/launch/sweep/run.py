@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.launch.checks import all_problems
+from trainer.launch.checks import submit_problems
 from trainer.launch.config import AnvilConfig
 from trainer.launch.executor import Executor, JobState, Submission
 from trainer.launch.jobdir import (
@@ -28,7 +28,7 @@ from trainer.launch.jobdir import (
 )
 from trainer.launch.layers import ConfigError, load_config
 from trainer.launch.render import RenderError, render_script
-from trainer.launch.submit import absolute_paths
+from trainer.launch.submit import as_submitted
 from trainer.launch.sweep.spec import Point, Sweep, override_text
 from trainer.launch.sweep.state import SWEEP_FILE, SWEEP_JSON, PointRecord, SweepState, read_state, write_state
 
@@ -61,13 +61,11 @@ def plan(sweep: Sweep, overrides: Sequence[str], jobs: Path, executor: str, forc
         items = [*shared, *(f"{k}={override_text(v)}" for k, v in point.values.items()),
                  f"job.name={sweep.job_name(point)}"]
         try:
-            cfg = absolute_paths(load_config(base, items))
+            cfg = as_submitted(load_config(base, items))
         except ConfigError as exc:
             invalid[point.name] = exc.problems
             continue
-        problems = all_problems(cfg)
-        if executor == "local" and cfg.cluster.nodes > 1:
-            problems.append(f"cluster.nodes: the local executor runs one node, not {cfg.cluster.nodes}")
+        problems = submit_problems(cfg, executor)
         try:
             job = job_dir(jobs, cfg.job.name)
             script = render_script(cfg, job.path)

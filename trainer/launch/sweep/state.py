@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.files import write_atomic
+from trainer.launch.commands import command
 from trainer.launch.jobdir import JobDir, JobDirError, contained, tool_root
 
 SWEEP_JSON = "sweep.json"
@@ -71,7 +72,8 @@ def read_state(path: Path) -> SweepState:
         points = {p["name"]: PointRecord(**p) for p in data.pop("points").values()}
         return SweepState(**data, points=points)
     except FileNotFoundError:
-        raise JobDirError(f"{path} is not a sweep (no {SWEEP_JSON}); sweep.py submit FILE creates one") from None
+        raise JobDirError(f"{path} is not a sweep (no {SWEEP_JSON}); {command('sweep')} submit FILE creates one"
+                          ) from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise JobDirError(f"{path / SWEEP_JSON} cannot be read ({exc}); it is the sweep's state: restore it from "
                           "a backup, or submit the sweep file again under a new name") from None

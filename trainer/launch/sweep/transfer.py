@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer.launch.commands import command
 from trainer.launch.sweep.results import history
 from trainer.launch.sweep.state import SweepState
 
@@ -264,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     while args.wait and any(s.active for s in executor.states(jobs).values()):
         time.sleep(30)
     if any(s.active for s in executor.states(jobs).values()):
-        print(f"the grid is still running: python sweep.py status {folder}; run this again when it is done")
+        print(f"the grid is still running: {command('sweep')} status {folder}; run this again when it is done")
         return 0
     verdict = analyse(state, spec)
     args.out.mkdir(parents=True, exist_ok=True)
