@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 from trainer.errors import run_command
+from trainer.export import deps
 from trainer.export.evaluation import print_results, run_lm_eval
 from trainer.export.hf import export
 from trainer.export.hf_import import import_hf, model_config
 from trainer.export.hub import check_repo_id, model_card, require_token, upload, upload_plan
+from trainer.launch.commands import command
 from trainer.launch.jobdir import JobDir, JobDirError, step_of
 from trainer.train import checkpoint
 
@@ -37,7 +39,7 @@ def sample(model_dir: Path, prompt: str, new_tokens: int = SAMPLE_TOKENS) -> str
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="convert.py",
+        prog=command("convert"),
         description="Export a job's checkpoint as a Hugging Face LlamaForCausalLM folder (safetensors) that loads "
                     "with no custom code, and optionally upload it; or import a Hugging Face Llama (--from-hf).")
     parser.add_argument("source", type=Path, help="the job directory (jobs/<name>), or an HF folder with --from-hf")
@@ -74,6 +76,13 @@ def _convert(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.from_hf:
         return _import(args)
+    # Before any work: a missing package should not end the run in a traceback after a minutes-long export.
+    needs: dict[str, tuple[str, ...]] = {}
+    if args.eval is not None:
+        needs["--eval"] = deps.EVAL
+    if args.sample is not None:
+        needs["--sample"] = deps.SAMPLE
+    deps.require(needs)
     job = JobDir(args.source)
     if not job.config.is_file():
         raise JobDirError(f"{args.source} is not a job directory (no {job.config.name})")
@@ -82,6 +91,8 @@ def _convert(argv: Sequence[str] | None) -> int:
         if not args.dry_run:
             require_token()
     cfg = job.read_config()
+    if args.eval is not None and cfg.eval.backend == "vllm":
+        deps.require({"--eval (eval.backend: vllm)": deps.VLLM})
     source, notes = checkpoint.pick(job.checkpoints, args.step)
     for note in notes:
         print(f"{note}: exporting {source.name}, the newest whole checkpoint")

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer.export.cloze import cloze_items
+from trainer.export.deps import install_line
 from trainer.launch.config import AnvilConfig
 from trainer.train.heldout import EvalError, heldout_texts
 
@@ -77,8 +78,8 @@ def run_lm_eval(cfg: AnvilConfig, model_dir: Path, out_dir: Path, tasks: list[st
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise EvalError("lm-eval is not installed: pip install -e '.[eval]'") from None
+    except ImportError as exc:  # convert.py checked it is installed (deps.require): here when it does not import
+        raise EvalError(f"lm-eval cannot be imported ({exc}): {install_line('eval')}") from None
     tasks = list(tasks or cfg.eval.tasks)
     task_dir = out_dir / "tasks"
     write_tasks(cfg, task_dir, [t for t in tasks if t in LOCAL_TASKS])
