@@ -1,6 +1,7 @@
 """The muP coordinate check: `python plots/coord_check.py [--widths ...] [--steps N] [--seeds N]
 [--grow heads|head_dim] [--override KEY=VALUE ...] [--out DIR]` (also under torchrun: FSDP over the ranks). Writes
-plots/coord_check.png and .json (or into --out); exits 1 if a verdict fails."""
+plots/coord_check.png and .json (or into --out); exits 1 if a verdict fails. `python plots/coord_check.py --replot
+plots/coord_check.json` only redraws the figure from the saved verdict."""
 
 import sys
 from pathlib import Path

@@ -16,6 +16,7 @@ from tests.conftest import REPO_ROOT
 from tests.train_helpers import free_port, trainer_env
 from trainer.launch.config import ModelConfig
 from trainer.launch.jobdir import JobDir
+from trainer.launch.sweep import transfer
 from trainer.launch.sweep.state import PointRecord, SweepState
 from trainer.launch.sweep.transfer import TransferSpec, analyse, optimum
 from trainer.train import coordcheck, model, optim
@@ -186,3 +187,82 @@ def test_transfer_fit_and_verdict_can_fail(tmp_path: Path) -> None:
     assert verdict.checks["SP optimum or instability edge moves >= 1.0 octave (the control)"]
     assert [c.edge for c in verdict.curves["SP"]] == [-7.0, -8.0, -9.0]
     assert [c.edge for c in verdict.curves["muP"]] == [None, None, None]  # a gentle bowl: no cliff in the grid
+
+
+def _coord_result(name: str, growth: float, mup: bool) -> coordcheck.CoordResult:
+    """A judged coordinate check without training: every module's size grows as width**(growth · step / 3), the
+    logits start at exactly 0 (a zero readout)."""
+    spec = CoordSpec(widths=(64, 128, 256), steps=3, seeds=1)
+    result = coordcheck.CoordResult(name, coordcheck.asdict(spec))
+    for i, module in enumerate(("embedding", "layers.0.attn_logits", "layers.0.mlp", "logits")):
+        result.l1[module], result.slopes[module] = {}, {}
+        for step in range(1, spec.steps + 1):
+            zero = module == "logits" and step == 1
+            values = [0.0 if zero else 0.01 * (i + 1) * (w / 64) ** (growth * step / 3) for w in spec.widths]
+            result.l1[module][str(step)] = dict(zip(map(str, spec.widths), values, strict=True))
+            result.slopes[module][str(step)] = coordcheck.slope(spec.widths, values)
+    return coordcheck.judge(result, mup)
+
+
+def test_the_coordinate_check_figure_states_the_experiment_and_its_verdict(tmp_path: Path) -> None:
+    """The figure reads without the README: a title naming the experiment and each verdict with its numbers, a
+    shared y label, a legend naming every activation; the verdict in the title changes when the data fails."""
+    results = [_coord_result("muP", 0.0, True), _coord_result("SP", 1.0, False)]
+    fig = coordcheck.build_figure(results, [1, 2, 3])
+    title = fig._suptitle.get_text()
+    assert "muP coordinate check" in title and "standard parametrization" in title
+    assert "muP: PASS ✓ flat" in title and f"under {coordcheck.BOUND} per octave" in title
+    assert "SP, the negative control: PASS ✓ grows" in title and "largest +1.00 per octave" in title
+    assert "mean |activation|" in fig._supylabel.get_text()
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[-1] == "output logits  [logits]"
+    assert "block 0 attention logits (q·k)  [layers.0.attn_logits]" in labels
+    assert min(t.get_fontsize() for t in legend.get_texts()) >= 9
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "muP, step 1: max |slope| 0.00\n(0 at every width, not drawn: logits)" in titles
+    assert all("max |slope|" in t for t in titles) and all(ax.get_xlabel() for ax in fig.axes[-3:])
+    # A muP that grows, an SP that stays flat: the title says both failed.
+    title = coordcheck.build_figure([_coord_result("muP", 1.0, True), _coord_result("SP", 0.0, False)])._suptitle
+    assert "muP: FAIL ✗ not flat" in title.get_text() and "SP, the negative control: FAIL ✗" in title.get_text()
+    # Redrawn from the saved verdict, as plots/coord_check.py --replot does, without training.
+    saved = tmp_path / "coord_check.json"
+    saved.write_text(json.dumps({"results": [coordcheck.asdict(r) for r in results]}))
+    assert coordcheck.main(["--replot", str(saved)]) == 0 and (tmp_path / "coord_check.png").stat().st_size > 10_000
+
+
+def _bowl(mup: bool, width: int, k: int) -> float:
+    """The final loss of a transfer grid: muP's optimum at 2^-9 for every width, SP's an octave lower per doubling."""
+    centre = -9.0 if mup else -9.0 - math.log2(width / 64)
+    return 3.0 + 0.05 * (k - centre) ** 2 - 0.01 * math.log2(width)
+
+
+def test_the_transfer_figure_explains_its_marks_and_states_the_verdict(tmp_path: Path) -> None:
+    """Every mark has a legend entry (colours are widths, the star the optimum, the dashed line the instability
+    edge) and the title states the verdict with its numbers; a grid where muP drifts says FAIL."""
+    spec = TransferSpec(widths=(64, 128, 256), log2_lrs=tuple(range(-12, -5)), steps=40, seeds=1)
+    verdict = analyse(_grid_state(tmp_path / "good", _bowl, spec), spec)
+    fig = transfer.build_figure(verdict)
+    title = fig._suptitle.get_text()
+    assert "Learning-rate transfer" in title and "PASS: the optimum transfers across widths under muP" in title
+    assert "muP optimum shift 0.00 octave; SP optimum shift 2.00" in title
+    assert "✓ muP optimum moves <= 0.5 octave" in title
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[:3] == ["width 64", "width 128", "width 256"]
+    assert labels[3].startswith("optimum") and labels[4].startswith("instability edge")
+    assert legend.legend_handles[3].get_marker() == "*" and legend.legend_handles[4].get_linestyle() == "--"
+    assert len(labels) == 5  # no diverged point: no mark for one
+    assert "loss" in fig.axes[0].get_ylabel() and all("learning rate" in ax.get_xlabel() for ax in fig.axes)
+
+    def drifting(mup, width, k):  # muP's optimum moves like SP's; SP's largest learning rate diverges
+        return None if not mup and k == spec.log2_lrs[-1] else _bowl(False, width, k)
+
+    fig = transfer.build_figure(analyse(_grid_state(tmp_path / "drift", drifting, spec), spec))
+    title = fig._suptitle.get_text()
+    assert title.splitlines()[1].startswith("FAIL: muP optimum shift 2.00") and "✗ muP optimum moves" in title
+    assert fig.legends[0].get_texts()[-1].get_text().startswith("diverged or unfinished")
+    # Redrawn from the saved verdict, as plots/lr_transfer.py --replot does, without the grid's runs.
+    saved = tmp_path / "lr_transfer.json"
+    saved.write_text(verdict.to_json())
+    assert transfer.replot(saved, tmp_path / "lr_transfer.png").stat().st_size > 10_000

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from trainer.train.distributed import process_group
 from trainer.train.model import MoE
 from trainer.train.optim import build_optimizer
 from trainer.train.parallelize import build_layout, build_model
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BOUND = 0.25
 """|slope| per octave of width that muP must stay under at every step from the second on (research/mup.md §3.3)."""
@@ -218,36 +222,106 @@ def judge(result: CoordResult, mup: bool) -> CoordResult:
     return result
 
 
-def figure(results: Sequence[CoordResult], out: Path, steps: Sequence[int] | None = None) -> Path:
-    """One panel per step (columns), one row per parametrization: mean |x| against width, a line per module."""
+def worst_slope(result: CoordResult, step: int | None = None) -> tuple[float, str]:
+    """The slope of largest size (signed) and where it is, from step 2 on (what the verdict judges) or at one step:
+    the number a reader checks against BOUND."""
+    found = [(s, f"{m}, step {t}") for m, by in result.slopes.items() for t, s in by.items()
+             if (int(t) == step if step else int(t) >= 2) and math.isfinite(s)]
+    return max(found, key=lambda f: abs(f[0]), default=(math.nan, "no finite slope"))
+
+
+def verdict_text(result: CoordResult) -> str:
+    """One line of the verdict `judge` gave, with its numbers: the figure's title states it, so the figure reads
+    on its own."""
+    s, where = worst_slope(result)
+    if result.parametrization == "muP" and result.passed:
+        return (f"muP: PASS ✓ flat: every |slope| from step 2 under {BOUND} per octave "
+                f"(largest {s:+.2f}: {where})")
+    if result.parametrization == "muP":
+        return (f"muP: FAIL ✗ not flat: {len(result.failures)} module-steps at |slope| ≥ {BOUND} per octave "
+                f"(largest {s:+.2f}: {where})")
+    if result.passed:
+        return (f"SP, the negative control: PASS ✓ grows: past {BOUND} on the logits and the attention logits, "
+                f"as it must (largest {s:+.2f} per octave: {where})")
+    return (f"SP, the negative control: FAIL ✗ stays within {BOUND} on the logits or the attention logits, so the "
+            f"check shows nothing here (largest {s:+.2f} per octave: {where})")
+
+
+def _describe(module: str) -> str:
+    """A legend label a reader without the code understands, keeping the name the JSON and failures use."""
+    block, _, kind = module.rpartition(".")
+    where = f"block {block.split('.')[-1]} " if block else ""
+    what = {"embedding": "embedding output", "logits": "output logits", "attn_logits": "attention logits (q·k)",
+            "attention": "attention output", "mlp": "MLP output", "router_update": "router logits' change"}
+    return f"{where}{what.get(kind, kind)}  [{module}]"
+
+
+def build_figure(results: Sequence[CoordResult], steps: Sequence[int] | None = None) -> Figure:
+    """One panel per step (columns), one row per parametrization: mean |x| against width, a line per module (the
+    same colour in every panel); the title states the experiment and each verdict. Returns the Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     shown = list(steps or sorted({int(s) for s in next(iter(results[0].l1.values()))}))
-    fig, axes = plt.subplots(len(results), len(shown), figsize=(3.2 * len(shown), 3.0 * len(results)),
-                             squeeze=False, sharex=True)
+    modules = list(dict.fromkeys(m for r in results for m in r.l1))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(modules)}
+    fig, axes = plt.subplots(len(results), len(shown), figsize=(max(3.2 * len(shown), 15), 2.9 * len(results) + 2.2),
+                             squeeze=False, sharex=True, layout="constrained")
     for row, result in enumerate(results):
         for col, step in enumerate(shown):
             ax = axes[row][col]
+            zero = []
             for module, by_step in result.l1.items():
                 widths = [int(w) for w in by_step[str(step)]]
                 values = list(by_step[str(step)].values())
                 if all(v > 0 for v in values):
-                    ax.plot(widths, values, marker=".", linewidth=1, label=module)
+                    ax.plot(widths, values, marker=".", linewidth=1, color=colour[module])
+                elif all(v == 0 for v in values):  # a zero init not yet moved: no log, but width-independent
+                    zero.append(module)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_title(f"{result.parametrization} step {step}", fontsize=9)
-            if col == 0:
-                ax.set_ylabel("mean |activation|")
+            title = f"{result.parametrization}, step {step}: max |slope| {abs(worst_slope(result, step)[0]):.2f}"
+            ax.set_title(title + (f"\n(0 at every width, not drawn: {', '.join(zero)})" if zero else ""), fontsize=9)
             if row == len(results) - 1:
-                ax.set_xlabel("width")
-    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
+                ax.set_xlabel("width (model dim, log2)")
+    spec = results[0].spec
+    grow = f"more heads of {spec['head_dim']}" if spec["grow"] == "heads" else "wider heads"
+    seeds = f"{spec['seeds']} seed" + ("s" if spec["seeds"] != 1 else "")
+    fig.suptitle(
+        "muP coordinate check: activation size against width, muP (top) vs standard parametrization (SP, bottom)\n"
+        f"steps 1 (at init) to {spec['steps']} at lr {spec['lr']:g} on one fixed batch, {seeds}, width "
+        f"grown by {grow}; slope = change of log2 size per doubling of width, muP's |slope| must stay under {BOUND} "
+        "from step 2\n"
+        + "\n".join(verdict_text(r) for r in results), fontsize=10)
+    fig.supylabel("mean |activation| over the batch (log scale, mean of seeds)", fontsize=10)
+    handles = [Line2D([], [], color=colour[m], marker=".", linewidth=1.5) for m in modules]
+    fig.legend(handles, [_describe(m) for m in modules], loc="outside lower center", ncol=min(len(modules), 4),
+               fontsize=9, title="activation [module]", title_fontsize=9, frameon=False)
+    return fig
+
+
+def figure(results: Sequence[CoordResult], out: Path, steps: Sequence[int] | None = None) -> Path:
+    """The figure of `build_figure`, written to `out`."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(results, steps)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def shown_steps(steps: int) -> list[int]:
+    """The steps the figure shows: the first three (before and just after the first updates), 5, 10 and the last."""
+    return sorted({s for s in (1, 2, 3, 5, 10, steps) if s <= steps})
+
+
+def replot(saved: Path, out: Path) -> Path:
+    """Redraw the figure from a saved verdict (.json), without training again."""
+    results = [CoordResult(**r) for r in json.loads(saved.read_text())["results"]]
+    return figure(results, out, shown_steps(int(results[0].spec["steps"])))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -264,7 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "plots")
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. model.moe.experts=4 model.moe.top_k=2")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only redraw the figure (next to JSON) from a saved verdict: no training")
     args = parser.parse_args(argv)
+    if args.replot:
+        print(f"wrote {replot(args.replot, args.replot.with_suffix('.png'))}")
+        return 0
     process_group()
     spec = CoordSpec(tuple(sorted(args.widths)), args.steps, args.seeds, args.lr, args.layers, args.head_dim,
                      args.grow)
@@ -274,12 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = "coord_check" if args.grow == "heads" else "coord_check_head_dim"
-        figure(results, args.out / f"{stem}.png", sorted({s for s in (1, 2, 3, 5, 10, args.steps) if s <= args.steps}))
+        figure(results, args.out / f"{stem}.png", shown_steps(args.steps))
         verdict = {"pass": code == 0, "bound": BOUND, "results": [asdict(r) for r in results]}
         (args.out / f"{stem}.json").write_text(json.dumps(verdict, indent=1) + "\n")
         for r in results:
-            worst = max((abs(s) for m in r.slopes.values() for t, s in m.items() if int(t) >= 2 and math.isfinite(s)),
-                        default=math.nan)
+            worst = abs(worst_slope(r)[0])
             if r.parametrization == "muP":
                 print(f"muP: {'PASS' if r.passed else 'FAIL'}: largest |slope| from step 2 {worst:.2f} per octave "
                       f"(bound {BOUND})")

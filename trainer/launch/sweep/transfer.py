@@ -11,13 +11,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trainer.launch.commands import command
 from trainer.launch.sweep.results import history
 from trainer.launch.sweep.state import SweepState
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MUP_SHIFT = 0.5
 """The most muP's optimum may move, in octaves of learning rate, across the widths."""
@@ -186,35 +189,76 @@ def _paired(runs: dict, log2_lrs: Sequence[float], narrow: Curve, wide: Curve) -
     return float(np.mean(diffs)), noise
 
 
-def figure(verdict: Verdict, out: Path) -> Path:
-    """Loss against log2(learning rate), a curve per width with its optimum (star, dotted) and instability edge
-    (dashed) marked; muP and SP side by side."""
+def build_figure(verdict: Verdict) -> Figure:
+    """Loss against learning rate, a curve per width (the colour) with its optimum (star on a dotted line) and
+    instability edge (dashed) marked, muP and SP side by side; the legend explains every mark and the title states
+    the verdict with its numbers, so the figure reads without the README. Returns the Figure."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, (name, curves) in zip(axes, verdict.curves.items(), strict=True):
+    fig, axes = plt.subplots(1, len(verdict.curves), figsize=(14, 7), sharey=True, squeeze=False,
+                             layout="constrained")
+    widths: dict[int, str] = {}
+    for ax, (name, curves) in zip(axes[0], verdict.curves.items(), strict=True):
         for curve in curves:
+            colour = widths.setdefault(curve.width, f"C{len(widths) % 10}")
             xs = [x for x, y in zip(verdict.log2_lrs, curve.losses, strict=True) if y is not None]
             ys = [y for y in curve.losses if y is not None]
-            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"width {curve.width}")
+            ax.plot(xs, ys, marker="o", markersize=3, color=colour)
+            lost = [x for x, y in zip(verdict.log2_lrs, curve.losses, strict=True) if y is None]
+            ax.plot(lost, [0.97] * len(lost), marker="x", color=colour, linestyle="none",
+                    transform=ax.get_xaxis_transform())  # no loss to draw: marked along the top
             if curve.log2_opt is not None:
-                ax.axvline(curve.log2_opt, color=line.get_color(), linestyle=":", linewidth=1)
-                ax.plot([curve.log2_opt], [curve.best], marker="*", markersize=12, color=line.get_color())
+                ax.axvline(curve.log2_opt, color=colour, linestyle=":", linewidth=1)
+                ax.plot([curve.log2_opt], [curve.best], marker="*", markersize=12, color=colour, linestyle="none")
             if curve.edge is not None:
-                ax.axvline(curve.edge, color=line.get_color(), linestyle="--", linewidth=0.8, alpha=0.6)
-        ax.set_title(name)
-        ax.set_xlabel("log2 learning rate")
+                ax.axvline(curve.edge, color=colour, linestyle="--", linewidth=0.8, alpha=0.6)
+        ax.set_title(name if name != "SP" else "SP (standard parametrization): the control")
+        ax.set_xticks(verdict.log2_lrs, [f"$2^{{{x:g}}}$" for x in verdict.log2_lrs])
+        ax.set_xlabel("learning rate (log2 scale, one tick per octave)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final training loss (last 10% of steps, mean of seeds)")
-    axes[1].legend()
-    fig.suptitle("learning-rate transfer: " + "; ".join(verdict.notes[-1:]), fontsize=9)
-    fig.tight_layout()
+    axes[0][0].set_ylabel("final training loss, nats (mean of the last 10% of steps and of the seeds)")
+    marks = [Line2D([], [], color=c, marker="o", markersize=3) for c in widths.values()] + [
+        Line2D([], [], color="grey", marker="*", markersize=12, linestyle=":", linewidth=1),
+        Line2D([], [], color="grey", linestyle="--", linewidth=0.8)]
+    labels = [f"width {w}" for w in widths] + [
+        "optimum: the width's best learning rate\n(parabola fit in log2 lr around the\n"
+        "best grid point; star at that loss)",
+        f"instability edge: the first learning rate\nabove the best one that diverged or\n"
+        f"ended {EDGE} nats worse than the best"]
+    if any(None in c.losses for curves in verdict.curves.values() for c in curves):
+        marks.append(Line2D([], [], color="grey", marker="x", linestyle="none"))
+        labels.append("diverged or unfinished\n(no final loss)")
+    fig.legend(marks, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
+    checks = "   ".join(f"{'✓' if ok else '✗'} {check}" for check, ok in verdict.checks.items())
+    fig.suptitle("\n".join([
+        "Learning-rate transfer: final training loss against learning rate, one curve per width, muP and SP",
+        ("PASS: the optimum transfers across widths under muP, not under SP: " if verdict.passed else "FAIL: ")
+        + (verdict.notes[-1] if verdict.notes else "no runs"), *textwrap.wrap(checks, 180), *verdict.notes[:-1]]),
+        fontsize=10)
+    return fig
+
+
+def figure(verdict: Verdict, out: Path) -> Path:
+    """The figure of `build_figure`, written to `out`."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(verdict)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def replot(saved: Path, out: Path) -> Path:
+    """Redraw the figure from a saved verdict (.json), without the grid's runs."""
+    data = json.loads(saved.read_text())
+    curves = {name: [Curve(**c) for c in found] for name, found in data["curves"].items()}
+    return figure(Verdict(data["log2_lrs"], curves, data["checks"], data["notes"]), out)
 
 
 def _short(value: float | None, digits: int) -> str:
