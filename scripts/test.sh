@@ -15,7 +15,9 @@ if [ "$(id -u)" = 0 ]; then
 else
     echo "test.sh: not root, so no apt packages or SLURM cluster are set up here" >&2
 fi
-# torch pinned exactly: on these machines 2.13.0 (CPU) installs from a local wheel.
-python -m pip install -q torch==2.13.0 -e '.[dev]'
-ruff check .
-python -m pytest -q "$@"
+# PYTHON: the interpreter to install into and test with (default: `python`, e.g. of the activated virtual
+# environment). torch pinned exactly: on these machines 2.13.0 (CPU) installs from a local wheel.
+PYTHON=${PYTHON:-python}
+"$PYTHON" -m pip install -q torch==2.13.0 -e '.[dev]'
+"$PYTHON" -m ruff check .
+"$PYTHON" -m pytest -q "$@"

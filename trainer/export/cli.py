@@ -28,6 +28,10 @@ def sample(model_dir: Path, prompt: str, new_tokens: int = SAMPLE_TOKENS) -> str
     """What vanilla transformers makes of the export: its greedy continuation of `prompt` (deterministic, so that
     a server started on the export can be checked against it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the sample is what the user reads, not a "Loading weights" bar
+    hf_logging.set_verbosity_error()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)

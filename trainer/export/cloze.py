@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CHOICES = 4
 MIN_CHARS, MAX_CHARS = 12, 120
 """Answer lines: long enough to carry content, short enough to be one statement or clause."""
 MAX_CONTEXT_CHARS = 3000
-"""Context kept before the answer (cut at a line start); lm-eval keeps at most the model's window of it anyway."""
+"""Context kept before the answer (cut at a line start), at most; `fits` cuts it to the model's window."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,11 @@ def _candidates(text: str) -> list[tuple[int, str, str]]:
     return found
 
 
-def cloze_items(texts: list[str], n: int = 200, seed: int = 0) -> list[ClozeItem]:
-    """Up to `n` items from the documents `texts`, spread over the documents (round robin)."""
+def cloze_items(texts: list[str], n: int = 200, seed: int = 0, fits: Callable[[str], bool] | None = None
+                ) -> list[ClozeItem]:
+    """Up to `n` items from the documents `texts`, spread over the documents (round robin). `fits(text)`: whether a
+    context followed by a choice fits the model's window; each context keeps the most lines before the answer that
+    let every choice fit (cut by lm-eval instead, it would warn for every choice of every item)."""
     rng = random.Random(seed)
     per_doc = [_candidates(t) for t in texts]
     for found in per_doc:
@@ -66,13 +70,14 @@ def cloze_items(texts: list[str], n: int = 200, seed: int = 0) -> list[ClozeItem
                 continue
             number, indent, answer = per_doc[doc][taken[doc]]
             taken[doc] += 1
-            item = _item(texts[doc], doc, number, indent, answer, pool, lengths, rng)
+            item = _item(texts[doc], doc, number, indent, answer, pool, lengths, rng, fits)
             if item is not None:
                 items.append(item)
     return items
 
 
-def _item(text: str, doc: int, number: int, indent: str, answer: str, pool, lengths, rng) -> ClozeItem | None:
+def _item(text: str, doc: int, number: int, indent: str, answer: str, pool, lengths, rng,
+          fits: Callable[[str], bool] | None) -> ClozeItem | None:
     lines = text.split("\n")
     before = lines[:number]
     while len(before) > 1 and sum(len(line) + 1 for line in before) > MAX_CONTEXT_CHARS:
@@ -91,4 +96,31 @@ def _item(text: str, doc: int, number: int, indent: str, answer: str, pool, leng
     choices = rng.sample(eligible, CHOICES - 1)
     position = rng.randrange(CHOICES)
     choices.insert(position, answer)
+    if fits is not None:
+        context = _fitted(before, indent, choices, fits)
+        if context is None:
+            return None
     return ClozeItem(context, choices, position)
+
+
+def _fitted(before: list[str], indent: str, choices: list[str], fits: Callable[[str], bool]) -> str | None:
+    """The context of the most trailing lines of `before` with which every choice fits (a binary search over the
+    lines dropped from the top), or None when not even the last line alone does."""
+    def context(drop: int) -> str:
+        return "\n".join(before[drop:]) + "\n" + indent
+
+    def fit(drop: int) -> bool:
+        return all(fits(context(drop) + choice) for choice in choices)
+
+    if fit(0):
+        return context(0)
+    lo, hi = 0, len(before) - 1  # lo: too long; hi: fits (checked next: the last line alone)
+    if not fit(hi):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fit(mid):
+            hi = mid
+        else:
+            lo = mid
+    return context(hi) if context(hi).strip() else None  # blank lines only: nothing to read

@@ -5,9 +5,11 @@ windows as the trainer's own held-out loss (`trainer.train.heldout`), so the two
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +27,28 @@ EVALS_DIR = Path(str(importlib.resources.files("trainer.export") / "evals"))
 """The local tasks' data (package data: found through the package, in a checkout and in an installed wheel)."""
 
 
+NOTES = {
+    ("anvil_heldout", "bits_per_byte"): "held-out text, bits per byte (lower is better): the trainer's "
+                                        "heldout_bits_per_byte",
+    ("anvil_cloze", "acc"): "the next line of a held-out document among 4 (chance 0.25): needs the context",
+    ("anvil_mc", "acc"): "20 questions on Python keywords, answered by word frequency: the multiple-choice path works",
+}
+"""One line on each metric of the local tasks, printed beside it."""
+
+
+def _metric(name: str, aggregation: str, better: str) -> dict:
+    """A metric with its aggregation and direction stated (left out, lm-eval warns that it picks defaults)."""
+    return {"metric": name, "aggregation": aggregation, "higher_is_better": better == "higher"}
+
+
+def _fits_window(cfg: AnvilConfig):
+    """Whether a text fits the model's window as lm-eval encodes it (the tokenizer the export ships)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(cfg.data.tokenizer))
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids) <= cfg.data.seq_len
+
+
 def write_tasks(cfg: AnvilConfig, folder: Path, tasks: list[str]) -> None:
     """Task YAMLs (and the held-out jsonl) for the local tasks asked for: lm-eval wants absolute data paths."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,11 +58,11 @@ def write_tasks(cfg: AnvilConfig, folder: Path, tasks: list[str]) -> None:
         spec = {"task": "anvil_heldout", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
                 "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
                 "doc_to_target": "{{text}}",
-                "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]}
+                "metric_list": [_metric("bits_per_byte", "bits_per_byte", better="lower")]}
         (folder / "anvil_heldout.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     if "anvil_cloze" in tasks:
         data = folder / "cloze.jsonl"
-        items = cloze_items(heldout_texts(cfg, "anvil_cloze"))
+        items = cloze_items(heldout_texts(cfg, "anvil_cloze"), fits=_fits_window(cfg))
         if not items:
             raise EvalError(f"eval.heldout: {cfg.eval.heldout} has no lines anvil_cloze can ask about (it needs "
                             "documents of several lines); leave anvil_cloze out of eval.tasks")
@@ -47,14 +71,14 @@ def write_tasks(cfg: AnvilConfig, folder: Path, tasks: list[str]) -> None:
         spec = {"task": "anvil_cloze", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
                 "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "context",
                 "doc_to_choice": "choices", "doc_to_target": "answer", "target_delimiter": "",
-                "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+                "metric_list": [_metric("acc", "mean", better="higher")]}
         (folder / "anvil_cloze.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     if "anvil_mc" in tasks:
         spec = {"task": "anvil_mc", "dataset_path": "json",
                 "dataset_kwargs": {"data_files": {"test": str(EVALS_DIR / "anvil_mc.jsonl")}},
                 "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{question}}",
                 "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
-                "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+                "metric_list": [_metric("acc", "mean", better="higher")]}
         (folder / "anvil_mc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
@@ -90,8 +114,10 @@ def run_lm_eval(cfg: AnvilConfig, model_dir: Path, out_dir: Path, tasks: list[st
             else "bfloat16"}
     if kind == "hf":
         args["device"] = device
-    results = lm_eval.simple_evaluate(model=kind, model_args=args, tasks=tasks, batch_size=cfg.eval.batch_size,
-                                      task_manager=TaskManager(include_path=str(task_dir)), log_samples=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _output_to(out_dir / LOG):
+        results = lm_eval.simple_evaluate(model=kind, model_args=args, tasks=tasks, batch_size=cfg.eval.batch_size,
+                                          task_manager=TaskManager(include_path=str(task_dir)), log_samples=False)
     if results is None:
         raise EvalError("lm-eval returned no results")
     summary = {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, int | float) and "stderr"
@@ -103,11 +129,44 @@ def run_lm_eval(cfg: AnvilConfig, model_dir: Path, out_dir: Path, tasks: list[st
     return summary
 
 
+LOG = "lm-eval.log"
+"""lm-eval's own output (progress bars, notices, warnings), kept in the evaluation's folder."""
+
+
+@contextlib.contextmanager
+def _output_to(log: Path):
+    """This process's stdout and stderr, file descriptors included (progress bars, logging, C libraries), go to `log`
+    for the duration; if the block fails, the log's tail is shown with the error."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(log, "a", buffering=1, errors="replace") as out:
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):  # where sys.std* are not fds
+                    yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    except Exception as exc:
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        raise EvalError(f"lm-eval failed ({type(exc).__name__}: {exc}); the end of its output ({log}):\n"
+                        + "\n".join(tail)) from exc
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
 def print_results(summary: dict, title: str) -> None:
     table = Table(title=title)
-    for column in ("task", "metric", "value"):
+    for column in ("task", "metric", "value", "what it measures"):
         table.add_column(column, justify="right" if column == "value" else "left")
     for task, metrics in summary.items():
         for metric, value in metrics.items():
-            table.add_row(task, metric, f"{value:.4f}")
+            if metric != "sample_len":  # how many documents or items: results.json has it
+                table.add_row(task, metric, f"{value:.4f}", NOTES.get((task, metric), "lm-eval's"))
     Console(width=120).print(table)

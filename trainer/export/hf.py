@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,7 +134,9 @@ def checkpoint_keys(step_dir: Path) -> dict[str, tuple[torch.Size, torch.dtype]]
 def read_tensor(step_dir: Path, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """One full tensor, reassembled by DCP from however many ranks wrote it."""
     target = {"model": {name: torch.empty(shape, dtype=dtype)}}
-    dcp.load(target, checkpoint_id=str(step_dir), no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is disabled …": one process reads it all, as intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(target, checkpoint_id=str(step_dir), no_dist=True)
     return target["model"][name]
 
 
