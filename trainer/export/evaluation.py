@@ -28,10 +28,9 @@ EVALS_DIR = Path(str(importlib.resources.files("trainer.export") / "evals"))
 
 
 NOTES = {
-    ("anvil_heldout", "bits_per_byte"): "held-out text, bits per byte (lower is better): the trainer's "
-                                        "heldout_bits_per_byte",
-    ("anvil_cloze", "acc"): "the next line of a held-out document among 4 (chance 0.25): needs the context",
-    ("anvil_mc", "acc"): "20 questions on Python keywords, answered by word frequency: the multiple-choice path works",
+    ("anvil_heldout", "bits_per_byte"): "held-out text; lower is better (the trainer logs the same)",
+    ("anvil_cloze", "acc"): "a document's next line among 4 (chance 0.25): needs the context",
+    ("anvil_mc", "acc"): "Python keywords, answered by word frequency: the path works",
 }
 """One line on each metric of the local tasks, printed beside it."""
 
