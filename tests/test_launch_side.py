@@ -88,6 +88,20 @@ def test_sweep_submit_dry_run_and_status_without_torch(without_torch, jobs_dir: 
     assert done.returncode == 0 and json.loads(done.stdout)[0]["state"] == "NOT_SUBMITTED", done.stderr[-2000:]
 
 
+def test_each_tool_has_one_name(without_torch) -> None:
+    """Usage names the tool as the README calls it; `python -m` of a tool's package points there."""
+    for tool in ("submit", "sweep"):  # (convert imports torch: its usage is checked in-process below)
+        done = without_torch(str(REPO_ROOT / f"{tool}.py"), "--help")
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: python {tool}.py "), done.stdout[:200]
+    for package, tool in (("trainer.launch.sweep", "sweep"), ("trainer.export", "convert")):
+        done = subprocess.run([sys.executable, "-m", package], capture_output=True, text=True, timeout=120,
+                              cwd=REPO_ROOT)
+        assert done.returncode == 2 and done.stderr == f"anvil: run it as: python {tool}.py --help\n", done.stderr
+    from trainer.export.cli import _parser
+
+    assert _parser().format_usage().startswith("usage: python convert.py ")
+
+
 def test_dry_run_redirected_is_the_script_byte_for_byte(without_torch, jobs_dir: Path, tmp_path: Path,
                                                          corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`python submit.py configs/demo.yaml --dry-run > job.sh` gives exactly the script submit.py would write."""

@@ -89,6 +89,7 @@ def test_ctrl_c_checkpoints_and_stops(jobs_dir: Path, tmp_path: Path, tiny: list
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, out + err  # as a shell reports a Ctrl-C, not 75 ("run me again")
     assert "stopped at a checkpoint; run the same command again to resume" in out
+    assert err.strip() == "anvil: stopping: the trainer checkpoints first (Ctrl-C again to kill)", err  # one line
     assert (job / "PREEMPTED").is_file() and not (job / "DONE").exists()
     assert events(job) == [("start", 0), ("stopped", 0)]  # not requeued: the user stopped it
     stopped = int((job / "PREEMPTED").read_text().split()[0])

@@ -161,6 +161,9 @@ def test_installed_wheel_submits_and_imports_the_trainer_outside_the_checkout(wh
            f"interpreter with torch, or leave it unset to run the one running this ({python})" in refused.stderr
     env["PATH"] = path
 
+    usage = run(str(venv / "bin" / "anvil-sweep"), "--help")  # the installed command's own name, not sweep.py's
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: anvil-sweep "), usage.stdout[:300]
+
     trainer = run(str(python), "-c", "import trainer.train.loop, trainer.export.cli, trainer.data.loader; print('ok')")
     assert trainer.returncode == 0 and trainer.stdout.strip() == "ok", trainer.stderr[-3000:]
     refused = run(str(venv / "bin" / "anvil-convert"), str(elsewhere), str(elsewhere / "out"))
