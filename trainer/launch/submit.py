@@ -160,8 +160,10 @@ def _submit(argv: Sequence[str] | None) -> int:
         err.print(f"dry run: {what}", markup=False, soft_wrap=True)
         return 0
     if finished:
-        out.print(f"anvil: job {cfg.job.name} has finished (DONE: {_read(job.done)}); nothing to run. To train on, "
-                  "raise train.steps (with --force: it resumes from its last checkpoint); for a new run, --name",
+        ended = job.outcome()
+        out.print(f"anvil: job {cfg.job.name} has finished (DONE: {ended[1] if ended else '?'}); nothing to run. "
+                  "To train on, raise train.steps (with --force: it resumes from its last checkpoint); for a new run, "
+                  "--name",
                   markup=False, soft_wrap=True)
         return 0
 
@@ -199,13 +201,6 @@ def _submit(argv: Sequence[str] | None) -> int:
         return 0
     out.print(f"anvil: job {cfg.job.name} {_outcome(job, submission.exit_code)}", markup=False, soft_wrap=True)
     return submission.exit_code
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError as exc:
-        return f"unreadable: {exc.strerror}"
 
 
 def _resumes_from(job: JobDir) -> str:
