@@ -311,7 +311,7 @@ def test_a_full_disk_stops_before_the_save_in_one_line_and_the_same_command_resu
                      r"newest whole checkpoint is \S+/step-4 \(untouched\), and the partial step is removed", out), out
     assert re.search(r"anvil: FAILED: trainer exited with code 74 \(disk: rank 0: writing checkpoint step-8 .*\[\S+/"
                      r"FAILED could not be written \(a full or failing disk\); this reason is on the terminal of "
-                     r"submit.py\]", out), out[-3000:]
+                     r"python submit.py\]", out), out[-3000:]
     assert "its reason is above" in out and last_event_of(job)["event"] == "failed"
     state = LocalExecutor().states([jobdir.JobDir(job)])[job]  # status reads it from events.jsonl
     assert state.state == "FAILED" and "could not be written" in state.detail

@@ -130,6 +130,10 @@ def test_dry_run_and_submit_say_what_becomes_of_an_existing_job(submit, jobs_dir
     assert code == 0 and f"would replace the config and script in {job.path}/ (it resumes)" in err, err
 
     job.done.write_text("job 7, restart 0, Sat Dec  5 04:00:00 UTC 2026\n")
+    code, _, err = submit("--name", "ex", "--dry-run", "--executor", "slurm")  # DONE, but step 1000 is not there
+    assert code == 0 and "(from its checkpoint of step 10)" in err, err
+    (job.checkpoints / "step-1000").mkdir()
+    mark_complete(job.checkpoints / "step-1000", {"step": 1000})
     code, _, err = submit("--name", "ex", "--dry-run", "--executor", "slurm")
     assert code == 0 and "dry run: job ex has finished (DONE), so a submit would do nothing" in err, err
     code, out, err = submit("--name", "ex", "--executor", "local")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,10 +54,17 @@ def test_demo_runs_locally_with_secrets_kept_out(jobs_dir: Path, tmp_path: Path,
     assert_no_secrets(job)
     assert not any(secret in out + err for secret in SECRETS.values())
 
-    # The same config again is the same job: it runs again (and would resume), appending its records.
+    # The same config again is the same job, finished: said at once, nothing runs (no torchrun, no new records).
     proc = start_submit([str(config), *tiny, "train.steps=10"], jobs_dir, tmp_path)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out + err
+    assert proc.returncode == 0 and "anvil: job demo has finished (DONE: job " in out and err == "", out + err
+    assert events(job) == [("start", 0), ("done", 0)]
+    assert len(json.loads((job / "submit.json").read_text())["submissions"]) == 1
+    # Its last checkpoint gone, it is not finished: it runs again from the newest whole one, appending its records.
+    shutil.rmtree(job / "checkpoints" / "step-10")
+    proc = start_submit([str(config), *tiny, "train.steps=10"], jobs_dir, tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "job demo finished (DONE)" in out, out + err
     assert events(job) == [("start", 0), ("done", 0), ("start", 0), ("done", 0)]
     assert len(json.loads((job / "submit.json").read_text())["submissions"]) == 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -83,9 +84,15 @@ def test_two_node_job_runs_across_both_nodes_and_resubmits(submit, jobs_dir: Pat
     assert "step 10/10  loss" in log_of(job, job_id)
     assert "finished 10 steps" in log_of(job, second_id)  # resumed from step-10: nothing left to train
 
-    # Through submit.py with the same config: the same job directory, the new id appended.
-    code, out, err = submit("--name", "two-nodes", *tiny, "cluster.nodes=2", "train.steps=10",
-                            "cluster.sbatch_extra={begin: now+3}", "--executor", "slurm")
+    # Through submit.py with the same config: finished, said at once, nothing queued ...
+    same = ("--name", "two-nodes", *tiny, "cluster.nodes=2", "train.steps=10", "cluster.sbatch_extra={begin: now+3}",
+            "--executor", "slurm")
+    code, out, err = submit(*same)
+    assert code == 0 and "anvil: job two-nodes has finished (DONE: job " in out, out + err
+    assert [r["job_id"] for r in json.loads((job / "submit.json").read_text())["submissions"]] == [job_id]
+    # ... until its last checkpoint is gone: then the same job directory runs again, the new id appended.
+    shutil.rmtree(job / "checkpoints" / "step-10")
+    code, out, err = submit(*same)
     assert code == 0 and "existing job: it resumes" in out, err
     third_id = submitted_id(out)
     assert watch_states(third_id, 180)[-1] == "COMPLETED"

@@ -141,7 +141,8 @@ def _submit(argv: Sequence[str] | None) -> int:
         raise JobDirError(f"cannot create the job: {exc}") from None
 
     same = holds(job, cfg)
-    finished = same and job.done.is_file()
+    # Finished: DONE, and its newest checkpoint is the last step (deleted since: it runs again from the newest).
+    finished = same and job.done.is_file() and latest_complete(job.checkpoints) == cfg.train.steps
     if args.dry_run:
         _print_exactly(out, script, "bash")
         command = " ".join(executor.command(job))
