@@ -17,7 +17,7 @@ from rich.table import Table
 from trainer.errors import run_command
 from trainer.launch.commands import command
 from trainer.launch.executor import Submission, executor_for
-from trainer.launch.jobdir import JobDir, JobDirError, jobs_root
+from trainer.launch.jobdir import PREEMPTED_EXIT, JobDir, JobDirError, jobs_root
 from trainer.launch.layers import ConfigError
 from trainer.launch.status import job_rows, status_table
 from trainer.launch.sweep import results, run
@@ -154,7 +154,7 @@ def _report_submitted(out: Console, path: Path, done: list[str], stopped: bool) 
     if stopped:
         out.print(f"stopped at a checkpoint after {len(done)} point(s): run the same command again to continue",
                   markup=False)
-        return 75
+        return PREEMPTED_EXIT
     out.print(f"submitted {len(done)} point(s); watch with: {command('sweep')} status {path}", markup=False)
     return 0
 

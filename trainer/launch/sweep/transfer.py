@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from trainer.data.tools import build_demo
     from trainer.launch.executor import executor_for
-    from trainer.launch.jobdir import CODE_DIR
+    from trainer.launch.jobdir import CODE_DIR, PREEMPTED_EXIT
     from trainer.launch.sweep.cli import main as sweep_main
     from trainer.launch.sweep.state import read_state, sweep_path, sweeps_root
 
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.write_text(json.dumps(spec.sweep_file(args.name, args.corpus.resolve(), extra), indent=1) + "\n")
     started = time.monotonic()
     code = sweep_main(["submit", str(source), "--executor", args.executor])
-    if code not in (0, 75):
+    if code not in (0, PREEMPTED_EXIT):  # stopped at a checkpoint: the grid goes on later
         return code
     state = read_state(folder)
     executor = executor_for(state.executor)
