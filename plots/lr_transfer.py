@@ -8,10 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, when run as a script
 
-from trainer.launch.sweep.transfer import main, replot  # noqa: E402
+from trainer.launch.sweep.transfer import main  # noqa: E402
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--replot"] and len(sys.argv) == 3:
-        print(f"wrote {replot(Path(sys.argv[2]), Path(sys.argv[2]).with_suffix('.png'))}")
-        sys.exit(0)
     sys.exit(main())

@@ -290,7 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the text to train on (built from this machine's text if missing)")
     parser.add_argument("--out", type=Path, default=CODE_DIR / "plots")
     parser.add_argument("overrides", nargs="*", help="config overrides for every point (e.g. cluster.account=...)")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only redraw the figure from a saved verdict (plots/lr_transfer.json); no training")
     args = parser.parse_args(argv)
+    if args.replot:
+        print(f"wrote {replot(args.replot, args.replot.with_suffix('.png'))}")
+        return 0
     spec = TransferSpec(tuple(sorted(args.widths)), tuple(sorted(args.lrs)), args.steps, seeds=args.seeds)
     if not (args.corpus / "tokenizer.json").is_file():
         build_demo(args.corpus, max_mb=4, vocab_size=512)
