@@ -80,7 +80,7 @@ def child_encode(job: dict) -> dict:
 
 
 def _data(job: dict, workers: int, epochs: int | None):
-    from trainer.launch.config import DataConfig, DatasetSpec
+    from trainer.core.config import DataConfig, DatasetSpec
 
     return DataConfig(datasets=[DatasetSpec(path=job["corpus"])], tokenizer=job["tokenizer"], seq_len=SEQ_LEN,
                       num_workers=workers, shuffle_window=job["window"], epochs=epochs)

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from trainer.launch import jobdir  # noqa: E402
-from trainer.launch.checks import all_problems  # noqa: E402
-from trainer.launch.jobdir import job_dir, record_submission, write_job  # noqa: E402
-from trainer.launch.layers import load_config  # noqa: E402
+from trainer.core import jobdir  # noqa: E402
+from trainer.core.checks import all_problems  # noqa: E402
+from trainer.core.jobdir import job_dir, record_submission, write_job  # noqa: E402
+from trainer.core.layers import load_config  # noqa: E402
 from trainer.launch.render import render_script  # noqa: E402
 
 

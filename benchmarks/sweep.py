@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from trainer.core import jobdir  # noqa: E402
 from trainer.data.tools import build_demo  # noqa: E402
-from trainer.launch import jobdir  # noqa: E402
-from trainer.launch.executor import executor_for  # noqa: E402
+from trainer.launch.executors import executor_for  # noqa: E402
 from trainer.launch.slurm import available  # noqa: E402
 from trainer.launch.status import job_rows, status_table  # noqa: E402
 from trainer.launch.sweep import run  # noqa: E402

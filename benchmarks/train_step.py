@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from trainer.core.jobdir import JobDir
+from trainer.core.layers import load_config
 from trainer.data.loader import build_loader
 from trainer.data.tools import build_demo
-from trainer.launch.jobdir import JobDir
-from trainer.launch.layers import load_config
 from trainer.train.loop import Trainer
 from trainer.train.model import Transformer
 from trainer.train.monitors import MupMonitor

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, when run as a script
 
-from trainer.train.coordcheck import main  # noqa: E402
+from trainer.research.coordcheck import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from trainer.launch.config import DataConfig, DatasetSpec
+from trainer.core.config import DataConfig, DatasetSpec
 
 EOS = "<|endoftext|>"
 

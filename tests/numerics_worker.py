@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trainer.core.jobdir import JobDir
 from trainer.data.loader import build_loader
-from trainer.launch.jobdir import JobDir
 from trainer.train.distributed import init_distributed
 from trainer.train.loop import Trainer
 from trainer.train.parallelize import build_layout

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.launch import jobdir
-from trainer.launch.config import ModelConfig
+from trainer.core import jobdir
+from trainer.core.config import ModelConfig
 from trainer.train import checkpoint
 from trainer.train.model import Transformer
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.launch.config import walltime_seconds
-from trainer.launch.layers import ConfigError, load_config
+from trainer.core.config import walltime_seconds
+from trainer.core.layers import ConfigError, load_config
 
 
 def write(path: Path, text: str) -> Path:

@@ -214,7 +214,7 @@ def test_an_unchanged_mix_is_no_change(tmp_path: Path) -> None:
 
 def test_a_mix_change_is_logged_and_recorded_by_the_trainer(tmp_path: Path) -> None:
     from tests.train_helpers import make_job, run_trainer
-    from trainer.launch.jobdir import JobDir, read_events
+    from trainer.core.jobdir import JobDir, read_events
 
     tokenizer, web, code, _ = two_sources(tmp_path)
     data = [f"data.tokenizer={tokenizer}", "data.seq_len=32", "model.vocab_size=8005", "train.steps=4",

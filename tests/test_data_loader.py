@@ -309,7 +309,7 @@ def test_file_vanishing_between_epochs(tmp_path: Path) -> None:
 
 
 def test_default_dataset_names(tmp_path: Path, corpus) -> None:
-    from trainer.launch.config import DataConfig, DatasetSpec
+    from trainer.core.config import DataConfig, DatasetSpec
 
     path, tokenizer = corpus
     cfg = DataConfig(datasets=[DatasetSpec(path=str(path)), DatasetSpec(path=f"{path}/*.parquet", weight=2)],
@@ -324,7 +324,7 @@ def test_default_dataset_names(tmp_path: Path, corpus) -> None:
 def test_data_seed_holds_the_data_order_while_train_seed_varies(corpus) -> None:
     """`train.seed` seeds the data order too, unless `data.seed` is set: then a seed axis varies the initialisation
     alone."""
-    from trainer.launch.layers import load_config
+    from trainer.core.layers import load_config
 
     path, tokenizer = corpus
 

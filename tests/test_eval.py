@@ -10,10 +10,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from tests.test_export import trained_step, trainer_model
+from trainer.core.jobdir import JobDir
 from trainer.export.cloze import cloze_items
 from trainer.export.evaluation import run_lm_eval
 from trainer.export.hf import export
-from trainer.launch.jobdir import JobDir
 from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set, heldout_texts
 
 

@@ -10,10 +10,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from tests.train_helpers import make_job, run_trainer
+from trainer.core import jobdir
+from trainer.core.config import MoeConfig
+from trainer.core.jobdir import JobDir
 from trainer.export.hf import ExportError, export
-from trainer.launch import jobdir
-from trainer.launch.config import MoeConfig
-from trainer.launch.jobdir import JobDir
 from trainer.train.model import Transformer
 
 MUP = ["model.mup.enabled=true", "model.mup.base_dim=32", "model.mup.input_alpha=3.0", "model.mup.output_alpha=2.0",
@@ -264,7 +264,7 @@ def test_export_from_a_tensor_parallel_checkpoint(tmp_path: Path, corpus: Path) 
 EXPORT_MEMORY = """
 import sys, torch, torch.distributed.checkpoint as dcp
 from pathlib import Path
-from trainer.launch.config import AnvilConfig
+from trainer.core.config import AnvilConfig
 from trainer.export.hf import export
 from trainer.train.model import Transformer
 cfg = AnvilConfig(job={"name": "big"}, model={"dim": 512, "n_layers": 24, "n_heads": 8, "vocab_size": 32000},

@@ -18,10 +18,10 @@ import torch.distributed.checkpoint as dcp
 
 from tests.conftest import REPO_ROOT
 from tests.train_helpers import make_job
+from trainer.core import commands
+from trainer.core.jobdir import JobDir, mark_complete, step_dir
 from trainer.export import deps
 from trainer.export.cli import main
-from trainer.launch import commands
-from trainer.launch.jobdir import JobDir, mark_complete, step_dir
 from trainer.train.model import Transformer
 
 

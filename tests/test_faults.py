@@ -19,11 +19,11 @@ import pytest
 
 from tests.conftest import REPO_ROOT, events, ranks_among, wait_for
 from tests.train_helpers import corpus_overrides, losses, make_job, run_trainer, trainer_env
-from trainer.errors import EXIT_REFUSED
-from trainer.launch import jobdir
-from trainer.launch.config import RollbackConfig
+from trainer.core import jobdir, states
+from trainer.core.config import RollbackConfig
+from trainer.core.processes import with_environment
+from trainer.core.states import EXIT_REFUSED
 from trainer.launch.local import LocalExecutor
-from trainer.processes import with_environment
 from trainer.train.guard import StepGuard
 
 HOOKS = REPO_ROOT / "tests" / "hooks"
@@ -41,8 +41,8 @@ def alive(pid: int) -> bool:
 LOADER = """
 import contextlib, os, sys, time
 from trainer.data import loader
-from trainer.launch.layers import load_config
-from trainer.processes import children, record_stop_signals, stop_signals_received
+from trainer.core.layers import load_config
+from trainer.core.processes import children, record_stop_signals, stop_signals_received
 
 if sys.argv[1] == "torch-default":  # the control: workers as torch's DataLoader starts them
     loader._worker_start = lambda rank_pid, worker_id: None
@@ -174,7 +174,7 @@ def test_the_suite_fails_on_a_child_left_alive(tmp_path: Path) -> None:
 LEFT_OPEN = """
 import sys
 from trainer.data import loader
-from trainer.launch.layers import load_config
+from trainer.core.layers import load_config
 
 if sys.argv[1] == "collected-at-exit":  # the control: left to the garbage collector at interpreter exit
     import atexit
@@ -286,7 +286,7 @@ def test_a_full_disk_stops_before_the_save_in_one_line_and_the_same_command_resu
     filler = fill(small_disk, int(2**20 + 1.6 * size))
     code, out = run_local(jobs, "full", *tiny, *settings)
     job, root = jobs / "full", jobs / "full" / "checkpoints"
-    assert code == jobdir.EXIT_DISK and "Traceback" not in out, out[-3000:]
+    assert code == states.EXIT_DISK and "Traceback" not in out, out[-3000:]
     line = re.search(r"error: checkpoint step-8 not written: (\S+) has [\d.]+ MiB free, a checkpoint needs "
                      r"[\d.]+ MiB \(the last one took [\d.]+ MiB, plus 5% and 1.0 MiB\); the newest whole checkpoint "
                      r"is (\S+) \(untouched\)\. Free space", out)
@@ -306,7 +306,7 @@ def test_a_full_disk_stops_before_the_save_in_one_line_and_the_same_command_resu
     (job / "FAILED").unlink()  # the first run's; now the job's own FAILED cannot be written: the reason goes to the
     (job / "FAILED").mkdir()  # terminal
     code, out = run_local(jobs, "full", *tiny, *settings)
-    assert code == jobdir.EXIT_DISK and "Traceback" not in out, out[-3000:]
+    assert code == states.EXIT_DISK and "Traceback" not in out, out[-3000:]
     assert re.search(r"error: writing checkpoint step-8 to \S+ failed: No space left on device \(errno 28.*\); the "
                      r"newest whole checkpoint is \S+/step-4 \(untouched\), and the partial step is removed", out), out
     assert re.search(r"anvil: FAILED: trainer exited with code 74 \(disk: rank 0: writing checkpoint step-8 .*\[\S+/"
@@ -434,7 +434,7 @@ def test_the_watchdog_names_the_rank_that_stopped_answering_or_lags(tmp_path: Pa
 
     import torch.distributed as dist
 
-    from trainer.launch.config import ParallelConfig
+    from trainer.core.config import ParallelConfig
     from trainer.train.watchdog import Watchdog
 
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)

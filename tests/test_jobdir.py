@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.launch.jobdir import JobDirError, job_dir, write_job
-from trainer.launch.layers import load_config
+from trainer.core.jobdir import JobDirError, job_dir, write_job
+from trainer.core.layers import load_config
 
 
 def test_dry_run_writes_nothing_and_shows_the_script(submit, jobs_dir: Path) -> None:
@@ -86,7 +86,7 @@ def test_submit_cli_refuses_a_changed_config(submit, jobs_dir: Path, tmp_path: P
 
 
 def test_secret_values_are_redacted_from_saved_text() -> None:
-    from trainer.launch.jobdir import redact_secrets
+    from trainer.core.jobdir import redact_secrets
 
     environ = {"HF_TOKEN": "hf_abcdefgh123", "MY_API_KEY": "k-9876543210", "HOME": "/root", "SHORT_TOKEN": "abc"}
     diff = "+token = 'hf_abcdefgh123'\n+key = 'k-9876543210'\n+home = '/root'\n+x = 'abc'\n"
@@ -108,9 +108,9 @@ def test_no_arguments_give_usage_and_an_empty_file_says_so(submit, tmp_path: Pat
 
 
 def test_dry_run_and_submit_say_what_becomes_of_an_existing_job(submit, jobs_dir: Path) -> None:
-    from trainer.launch.jobdir import mark_complete
+    from trainer.core.jobdir import mark_complete
+    from trainer.core.layers import as_submitted
     from trainer.launch.render import render_script
-    from trainer.launch.submit import as_submitted
 
     code, _, err = submit("--name", "ex", "--dry-run", "--executor", "slurm")
     assert code == 0 and f"dry run: would write {jobs_dir}/ex/ and run: sbatch" in err, err

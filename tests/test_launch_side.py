@@ -7,6 +7,7 @@ fails, which shows that the harness does block torch.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pkgutil
@@ -16,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
+import trainer.core
 import trainer.launch
 from tests.conftest import REPO_ROOT, wait_for
-from trainer.launch.executor import executor_for
-from trainer.launch.jobdir import JobDir
-from trainer.launch.layers import load_config
+from trainer.core.jobdir import JobDir
+from trainer.core.layers import as_submitted, load_config
+from trainer.launch.executors import executor_for
 from trainer.launch.render import render_script
-from trainer.launch.submit import as_submitted
 
 
 @pytest.fixture
@@ -49,13 +50,56 @@ def test_the_harness_blocks_torch(without_torch) -> None:
     assert done.returncode != 0 and "import of torch halted" in done.stderr, done.stderr[-2000:]
 
 
-def test_every_launch_module_imports_without_torch(without_torch) -> None:
-    modules = sorted(m.name for m in pkgutil.walk_packages(trainer.launch.__path__, "trainer.launch."))
-    assert {"trainer.launch.submit", "trainer.launch.executor", "trainer.launch.jobdir",
+def test_every_launch_and_ground_floor_module_imports_without_torch(without_torch) -> None:
+    modules = [m.name for package in (trainer.core, trainer.launch)
+               for m in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")]
+    assert {"trainer.launch.submit", "trainer.launch.executors", "trainer.core.jobdir", "trainer.core.states",
             "trainer.launch.sweep.cli"} <= set(modules)
-    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"
-    done = without_torch("-c", code, *modules)
+    done = without_torch("-c", IMPORT_ALL, *sorted(modules))
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+IMPORT_ALL = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"
+
+
+def test_the_ground_floor_imports_no_side_of_anvil(without_torch) -> None:
+    """trainer.core with trainer.launch (and torch) unimportable: every module still imports; the control, a module
+    that does use the launch side (the LR-transfer grid runs as a sweep), does not."""
+    blocked = 'import sys\nsys.modules["trainer.launch"] = None\n'
+    modules = sorted(m.name for m in pkgutil.walk_packages(trainer.core.__path__, "trainer.core."))
+    done = without_torch("-c", blocked + IMPORT_ALL, *modules)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    control = without_torch("-c", blocked + IMPORT_ALL, "trainer.research.lr_transfer")
+    assert control.returncode != 0 and "'trainer.launch' is not a package" in control.stderr, control.stderr[-2000:]
+
+
+def imported(package: str) -> dict[str, set[str]]:
+    """{module file: every module it imports, at the top or inside a function} for a package of this checkout."""
+    found = {}
+    for path in sorted((REPO_ROOT / package.replace(".", "/")).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+        found[str(path.relative_to(REPO_ROOT))] = names
+    return found
+
+
+def reaching(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{path} imports {name}" for path, names in imported(package).items() for name in sorted(names)
+            if name.startswith(forbidden)]
+
+
+def test_the_arrows_point_down() -> None:
+    """Training, data and export build on the ground floor, never on the launch side; no product module imports the
+    research code. Controls: the research code does import the launch side (its sweeps), and plots/ imports it."""
+    for package in ("trainer.train", "trainer.data", "trainer.export"):
+        assert reaching(package, ("trainer.launch",)) == [], package
+    for package in ("trainer.core", "trainer.launch", "trainer.train", "trainer.data", "trainer.export"):
+        assert reaching(package, ("trainer.research",)) == [], package
+    assert reaching("trainer.research", ("trainer.launch",)) and reaching("plots", ("trainer.research",))
 
 
 @pytest.mark.parametrize("cluster", ["local", "nvidia"])
@@ -129,8 +173,8 @@ def test_executor_queries_without_torch(without_torch, jobs_dir: Path) -> None:
         job.path.mkdir()
     finished.events.write_text(json.dumps({"event": "start", "job_id": "7", "restart": 0}) + "\n")
     finished.done.write_text("job 7, restart 0\n")
-    code = ("import json, sys\nfrom pathlib import Path\nfrom trainer.launch.executor import executor_for\n"
-            "from trainer.launch.jobdir import JobDir\n"
+    code = ("import json, sys\nfrom pathlib import Path\nfrom trainer.launch.executors import executor_for\n"
+            "from trainer.core.jobdir import JobDir\n"
             "jobs = [JobDir(Path(p)) for p in sys.argv[1:]]\n"
             "states = executor_for('local').states(jobs)\n"
             "print(json.dumps({p.name: [s.state, s.job_id] for p, s in states.items()}))")
@@ -152,8 +196,8 @@ def test_slurm_executor_queries_without_torch(without_torch, jobs_dir: Path) -> 
     executor = executor_for("slurm")
     job_id = executor.submit(waiting).job_id
     try:
-        code = ("import json, sys\nfrom pathlib import Path\nfrom trainer.launch.executor import executor_for\n"
-                "from trainer.launch.jobdir import JobDir\n"
+        code = ("import json, sys\nfrom pathlib import Path\nfrom trainer.launch.executors import executor_for\n"
+                "from trainer.core.jobdir import JobDir\n"
                 "states = executor_for('slurm').states([JobDir(Path(p)) for p in sys.argv[1:]])\n"
                 "print(json.dumps({p.name: [s.state, s.job_id, s.source, s.detail] for p, s in states.items()}))")
         done = without_torch("-c", code, str(waiting.path), str(forgotten.path), str(never.path))

@@ -14,8 +14,8 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import REPO_ROOT, SECRETS, assert_no_secrets, events, wait_for
+from trainer.core.jobdir import JobDir
 from trainer.launch.executor import JobState
-from trainer.launch.jobdir import JobDir
 from trainer.launch.local import LocalExecutor, mark_running
 
 HOSTILE = "it's $(touch CANARY) `touch CANARY`; \"quoted\" \\ $HOME"

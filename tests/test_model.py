@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer.core.config import ModelConfig, MoeConfig, MupConfig
+from trainer.core.layers import load_config
 from trainer.export.hf import hf_name
-from trainer.launch.config import ModelConfig, MoeConfig, MupConfig
-from trainer.launch.layers import load_config
 from trainer.train.model import Transformer, flops_per_token, grouped_mm_runs, num_params, param_plan
 
 

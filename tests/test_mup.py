@@ -14,13 +14,13 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.train_helpers import free_port, trainer_env
-from trainer.launch.config import ModelConfig
-from trainer.launch.jobdir import JobDir
-from trainer.launch.sweep import transfer
+from trainer.core.config import ModelConfig
+from trainer.core.jobdir import JobDir
 from trainer.launch.sweep.state import PointRecord, SweepState
-from trainer.launch.sweep.transfer import TransferSpec, analyse, optimum
-from trainer.train import coordcheck, model, optim
-from trainer.train.coordcheck import CoordSpec, measure
+from trainer.research import coordcheck, lr_transfer
+from trainer.research.coordcheck import CoordSpec, measure
+from trainer.research.lr_transfer import TransferSpec, analyse, optimum
+from trainer.train import model, optim
 from trainer.train.distributed import process_group
 
 SPEC = CoordSpec(widths=(64, 128, 256, 512), steps=4, seeds=2)
@@ -242,7 +242,7 @@ def test_the_transfer_figure_explains_its_marks_and_states_the_verdict(tmp_path:
     edge) and the title states the verdict with its numbers; a grid where muP drifts says FAIL."""
     spec = TransferSpec(widths=(64, 128, 256), log2_lrs=tuple(range(-12, -5)), steps=40, seeds=1)
     verdict = analyse(_grid_state(tmp_path / "good", _bowl, spec), spec)
-    fig = transfer.build_figure(verdict)
+    fig = lr_transfer.build_figure(verdict)
     title = fig._suptitle.get_text()
     assert "Learning-rate transfer" in title and "PASS: the optimum transfers across widths under muP" in title
     assert "muP optimum shift 0.00 octave; SP optimum shift 2.00" in title
@@ -258,11 +258,11 @@ def test_the_transfer_figure_explains_its_marks_and_states_the_verdict(tmp_path:
     def drifting(mup, width, k):  # muP's optimum moves like SP's; SP's largest learning rate diverges
         return None if not mup and k == spec.log2_lrs[-1] else _bowl(False, width, k)
 
-    fig = transfer.build_figure(analyse(_grid_state(tmp_path / "drift", drifting, spec), spec))
+    fig = lr_transfer.build_figure(analyse(_grid_state(tmp_path / "drift", drifting, spec), spec))
     title = fig._suptitle.get_text()
     assert title.splitlines()[1].startswith("FAIL: muP optimum shift 2.00") and "✗ muP optimum moves" in title
     assert fig.legends[0].get_texts()[-1].get_text().startswith("diverged or unfinished")
     # Redrawn from the saved verdict, as plots/lr_transfer.py --replot does, without the grid's runs.
     saved = tmp_path / "lr_transfer.json"
     saved.write_text(verdict.to_json())
-    assert transfer.replot(saved, tmp_path / "lr_transfer.png").stat().st_size > 10_000
+    assert lr_transfer.replot(saved, tmp_path / "lr_transfer.png").stat().st_size > 10_000

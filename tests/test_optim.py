@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.launch.config import ModelConfig, MupConfig, OptimConfig
+from trainer.core.config import ModelConfig, MupConfig, OptimConfig
 from trainer.train.model import Transformer
 from trainer.train.optim import build_optimizer, build_scheduler, lr_factor
 

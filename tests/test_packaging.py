@@ -88,7 +88,7 @@ def test_wheel_holds_the_whole_package_and_declares_what_it_imports(wheel: Path)
     tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "ls-files", "--cached", "--others", "--exclude-standard",
                               "trainer"], capture_output=True, text=True, check=True).stdout.splitlines()
     assert tracked and set(tracked) <= names, sorted(set(tracked) - names)  # modules, templates, profiles, evals
-    for data in ("trainer/launch/templates/slurm.sh.j2", "trainer/launch/templates/clusters/lumi.yaml",
+    for data in ("trainer/launch/templates/slurm.sh.j2", "trainer/core/clusters/lumi.yaml",
                  "trainer/export/evals/anvil_mc.jsonl"):
         assert data in names
     assert undeclared(package, metadata) == {}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.launch.jobdir import JobDir
+from trainer.core.jobdir import JobDir
 from trainer.train.profiling import StepProfiler, runs
 
 

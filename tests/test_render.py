@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.launch.layers import load_config
+from trainer.core.layers import load_config
 from trainer.launch.render import RenderError, render_script
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -19,9 +19,9 @@ import pytest
 from tests.conftest import SECRETS, assert_no_secrets, events, ranks_among, wait_for
 from tests.test_slurm_lifecycle import log_of, restarts, submitted_id, watch_states
 from tests.train_helpers import losses, run_trainer
-from trainer.launch import jobdir
+from trainer.core import jobdir
+from trainer.core.processes import with_environment
 from trainer.launch.slurm import SlurmExecutor
-from trainer.processes import with_environment
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
+from trainer.core.jobdir import JobDir, append_event, write_error
 from trainer.launch.executor import JobState
-from trainer.launch.jobdir import JobDir, append_event, write_error
 from trainer.launch.sweep import run
 from trainer.launch.sweep.cli import main as sweep_main
 from trainer.launch.sweep.spec import format_value, read_sweep

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import free_port, losses, make_job, run_trainer, trainer_command, trainer_env
-from trainer.launch import jobdir
+from trainer.core import jobdir
 
 REPO = Path(__file__).resolve().parent.parent
 

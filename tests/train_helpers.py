@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.launch.layers import load_config
+from trainer.core.layers import load_config
 
 TINY = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.vocab_size=512",

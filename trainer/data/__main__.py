@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer.data import tools
-from trainer.errors import run_command
+from trainer.core.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:

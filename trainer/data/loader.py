@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.sources import DataError, open_source
 from trainer.data.stream import StreamSpec, WorkerStream, load_tokenizer
-from trainer.launch.config import DataConfig
-from trainer.processes import die_with_parent, ignore_stop_signals, stop_signals_blocked
+from trainer.core.config import DataConfig
+from trainer.core.processes import die_with_parent, ignore_stop_signals, stop_signals_blocked
 
 STATE_VERSION = 2
 """2: rows hold the rest of the document they are in (`lanes`, `pending`), and the mix's weights are recorded.

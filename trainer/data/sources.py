@@ -20,7 +20,7 @@ from numpy.random import default_rng  # at import: numpy loads its random module
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainer.errors import AnvilError
+from trainer.core.errors import AnvilError
 
 
 class DataError(AnvilError):

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import run_command
+from trainer.core.commands import command
+from trainer.core.errors import run_command
+from trainer.core.jobdir import JobDir, JobDirError, step_of
 from trainer.export import deps
 from trainer.export.evaluation import print_results, run_lm_eval
 from trainer.export.hf import export
 from trainer.export.hf_import import import_hf, model_config
 from trainer.export.hub import check_repo_id, model_card, require_token, upload, upload_plan
-from trainer.launch.commands import command
-from trainer.launch.jobdir import JobDir, JobDirError, step_of
 from trainer.train import checkpoint
 
 SAMPLE_TOKENS = 40

@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Mapping, Sequence
 
-from trainer.errors import AnvilError
-from trainer.launch import commands
+from trainer.core import commands
+from trainer.core.errors import AnvilError
 
 EVAL = ("lm-eval", "transformers", "accelerate")
 """`--eval`: lm-eval and its transformers backend (pyproject.toml's `eval` extra)."""

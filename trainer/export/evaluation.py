@@ -17,9 +17,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from trainer.core.config import AnvilConfig
 from trainer.export.cloze import cloze_items
 from trainer.export.deps import install_line
-from trainer.launch.config import AnvilConfig
 from trainer.train.heldout import EvalError, heldout_texts
 
 LOCAL_TASKS = ("anvil_heldout", "anvil_cloze", "anvil_mc")

@@ -25,10 +25,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
-from trainer.errors import AnvilError
-from trainer.files import staged_dir
-from trainer.launch.config import AnvilConfig, ModelConfig
-from trainer.launch.jobdir import is_complete
+from trainer.core.config import AnvilConfig, ModelConfig
+from trainer.core.errors import AnvilError
+from trainer.core.files import staged_dir
+from trainer.core.jobdir import is_complete
 from trainer.train.model import param_plan
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",

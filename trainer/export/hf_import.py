@@ -15,10 +15,10 @@ import torch.distributed.checkpoint as dcp
 from pydantic import ValidationError
 from safetensors import safe_open
 
+from trainer.core.config import ModelConfig
+from trainer.core.files import staged_dir
+from trainer.core.jobdir import mark_complete, step_dir
 from trainer.export.hf import ExportError, folded, our_names
-from trainer.files import staged_dir
-from trainer.launch.config import ModelConfig
-from trainer.launch.jobdir import mark_complete, step_dir
 from trainer.train.model import param_plan
 
 

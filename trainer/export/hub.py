@@ -11,9 +11,9 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from trainer.errors import AnvilError
-from trainer.launch.config import AnvilConfig
-from trainer.launch.jobdir import JobDir
+from trainer.core.config import AnvilConfig
+from trainer.core.errors import AnvilError
+from trainer.core.jobdir import JobDir
 from trainer.train.model import num_params
 
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from trainer.launch.config import AnvilConfig
+from trainer.core.config import AnvilConfig
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 

@@ -14,11 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from trainer.launch.jobdir import DONE, END_EVENTS, FAILED, PREEMPTED, JobDir, known_job_ids, read_events
-
-ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-                           "REQUEUE_FED", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"})
-"""States in which a job may still run or write to its directory."""
+from trainer.core.jobdir import DONE, END_EVENTS, FAILED, PREEMPTED, JobDir, known_job_ids, read_events
+from trainer.core.states import ACTIVE
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,7 @@ class JobState:
 
     @property
     def active(self) -> bool:
-        return self.state in ACTIVE_STATES
+        return self.state in ACTIVE
 
 
 @dataclass
@@ -118,16 +115,3 @@ def recorded_state(job: JobDir) -> JobState:
     assert marker == PREEMPTED
     step = text.split()[0] if text else "?"
     return JobState("PREEMPTED", latest, "job directory", said or f"stopped at the checkpoint of step {step}")
-
-
-def executor_for(name: str) -> Executor:
-    """`slurm`, `local`, or `auto` (SLURM where sbatch is on PATH, else local)."""
-    from trainer.launch import local, slurm  # they build on this module
-
-    if name == "auto":
-        name = "slurm" if slurm.available() else "local"
-    if name == "slurm":
-        return slurm.SlurmExecutor()
-    if name == "local":
-        return local.LocalExecutor()
-    raise ValueError(f"no executor '{name}' (expected auto, slurm or local)")

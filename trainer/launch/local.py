@@ -24,11 +24,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-from trainer.files import write_atomic
-from trainer.launch.config import AnvilConfig
+from trainer.core.config import AnvilConfig
+from trainer.core.files import write_atomic
+from trainer.core.jobdir import JobDir, append_event, record_submission
+from trainer.core.processes import STOP_SIGNALS, die_with_parent, end_processes, process_start, send, with_environment
+from trainer.core.states import PREEMPTED_EXIT
 from trainer.launch.executor import Executor, JobState, Submission
-from trainer.launch.jobdir import PREEMPTED_EXIT, JobDir, append_event, record_submission
-from trainer.processes import STOP_SIGNALS, die_with_parent, end_processes, process_start, send, with_environment
 
 
 def new_job_id() -> str:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import jinja2
 
-from trainer.errors import AnvilError
-from trainer.launch import jobdir
-from trainer.launch.commands import command
-from trainer.launch.config import ENV_NAME, SBATCH_WORD, SECRET_NAME, AnvilConfig
+from trainer.core import jobdir, states
+from trainer.core.commands import command
+from trainer.core.config import ENV_NAME, SBATCH_WORD, SECRET_NAME, AnvilConfig
+from trainer.core.errors import AnvilError
 
 TEMPLATES_DIR = Path(str(importlib.resources.files("trainer.launch") / "templates"))
 SCRIPT_TEMPLATE = "slurm.sh.j2"
@@ -89,6 +89,7 @@ def render_script(cfg: AnvilConfig, job_dir: Path, code_dir: Path = jobdir.CODE_
         submit=command("submit"),
         cpus_per_rank=cpus_per_rank,
         threads_per_rank=cpus_per_rank,
-        layout=jobdir,  # every name in the job directory, its markers and exit codes
+        layout=jobdir,  # every name in the job directory and its markers
+        codes=states,  # the exit codes the trainer and the script agree on
         secret_names=SECRET_NAME.pattern,
     )

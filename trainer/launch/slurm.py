@@ -8,9 +8,10 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from trainer.errors import AnvilError
-from trainer.launch.executor import ACTIVE_STATES, Executor, JobState, Submission
-from trainer.launch.jobdir import JobDir, append_event, known_job_ids, record_submission
+from trainer.core.errors import AnvilError
+from trainer.core.jobdir import JobDir, append_event, known_job_ids, record_submission
+from trainer.core.states import ACTIVE
+from trainer.launch.executor import Executor, JobState, Submission
 
 
 class SlurmError(AnvilError):
@@ -36,7 +37,7 @@ COMMENT_PREFIX = "anvil: "
 
 def _detail(state: str, reason: str, comment: str) -> str:
     """What to show beside a state: an ended job's end as its batch script told SLURM, else SLURM's reason."""
-    if comment.startswith(COMMENT_PREFIX) and state not in ACTIVE_STATES:
+    if comment.startswith(COMMENT_PREFIX) and state not in ACTIVE:
         return comment[len(COMMENT_PREFIX):]
     return "" if reason == "None" else reason
 

@@ -16,8 +16,9 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from trainer.launch.executor import Executor, JobState, executor_for
-from trainer.launch.jobdir import JobDir
+from trainer.core.jobdir import JobDir
+from trainer.launch.executor import Executor, JobState
+from trainer.launch.executors import executor_for
 from trainer.launch.sweep.spec import format_value
 
 _TAIL_BYTES = 16384

@@ -15,12 +15,10 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from trainer.errors import EXIT_REFUSED, AnvilError, run_command
-from trainer.launch.checks import submit_problems
-from trainer.launch.commands import command
-from trainer.launch.config import AnvilConfig
-from trainer.launch.executor import Submission, executor_for
-from trainer.launch.jobdir import (
+from trainer.core.checks import submit_problems
+from trainer.core.commands import command
+from trainer.core.errors import AnvilError, run_command
+from trainer.core.jobdir import (
     JobDir,
     JobDirError,
     check_replaceable,
@@ -30,7 +28,10 @@ from trainer.launch.jobdir import (
     latest_complete,
     write_job,
 )
-from trainer.launch.layers import ConfigError, load_config
+from trainer.core.layers import ConfigError, as_submitted, load_config
+from trainer.core.states import EXIT_REFUSED
+from trainer.launch.executor import Submission
+from trainer.launch.executors import executor_for
 from trainer.launch.render import RenderError, render_script
 
 
@@ -75,25 +76,6 @@ def split_items(items: Sequence[str]) -> tuple[Path | None, list[str]]:
                 "invalid arguments",
             )
     return config_file, overrides
-
-
-def as_submitted(cfg: AnvilConfig) -> AnvilConfig:
-    """What depends on where submit.py runs, fixed in the frozen config: relative paths become absolute, and an
-    unset `cluster.python` becomes the interpreter the job will run (a resubmission with `sbatch` runs the same)."""
-    def absolute(path: str) -> str:
-        return str(Path(path).expanduser().absolute())
-
-    data = cfg.data.model_copy(update={
-        "datasets": [d.model_copy(update={"path": absolute(d.path)}) for d in cfg.data.datasets],
-        "tokenizer": absolute(cfg.data.tokenizer) if cfg.data.tokenizer else None,
-    })
-    cluster = cfg.cluster
-    update = {"venv": absolute(cluster.venv) if cluster.venv else None}
-    if cluster.python is None and cluster.venv is None:
-        update["python"] = cluster.interpreter
-    if cluster.container is not None:
-        update["container"] = cluster.container.model_copy(update={"image": absolute(cluster.container.image)})
-    return cfg.model_copy(update={"data": data, "cluster": cluster.model_copy(update=update)})
 
 
 def _print_exactly(out: Console, text: str, lexer: str) -> None:

@@ -3,7 +3,7 @@
 import signal
 import sys
 
-from trainer.processes import die_with_parent, record_stop_signals
+from trainer.core.processes import die_with_parent, record_stop_signals
 
 record_stop_signals()  # before the heavy imports: a stop signal during start-up is noted, not fatal
 # The launcher (torchrun, or srun's step daemon) gone means the step is over: nothing may keep training.

@@ -2,7 +2,7 @@
 
 A crash, kill -9 or preemption mid-write leaves a step directory without its completion marker; it is never
 resumed from, and it is removed by the next save. The step directories, the marker and the lookup of the newest
-complete step belong to the job directory (`trainer.launch.jobdir`). The loader state of every DP rank goes into the
+complete step belong to the job directory (`trainer.core.jobdir`). The loader state of every DP rank goes into the
 same checkpoint (key `loader.dp<rank>`, JSON: no pickle to execute), so a restore can hand it to a
 different number of DP ranks.
 """
@@ -26,8 +26,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
-from trainer.errors import AnvilError
-from trainer.launch.jobdir import (
+from trainer.core.errors import AnvilError
+from trainer.core.jobdir import (
     COMPLETE,
     is_complete,
     latest_complete,

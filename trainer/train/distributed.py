@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainer.launch.config import AnvilConfig
-from trainer.processes import node_name
+from trainer.core.config import AnvilConfig
+from trainer.core.processes import node_name
 
 
 def log(rank: int, message: str) -> None:

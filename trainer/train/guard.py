@@ -19,9 +19,9 @@ import math
 import statistics
 from collections import deque
 
-from trainer.errors import AnvilError
-from trainer.launch.config import RollbackConfig
-from trainer.launch.jobdir import JobDir, read_events
+from trainer.core.config import RollbackConfig
+from trainer.core.errors import AnvilError
+from trainer.core.jobdir import JobDir, read_events
 
 ROLLBACK_EVENT = "rollback"
 

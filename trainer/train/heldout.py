@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.core.config import AnvilConfig
+from trainer.core.errors import AnvilError
 from trainer.data.tools import iter_texts
-from trainer.errors import AnvilError
-from trainer.launch.config import AnvilConfig
 
 
 class EvalError(AnvilError):

@@ -30,12 +30,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from trainer.core import jobdir, states
+from trainer.core.config import AnvilConfig
+from trainer.core.errors import AnvilError
+from trainer.core.jobdir import JobDir
+from trainer.core.processes import node_name
+from trainer.core.states import EXIT_REFUSED
 from trainer.data.loader import build_loader
-from trainer.errors import EXIT_REFUSED, AnvilError
-from trainer.launch import jobdir
-from trainer.launch.config import AnvilConfig
-from trainer.launch.jobdir import JobDir
-from trainer.processes import node_name
 from trainer.train import checkpoint, liger
 from trainer.train.distributed import init_distributed, log
 from trainer.train.guard import ROLLBACK_EVENT, DivergedError, StepGuard, StepRejected
@@ -404,7 +405,7 @@ class Trainer:
         dist.barrier()  # nobody leaves before the marker is written: a launcher may end the others at the first exit
         self.metrics.line(f"preempted after step {self.step} ({self.watch.cause}); checkpoint saved, "
                           "exiting for the batch script")
-        return jobdir.PREEMPTED_EXIT
+        return states.PREEMPTED_EXIT
 
     def _roll_back(self, rejected: StepRejected) -> None:
         """Back to the newest whole checkpoint, the rejected step's data to be skipped (see guard.py); or
@@ -563,7 +564,7 @@ def main(argv: Sequence[str]) -> int:
         trainer = Trainer(cfg, job, ranks.rank, layout, device, watchdog)
         code = trainer.run()
     except AnvilError as exc:  # refused input, a full disk, a run that kept diverging: one line, no traceback
-        kind, code = ("disk", jobdir.EXIT_DISK) if isinstance(exc, checkpoint.StorageError) else (
+        kind, code = ("disk", states.EXIT_DISK) if isinstance(exc, checkpoint.StorageError) else (
             "diverged" if isinstance(exc, DivergedError) else "refused", EXIT_REFUSED)
         log(ranks.rank, f"error: {exc}")
         jobdir.write_error(job, kind, f"rank {ranks.rank}: {exc}")
@@ -606,4 +607,4 @@ def _end_after_lost_peer(job: JobDir, rank: int, watchdog: Watchdog, exc: BaseEx
         log(rank, f"error: {reason}" + ("" if recorded else " (an earlier reason is recorded in ERROR)"))
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(jobdir.EXIT_LOST)
+    os._exit(states.EXIT_LOST)

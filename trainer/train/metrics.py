@@ -19,9 +19,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from trainer.files import write_atomic
-from trainer.launch.config import AnvilConfig
-from trainer.launch.jobdir import JobDir
+from trainer.core.config import AnvilConfig
+from trainer.core.files import write_atomic
+from trainer.core.jobdir import JobDir
 from trainer.train.checkpoint import STORAGE_ERRNOS, StorageError, newest_whole
 from trainer.train.distributed import log
 from trainer.train.model import ParamPlan

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.launch.config import ModelConfig
+from trainer.core.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

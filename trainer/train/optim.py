@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainer.launch.config import ModelConfig, OptimConfig
+from trainer.core.config import ModelConfig, OptimConfig
 from trainer.train.model import param_plan, plain_name
 
 

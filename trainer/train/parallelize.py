@@ -27,7 +27,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from trainer.launch.config import AnvilConfig
+from trainer.core.config import AnvilConfig
 from trainer.train.model import MoE, Transformer
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")

@@ -1,6 +1,6 @@
 """Stop at a step boundary when asked: every rank agrees, then the caller checkpoints and exits.
 
-What asks: a stop signal to any rank (TERM, INT, HUP, USR2: noted by `trainer.processes.record_stop_signals`, never
+What asks: a stop signal to any rank (TERM, INT, HUP, USR2: noted by `trainer.core.processes.record_stop_signals`, never
 acted on inside the handler, which could land mid-backward or mid-write), or the batch shell's `PREEMPT` trigger
 file, which rank 0 alone checks (thousands of ranks must not stat a shared filesystem every step). One all-reduce per
 step makes the decision, and its cause, common to all ranks: the cause ranked last in `PREEMPT_CAUSES` wins, so a stop
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from trainer.files import write_atomic
-from trainer.launch.jobdir import PREEMPT_CAUSES, TRIGGER_CAUSE, JobDir
-from trainer.processes import record_stop_signals, stop_signals_received
+from trainer.core.files import write_atomic
+from trainer.core.jobdir import PREEMPT_CAUSES, TRIGGER_CAUSE, JobDir
+from trainer.core.processes import record_stop_signals, stop_signals_received
 
 
 class PreemptionWatch:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from trainer.launch.jobdir import JobDir
+from trainer.core.jobdir import JobDir
 
 
 def runs(steps: list[int]) -> dict[int, int]:

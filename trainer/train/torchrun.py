@@ -31,8 +31,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import parse_args, run
 
-from trainer.launch import jobdir
-from trainer.processes import STOP_SIGNALS, children, die_with_parent, node_name, send
+from trainer.core import jobdir, states
+from trainer.core.processes import STOP_SIGNALS, children, die_with_parent, node_name, send
 
 
 def exit_code(code: int) -> int:
@@ -101,7 +101,7 @@ def main(argv: Sequence[str]) -> int:
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         host = node_name()
-        if failure.exitcode == jobdir.PREEMPTED_EXIT:  # checkpointed and stopped, as asked: the rank said so
+        if failure.exitcode == states.PREEMPTED_EXIT:  # checkpointed and stopped, as asked: the rank said so
             return failure.exitcode
         if failure.exitcode >= 0:
             print(f"anvil: rank {rank} on {host} exited with code {failure.exitcode} (its own output is above)",
@@ -113,7 +113,7 @@ def main(argv: Sequence[str]) -> int:
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"anvil: torchrun on {node_name()} lost the job's rendezvous ({cause}): another node's launcher is "
               "gone", file=sys.stderr)
-        return jobdir.EXIT_LOST
+        return states.EXIT_LOST
     except SignalException as exc:  # a signal before the ranks started, or a torch without signals_to_handle
         print(f"anvil: torchrun stopped by {exc.sigval.name}; its ranks got the signal too", file=sys.stderr)
         return exit_code(-exc.sigval)

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from trainer.launch import jobdir
-from trainer.launch.config import ParallelConfig
-from trainer.launch.jobdir import EXIT_HUNG, JobDir
-from trainer.processes import node_name
+from trainer.core import jobdir
+from trainer.core.config import ParallelConfig
+from trainer.core.jobdir import JobDir
+from trainer.core.processes import node_name
+from trainer.core.states import EXIT_HUNG
 
 LONG_PHASES = ("start", "restore", "save", "eval")
 """Phases bounded by `parallel.init_timeout_s`; a training step ("step") by `parallel.step_timeout_s`."""

@@ -14,19 +14,17 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from trainer.errors import run_command
-from trainer.launch.commands import command
-from trainer.launch.executor import Submission, executor_for
-from trainer.launch.jobdir import PREEMPTED_EXIT, JobDir, JobDirError, jobs_root
-from trainer.launch.layers import ConfigError
+from trainer.core.commands import command
+from trainer.core.errors import run_command
+from trainer.core.jobdir import JobDir, JobDirError, jobs_root
+from trainer.core.layers import ConfigError
+from trainer.core.states import PREEMPTED_EXIT, SETTLED
+from trainer.launch.executor import Submission
+from trainer.launch.executors import executor_for
 from trainer.launch.status import job_rows, status_table
 from trainer.launch.sweep import results, run
 from trainer.launch.sweep.spec import format_value, read_sweep
 from trainer.launch.sweep.state import SUMMARY, SWEEP_JSON, SweepState, read_state, sweep_path, sweeps_root
-
-SETTLED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                     "DEADLINE", "PREEMPTED", "UNKNOWN", "REVOKED", "NOT_SUBMITTED"})
-"""States that will not change unless someone submits or retries: `status --watch` stops once every row has one."""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.table import Table
 
-from trainer.launch.jobdir import JobDir
+from trainer.core.jobdir import JobDir
 from trainer.launch.sweep.spec import format_value
 from trainer.launch.sweep.state import SweepState
 

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.launch.checks import submit_problems
-from trainer.launch.config import AnvilConfig
-from trainer.launch.executor import Executor, JobState, Submission
-from trainer.launch.jobdir import (
+from trainer.core.checks import submit_problems
+from trainer.core.config import AnvilConfig
+from trainer.core.jobdir import (
     REPEATING_ERRORS,
     JobDir,
     JobDirError,
@@ -26,15 +25,12 @@ from trainer.launch.jobdir import (
     read_error,
     write_job,
 )
-from trainer.launch.layers import ConfigError, load_config
+from trainer.core.layers import ConfigError, as_submitted, load_config
+from trainer.core.states import RETRYABLE
+from trainer.launch.executor import Executor, JobState, Submission
 from trainer.launch.render import RenderError, render_script
-from trainer.launch.submit import as_submitted
 from trainer.launch.sweep.spec import Point, Sweep, override_text
 from trainer.launch.sweep.state import SWEEP_FILE, SWEEP_JSON, PointRecord, SweepState, read_state, write_state
-
-RETRYABLE = frozenset({"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-                       "PREEMPTED", "UNKNOWN", "REVOKED"})
-"""End states a retry may resubmit (never COMPLETED, never a job still queued or running)."""
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from trainer.launch.config import NAME_PATTERN
-from trainer.launch.layers import ConfigError, config_field, read_yaml
+from trainer.core.config import NAME_PATTERN
+from trainer.core.layers import ConfigError, config_field, read_yaml
 
 NAME_LIMIT = 100
 

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.files import write_atomic
-from trainer.launch.commands import command
-from trainer.launch.jobdir import JobDir, JobDirError, contained, tool_root
+from trainer.core.commands import command
+from trainer.core.files import write_atomic
+from trainer.core.jobdir import JobDir, JobDirError, contained, tool_root
 
 SWEEP_JSON = "sweep.json"
 SWEEP_FILE = "sweep.yaml"

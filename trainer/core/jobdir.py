@@ -39,9 +39,9 @@ from typing import Any
 from pydantic import ValidationError
 
 import trainer
-from trainer.errors import AnvilError
-from trainer.files import staged_dir, write_atomic
-from trainer.launch.config import NAME_PATTERN, SBATCH_WORD, SECRET_NAME, AnvilConfig
+from trainer.core.config import NAME_PATTERN, SBATCH_WORD, SECRET_NAME, AnvilConfig
+from trainer.core.errors import AnvilError
+from trainer.core.files import staged_dir, write_atomic
 
 CODE_DIR = Path(trainer.__file__).resolve().parent.parent
 """Where the ranks import this trainer from (`slurm.sh` changes into it): the checkout, or site-packages."""
@@ -97,17 +97,6 @@ COMPLETE = "COMPLETE"
 """In `checkpoints/step-N/`: the step is whole (written last, atomically)."""
 DAMAGED = ".damaged"
 """Suffix of a complete step found damaged later (files missing or cut short) and set aside: `step-N.damaged`."""
-
-PREEMPTED_EXIT = 75
-"""Exit code of a trainer that checkpointed on request (EX_TEMPFAIL). A file (PREEMPTED) as well as a code: a
-launcher between trainer and shell may not pass the code on (srun reports the highest code of its tasks)."""
-EXIT_DISK = 74
-"""The trainer stopped because the job's storage is full or failing (EX_IOERR): meant for when not even ERROR can be
-written."""
-EXIT_LOST = 76
-"""The trainer stopped because a peer rank is gone (its process or node): ERROR kind `lost`."""
-EXIT_HUNG = 124
-"""The trainer's watchdog ended a rank that made no progress within the timeout (as timeout(1) exits): kind `hung`."""
 
 TRIGGER_CAUSE = "trigger"
 PREEMPT_CAUSES = (TRIGGER_CAUSE, "SIGUSR2", "SIGHUP", "SIGINT", "SIGTERM")

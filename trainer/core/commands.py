@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from trainer.launch.jobdir import CODE_DIR
+from trainer.core.jobdir import CODE_DIR
 
 Tool = Literal["submit", "sweep", "convert"]
 

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer.core.config import AnvilConfig
+from trainer.core.layers import load_config
 from trainer.data.tools import machine_texts
-from trainer.launch.config import AnvilConfig
-from trainer.launch.layers import load_config
 from trainer.train.distributed import process_group
 from trainer.train.model import MoE
 from trainer.train.optim import build_optimizer

@@ -113,7 +113,7 @@ class ClusterConfig(Section):
     defaults of this section; the YAML file, environment and command line override them."""
 
     profile: str = "local"
-    """Cluster profile: a name in `trainer/launch/templates/clusters/` or a path to a profile YAML file."""
+    """Cluster profile: a name in `trainer/core/clusters/` or a path to a profile YAML file."""
     launcher: Literal["torchrun", "srun"] = "torchrun"
     """`torchrun`: one task per node starts the ranks; `srun`: one task per device, ranks from SLURM."""
     device: Literal["cpu", "cuda", "rocm"] = "cpu"

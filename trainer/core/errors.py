@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-EXIT_REFUSED = 2
-"""Exit code of every Anvil command (and of the trainer) that refused its input."""
+from trainer.core.states import EXIT_REFUSED
 
 
 class AnvilError(Exception):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.launch.config import AnvilConfig, format_walltime, walltime_seconds
+from trainer.core.config import AnvilConfig, format_walltime, walltime_seconds
 
 
 def parallel_problems(cfg: AnvilConfig) -> list[str]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trainer.launch.commands import command
+from trainer.core.commands import command
 from trainer.launch.sweep.results import history
 from trainer.launch.sweep.state import SweepState
 
@@ -270,9 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import time
 
+    from trainer.core.jobdir import CODE_DIR
+    from trainer.core.states import PREEMPTED_EXIT
     from trainer.data.tools import build_demo
-    from trainer.launch.executor import executor_for
-    from trainer.launch.jobdir import CODE_DIR, PREEMPTED_EXIT
+    from trainer.launch.executors import executor_for
     from trainer.launch.sweep.cli import main as sweep_main
     from trainer.launch.sweep.state import read_state, sweep_path, sweeps_root
 

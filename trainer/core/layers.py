@@ -22,8 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trainer.errors import AnvilError
-from trainer.launch.config import (
+from trainer.core.config import (
     ENV_NAME,
     MODEL_FLAVORS,
     NAME_PATTERN,
@@ -32,8 +31,9 @@ from trainer.launch.config import (
     SECTIONS,
     AnvilConfig,
 )
+from trainer.core.errors import AnvilError
 
-PROFILES_DIR = Path(str(importlib.resources.files("trainer.launch") / "templates" / "clusters"))
+PROFILES_DIR = Path(str(importlib.resources.files("trainer.core") / "clusters"))
 ENV_PREFIX = "ANVIL_"
 RUNTIME_ENV = frozenset({"ANVIL_EXECUTOR", "ANVIL_JOBS_DIR", "ANVIL_SWEEPS_DIR", "ANVIL_SLURM_NODES",
                          "ANVIL_REQUIRE_SLURM"})
@@ -390,3 +390,22 @@ def load_config(config_file: Path | None, overrides: Sequence[str] = (), environ
     except ValidationError as exc:
         layers = _Layers(cli, env, yaml_data, yaml_name, profile, str(profile_path))
         raise ConfigError([_describe(e, layers) for e in exc.errors()]) from None
+
+
+def as_submitted(cfg: AnvilConfig) -> AnvilConfig:
+    """What depends on where submit.py runs, fixed in the frozen config: relative paths become absolute, and an
+    unset `cluster.python` becomes the interpreter the job will run (a resubmission with `sbatch` runs the same)."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().absolute())
+
+    data = cfg.data.model_copy(update={
+        "datasets": [d.model_copy(update={"path": absolute(d.path)}) for d in cfg.data.datasets],
+        "tokenizer": absolute(cfg.data.tokenizer) if cfg.data.tokenizer else None,
+    })
+    cluster = cfg.cluster
+    update = {"venv": absolute(cluster.venv) if cluster.venv else None}
+    if cluster.python is None and cluster.venv is None:
+        update["python"] = cluster.interpreter
+    if cluster.container is not None:
+        update["container"] = cluster.container.model_copy(update={"image": absolute(cluster.container.image)})
+    return cfg.model_copy(update={"data": data, "cluster": cluster.model_copy(update=update)})
