@@ -40,10 +40,10 @@ def worst(result, modules: str = "") -> float:
 
 def test_coordinate_check_passes_for_mup_and_fails_for_sp() -> None:
     mup, sp = measure(SPEC, mup=True), measure(SPEC, mup=False)
-    assert mup.passed and mup.failures == [], mup.failures
+    assert mup.as_expected and mup.failures == [], mup.failures
     assert worst(mup) < coordcheck.BOUND
     # The negative control: SP breaks the bound on the output logits and on the attention logits.
-    assert sp.passed  # as a control: it shows the growth
+    assert sp.as_expected  # as a control: it shows the growth
     broke = {f.split(" at step ")[0] for f in sp.failures}
     assert "logits" in broke and any(m.endswith("attn_logits") for m in broke), sp.failures
     assert worst(sp, "logits") >= 0.5 and worst(sp, "mlp") >= 1.0
@@ -58,8 +58,8 @@ def intact() -> dict[str, coordcheck.CoordResult]:
 
 def test_zero_inits_and_the_attention_rule_with_a_growing_head_size(intact) -> None:
     """Width grown through the head size: muP's 1/head-dim rule (with a zero query) keeps the logits flat."""
-    assert intact["head_dim"].passed, intact["head_dim"].failures
-    assert intact["heads"].passed, intact["heads"].failures
+    assert intact["head_dim"].as_expected, intact["head_dim"].failures
+    assert intact["heads"].as_expected, intact["heads"].failures
 
 
 def _broken_plan(role_change):
@@ -87,10 +87,10 @@ def test_a_broken_mup_rule_is_caught(name: str, intact, monkeypatch: pytest.Monk
     where, breaks = MUTATIONS[name]
     grow = "head_dim" if "head size" in name else "heads"
     spec = CoordSpec(widths=QUICK.widths, steps=QUICK.steps, seeds=QUICK.seeds, grow=grow)
-    assert intact[grow].passed  # the rule intact: flat
+    assert intact[grow].as_expected  # the rule intact: flat
     breaks(monkeypatch)
     result = measure(spec, mup=True)
-    assert not result.passed, f"{name} went unnoticed"
+    assert not result.as_expected, f"{name} went unnoticed"
     assert any(where in failure for failure in result.failures), result.failures
 
 
@@ -105,11 +105,11 @@ def test_a_mixture_of_experts_passes_the_coordinate_check_and_a_forgotten_router
     mup, sp = measure(MOE_SPEC, mup=True, extra=MOE), measure(MOE_SPEC, mup=False, extra=MOE)
     print("muP", worst(mup, "router_update"), worst(mup, "mlp"), "SP", worst(sp, "router_update"), worst(sp, "mlp"))
     assert any("router_update" in m for m in mup.slopes)
-    assert mup.passed, mup.failures
+    assert mup.as_expected, mup.failures
     assert worst(sp, "router_update") >= 0.7 and worst(sp, "mlp") >= 1.0
     monkeypatch.setattr(ModelConfig, "router_mult", property(lambda self: 1.0))
     broken = measure(MOE_SPEC, mup=True, extra=MOE)
-    assert not broken.passed and worst(broken, "router_update") >= 0.7, broken.failures
+    assert not broken.as_expected and worst(broken, "router_update") >= 0.7, broken.failures
 
 
 def test_fsdp_on_two_ranks_gives_the_same_coordinates(tmp_path: Path) -> None:

@@ -26,8 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.core.config import AnvilConfig
+from trainer.core.jobdir import CODE_DIR
 from trainer.core.layers import load_config
 from trainer.data.tools import machine_texts
+from trainer.research.figures import add_replot, replotted
 from trainer.train.distributed import process_group
 from trainer.train.model import MoE
 from trainer.train.optim import build_optimizer
@@ -108,7 +110,8 @@ def run_one(cfg: AnvilConfig, batch: torch.Tensor, steps: int) -> dict[int, dict
     rank, world = _world()
     layout = build_layout(cfg, "cpu")
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, layout, torch.device("cpu"), torch.float32)
+    model = build_model(cfg.model, cfg.parallel, layout, torch.device("cpu"), torch.float32, seq_len=cfg.data.seq_len,
+                        seed=cfg.train.seed)
     optimizer = build_optimizer(model, cfg.model, cfg.optim)
     sums: dict[str, torch.Tensor] = {}
 
@@ -130,11 +133,21 @@ def run_one(cfg: AnvilConfig, batch: torch.Tensor, steps: int) -> dict[int, dict
             sums[name] = (F.linear(inputs[0].detach(), weight - first[0]).abs().mean() * mult).reshape(1)
         return hook
 
+    def watch_attention_logits(name: str):
+        """The attention logits of the causal positions, recomputed from the attention's inputs (the forward never
+        materialises them)."""
+        def hook(module, inputs, output) -> None:
+            with torch.no_grad():
+                q, k = module.queries_and_keys(*inputs[:3])
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                causal = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool, device=q.device).tril()
+                sums[name] = (q @ k.transpose(-2, -1) * module.scale)[..., causal].abs().mean().reshape(1)
+        return hook
+
     handles = [model.embedded.register_forward_hook(watch("embedding")),
                model.logits.register_forward_hook(watch("logits"))]
     for i, block in model.layers.items():
-        block.attention.observe_scores = True
-        handles += [block.attention.scores.register_forward_hook(watch(f"layers.{i}.attn_logits")),
+        handles += [block.attention.register_forward_hook(watch_attention_logits(f"layers.{i}.attn_logits")),
                     block.attention.register_forward_hook(watch(f"layers.{i}.attention")),
                     block.feed_forward.register_forward_hook(watch(f"layers.{i}.mlp"))]
         if isinstance(block.feed_forward, MoE):
@@ -171,7 +184,7 @@ class CoordResult:
     slopes: dict[str, dict[str, float]] = field(default_factory=dict)
     """module -> step -> slope of log2(mean |x|) against log2(width)."""
     failures: list[str] = field(default_factory=list)
-    passed: bool = False
+    as_expected: bool = False
     """muP: every slope within the bound; SP (the negative control): the bound broken on the watched modules."""
 
 
@@ -215,10 +228,10 @@ def judge(result: CoordResult, mup: bool) -> CoordResult:
                 exceeded.append(f"{module} at step {step}: slope {s:+.2f} per octave")
     result.failures = exceeded
     if mup:
-        result.passed = not exceeded
+        result.as_expected = not exceeded
     else:  # SP "passes" as a control when it shows, on the watched modules, the growth muP removes
         broke = {failure.split(" at step ")[0] for failure in exceeded}
-        result.passed = all(any(m == w or m.endswith(f".{w}") for m in broke) for w in WATCHED)
+        result.as_expected = all(any(m == w or m.endswith(f".{w}") for m in broke) for w in WATCHED)
     return result
 
 
@@ -234,13 +247,13 @@ def verdict_text(result: CoordResult) -> str:
     """One line of the verdict `judge` gave, with its numbers: the figure's title states it, so the figure reads
     on its own."""
     s, where = worst_slope(result)
-    if result.parametrization == "muP" and result.passed:
+    if result.parametrization == "muP" and result.as_expected:
         return (f"muP: PASS ✓ flat: every |slope| from step 2 under {BOUND} per octave "
                 f"(largest {s:+.2f}: {where})")
     if result.parametrization == "muP":
         return (f"muP: FAIL ✗ not flat: {len(result.failures)} module-steps at |slope| ≥ {BOUND} per octave "
                 f"(largest {s:+.2f}: {where})")
-    if result.passed:
+    if result.as_expected:
         return (f"SP, the negative control: PASS ✓ grows: past {BOUND} on the logits and the attention logits, "
                 f"as it must (largest {s:+.2f} per octave: {where})")
     return (f"SP, the negative control: FAIL ✗ stays within {BOUND} on the logits or the attention logits, so the "
@@ -335,21 +348,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=CoordSpec.n_layers)
     parser.add_argument("--head-dim", type=int, default=CoordSpec.head_dim)
     parser.add_argument("--grow", choices=("heads", "head_dim"), default="heads")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "plots")
+    parser.add_argument("--out", type=Path, default=CODE_DIR / "plots")
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. model.moe.experts=4 model.moe.top_k=2")
-    parser.add_argument("--replot", type=Path, metavar="JSON",
-                        help="only redraw the figure (next to JSON) from a saved verdict: no training")
+    add_replot(parser, "plots/coord_check.json")
     args = parser.parse_args(argv)
-    if args.replot:
-        print(f"wrote {replot(args.replot, args.replot.with_suffix('.png'))}")
+    if replotted(args, replot):
         return 0
     process_group()
     spec = CoordSpec(tuple(sorted(args.widths)), args.steps, args.seeds, args.lr, args.layers, args.head_dim,
                      args.grow)
     results = [measure(spec, mup=True, extra=args.override), measure(spec, mup=False, extra=args.override)]
     rank, _ = _world()
-    code = 0 if all(r.passed for r in results) else 1
+    code = 0 if all(r.as_expected for r in results) else 1
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = "coord_check" if args.grow == "heads" else "coord_check_head_dim"
@@ -359,10 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in results:
             worst = abs(worst_slope(r)[0])
             if r.parametrization == "muP":
-                print(f"muP: {'PASS' if r.passed else 'FAIL'}: largest |slope| from step 2 {worst:.2f} per octave "
+                print(f"muP: {'PASS' if r.as_expected else 'FAIL'}: largest |slope| from step 2 {worst:.2f} per octave "
                       f"(bound {BOUND})")
             else:
-                shown = ("breaks the bound, as it must" if r.passed else
+                shown = ("breaks the bound, as it must" if r.as_expected else
                          "FAIL: stays within the bound on the logits, so the check shows nothing here")
                 print(f"SP, the negative control: {shown} (largest |slope| {worst:.2f} per octave)")
         print(f"wrote {args.out / (stem + '.png')} and {args.out / (stem + '.json')}")

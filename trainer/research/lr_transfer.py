@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trainer.core.commands import command
+from trainer.core.jobdir import CODE_DIR
 from trainer.launch.sweep.results import history
 from trainer.launch.sweep.state import SweepState
+from trainer.research.figures import add_replot, replotted
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -270,7 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import time
 
-    from trainer.core.jobdir import CODE_DIR
     from trainer.core.states import PREEMPTED_EXIT
     from trainer.data.tools import build_demo
     from trainer.launch.executors import executor_for
@@ -291,11 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the text to train on (built from this machine's text if missing)")
     parser.add_argument("--out", type=Path, default=CODE_DIR / "plots")
     parser.add_argument("overrides", nargs="*", help="config overrides for every point (e.g. cluster.account=...)")
-    parser.add_argument("--replot", type=Path, metavar="JSON",
-                        help="only redraw the figure from a saved verdict (plots/lr_transfer.json); no training")
+    add_replot(parser, "plots/lr_transfer.json")
     args = parser.parse_args(argv)
-    if args.replot:
-        print(f"wrote {replot(args.replot, args.replot.with_suffix('.png'))}")
+    if replotted(args, replot):
         return 0
     spec = TransferSpec(tuple(sorted(args.widths)), tuple(sorted(args.lrs)), args.steps, seeds=args.seeds)
     if not (args.corpus / "tokenizer.json").is_file():

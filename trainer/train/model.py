@@ -11,6 +11,7 @@ Face's Llama, so weights export without permutation.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Callable
@@ -64,18 +65,20 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
     return (causal & (documents.unsqueeze(-1) == documents.unsqueeze(-2))).unsqueeze(1)
 
 
-_flex = None
+@functools.cache
+def compiled_flex_attention() -> Callable:
+    """FlexAttention compiled (it is only fast compiled), once per process: the first document-masked forward on a
+    GPU pays for it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor,
                             scale: float) -> torch.Tensor:
     """Document-causal attention with a FlexAttention block mask (GPU): blocks that cross documents are skipped,
-    none is materialised as a dense mask. Compiled once per process."""
-    global _flex
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    if _flex is None:
-        _flex = torch.compile(flex_attention, dynamic=False)
+    none is materialised as a dense mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def same_document(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (documents[b, q_idx] == documents[b, kv_idx])
@@ -83,7 +86,7 @@ def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d
     length = q.shape[-2]
     block_mask = create_block_mask(same_document, B=documents.shape[0], H=None, Q_LEN=length, KV_LEN=length,
                                    device=q.device)
-    return _flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -101,27 +104,25 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.attn_scale  # muP's attn_alpha · sqrt(base head dim) / head dim; SP's 1 / sqrt(head dim)
         self.rope = apply_rope  # a fused kernel may take its place (liger.py)
-        # An observation point: with `observe_scores` on (coordinate checks), the attention logits of the causal
-        # positions pass through `scores`, where hooks can see them; training never materialises them.
-        self.scores = nn.Identity()
-        self.observe_scores = False
+
+    def queries_and_keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[batch, heads, length, head_dim]` queries and keys, normalised (QK-norm) and rotated: what the attention
+        logits are made of (a coordinate check recomputes them from here, outside the forward)."""
+        batch, length, _ = x.shape
+        q = self.wq(x).view(batch, length, -1, self.head_dim)
+        k = self.wk(x).view(batch, length, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
         """`documents` (per-token document ids of each row, from `document_ids`): attention stays inside each
         document of a packed row; None: plain causal attention over the row."""
         batch, length, _ = x.shape
-        q = self.wq(x).view(batch, length, -1, self.head_dim)
-        k = self.wk(x).view(batch, length, -1, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k = self.queries_and_keys(x, cos, sin)
         v = self.wv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        q, k = self.rope(q, k, cos, sin)
-        if self.observe_scores:
-            keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-            self.scores((q @ keys.transpose(-2, -1) * self.scale)[..., causal])
         gqa = q.shape[1] != k.shape[1]
         if documents is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
