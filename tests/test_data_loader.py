@@ -51,6 +51,31 @@ def test_exact_resume(corpus, dp_size: int, workers: int) -> None:
             assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
+def test_the_state_is_typed_records_read_back_as_written(corpus) -> None:
+    """`state_dict()` is the typed records' one plain form: through JSON (as a checkpoint stores it) and back it is
+    the same records, held documents included; a state this Anvil cannot read is refused by name (controls: the
+    retired version 1, a record with a field missing)."""
+    import json
+
+    from trainer.data.sources import DataError
+    from trainer.data.state import HeldDoc, RankState
+
+    path, tokenizer = corpus
+    loader = build_loader(data_config([(path, 1.0)], tokenizer, num_workers=2), 0, 0, 1, 4)
+    take(iter(loader), 7)
+    written = loader.state_dict()
+    read = RankState.from_dict(json.loads(json.dumps(written)))
+    assert read.to_dict() == written and set(read.workers) == {0, 1}
+    held = [h for w in read.workers.values() for h in w.lanes if h is not None]
+    assert held and all(isinstance(h, HeldDoc) and len(h.doc) == 4 for h in held)
+    with pytest.raises(DataError, match="loader state version 1 cannot be read by this Anvil"):
+        RankState.from_dict({**written, "version": 1})
+    broken = json.loads(json.dumps(written))
+    del broken["workers"]["0"]["sources"]
+    with pytest.raises(DataError, match="the checkpoint's loader state is malformed"):
+        RankState.from_dict(broken)
+
+
 def test_state_is_small(corpus) -> None:
     path, tokenizer = corpus
     loader = build_loader(data_config([(path, 1.0)], tokenizer, logical_shards=256, num_workers=2), 0, 0, 1, 4)
@@ -140,7 +165,7 @@ def test_document_positions_restart_at_each_document(corpus) -> None:
 def test_batches_do_not_depend_on_the_tokenizing_threads(tmp_path: Path, corpus, monkeypatch, sources: int) -> None:
     """Texts are tokenized in chunks on several threads and windows built as chunks finish: what comes out must be
     the same whatever the thread count (1, 2 or 5) and however the windows are cut into chunks."""
-    from trainer.data import stream
+    from trainer.data import windows
     from trainer.data.loader import TokenLoader
 
     path, tokenizer = corpus
@@ -153,7 +178,7 @@ def test_batches_do_not_depend_on_the_tokenizing_threads(tmp_path: Path, corpus,
         return run_to_end(TokenLoader(spec, 0, 1, 4, num_workers=0, cores=cores))
 
     want = run(1)
-    monkeypatch.setattr(stream, "CHUNK_CHARS", 64)  # several chunks per window: windows wait for their chunks
+    monkeypatch.setattr(windows, "CHUNK_CHARS", 64)  # several chunks per window: windows wait for their chunks
     for cores in (2, 5):
         got = run(cores)
         assert len(got) == len(want)

@@ -23,15 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.data.sources import DataError, open_source
-from trainer.data.stream import StreamSpec, WorkerStream, load_tokenizer
 from trainer.core.config import DataConfig
 from trainer.core.processes import die_with_parent, ignore_stop_signals, stop_signals_blocked
-
-STATE_VERSION = 2
-"""2: rows hold the rest of the document they are in (`lanes`, `pending`), and the mix's weights are recorded.
-Version 1 states (one packed stream per worker) still restore: cursors are kept, nothing is dropped or repeated."""
-
+from trainer.data.sources import DataError, open_source
+from trainer.data.state import RankState, SourcePosition, StreamSpec, WorkerState
+from trainer.data.stream import WorkerStream
+from trainer.data.windows import load_tokenizer
 
 @dataclass(frozen=True)
 class MixChange:
@@ -51,36 +48,17 @@ class MixChange:
                 + "; the new shares apply from this step on, every kept source continues from its position")
 
 
-def _upgrade(rank_state: dict) -> dict:
-    """A version-1 rank state in version-2 form; its mix is read off the token counts it recorded."""
-    if rank_state.get("version") != 1:
-        return rank_state
-    workers = {}
-    for gid, worker in rank_state["workers"].items():
-        workers[gid] = {"sources": worker["sources"], "lanes": [], "pending": [], "weights": None,
-                        "docs": worker.get("docs", 0), "empty_docs": worker.get("empty_docs", 0)}
-    return {**rank_state, "version": STATE_VERSION, "workers": workers}
-
-
-def _saved_shares(rank_states: list[dict]) -> dict[str, float]:
+def _saved_shares(rank_states: list[RankState]) -> dict[str, float] | None:
+    """The mix the checkpoint's workers followed (None where none recorded one)."""
     for rank_state in rank_states:
-        for worker in rank_state["workers"].values():
-            if worker.get("weights") is not None:
-                return dict(worker["weights"])
-    tokens: dict[str, int] = {}  # version 1: the realised shares (which followed the weights to within a token)
-    for rank_state in rank_states:
-        for worker in rank_state["workers"].values():
-            for name, src in worker["sources"].items():
-                tokens[name] = tokens.get(name, 0) + src["tokens"]
-    total = sum(tokens.values()) or 1
-    return {name: count / total for name, count in tokens.items()}
+        for worker in rank_state.workers.values():
+            if worker.weights is not None:
+                return dict(worker.weights)
+    return None
 
 
-def _mix_changed(old: dict[str, float], new: dict[str, float], legacy: bool) -> bool:
-    if set(old) != set(new):
-        return True
-    tolerance = 0.01 if legacy else 1e-9  # realised shares of a version-1 state sit near, not at, the weights
-    return any(abs(old[name] - new[name]) > tolerance for name in new)
+def _mix_changed(old: dict[str, float], new: dict[str, float]) -> bool:
+    return set(old) != set(new) or any(abs(old[name] - new[name]) > 1e-9 for name in new)
 
 
 def build_spec(data: DataConfig, seed: int) -> StreamSpec:
@@ -140,7 +118,7 @@ class _Batches(IterableDataset):
     """Runs in each worker process (or in-process with num_workers=0)."""
 
     def __init__(self, spec: StreamSpec, dp_rank: int, dp_size: int, num_workers: int, batch_size: int,
-                 states: dict[int, dict], offset: int, first_chunk: int, threads: int):
+                 states: dict[int, WorkerState], offset: int, first_chunk: int, threads: int):
         self.spec, self.dp_rank, self.dp_size, self.num_workers = spec, dp_rank, dp_size, num_workers
         self.batch_size, self.states, self.offset, self.threads = batch_size, states, offset, threads
         self.first_chunk = first_chunk
@@ -168,7 +146,7 @@ class _Batches(IterableDataset):
                     # Plain int32 arrays travel between processes far more cheaply than tensors (no shared-memory
                     # handles); the main process turns them into the batch.
                     batches.append({"tokens": tokens, "valid": valid, "positions": positions,
-                                    "state": stream.state_dict()})
+                                    "state": stream.state()})
                 if not batches:
                     return
                 yield {"batches": batches, "worker": logical, "full": len(batches) == size}
@@ -253,7 +231,7 @@ class TokenLoader:
         self.spec, self.batch_size, self.prefetch, self.pin_memory = spec, batch_size, prefetch, pin_memory
         self.shape = LoaderShape(dp_rank, dp_size, num_workers)
         self.cores = cores or len(os.sched_getaffinity(0))
-        self._states: dict[int, dict] = {}  # global worker id -> stream state after its last consumed batch
+        self._states: dict[int, WorkerState] = {}  # global worker id -> its stream after its last consumed batch
         self._next = 0  # logical worker whose batch is due next
         self._into = 0  # batches of that worker's current chunk already handed out
         self.mix_change: MixChange | None = None  # set by a restore whose checkpoint had another data mix
@@ -321,86 +299,75 @@ class TokenLoader:
         return iteration
 
     def state_dict(self) -> dict:
-        """This DP rank's part of the loader state: cursors and counters (a few KB), no buffered text."""
-        return {"version": STATE_VERSION, "dp_rank": self.shape.dp_rank, "dp_size": self.shape.dp_size,
-                "num_workers": self.shape.num_workers, "n_shards": self.spec.n_shards,
-                "next_worker": self._next, "into_chunk": self._into, "workers": copy.deepcopy(self._states)}
+        """This DP rank's part of the loader state (`RankState`'s plain form): cursors and counters (a few KB), no
+        buffered text."""
+        return RankState(self.shape.dp_rank, self.shape.dp_size, self.shape.num_workers, self.spec.n_shards,
+                         self._next, self._into, self._states).to_dict()
 
-    def load_state_dict(self, rank_states: list[dict]) -> None:
+    def load_state_dict(self, saved: list[dict]) -> None:
         """Restore from the states of *all* DP ranks of a checkpoint (any DP size, any worker count).
 
         Same shape: exact (the next batch is the one the uninterrupted run would have given). Other shape:
         every logical shard keeps its cursor and moves to its new owner, so no document is dropped or
         repeated; mixing counters are pooled and shared out; the shuffle position inside a worker restarts.
         """
-        if not rank_states:
+        if not saved:
             return
-        versions = {s.get("version") for s in rank_states}
-        if not versions <= {1, STATE_VERSION}:
-            raise DataError(f"loader state version {versions} cannot be read by this Anvil (expects {STATE_VERSION})")
-        legacy = versions == {1}
-        rank_states = [_upgrade(copy.deepcopy(s)) for s in rank_states]
-        shards = {s["n_shards"] for s in rank_states}
+        rank_states = [RankState.from_dict(s) for s in saved]
+        shards = {s.n_shards for s in rank_states}
         if shards != {self.spec.n_shards}:
             raise DataError(f"the checkpoint's loader used data.logical_shards={shards.pop()}; this run has "
                             f"{self.spec.n_shards}: keep it unchanged to resume the data position")
         old_shares, new_shares = _saved_shares(rank_states), self.spec.weights
         self.mix_change = None
-        if _mix_changed(old_shares, new_shares, legacy):
+        if old_shares is not None and _mix_changed(old_shares, new_shares):
             # The mixer compares each source's tokens with its share of the tokens it counted: counting from here
             # makes the new shares hold from this step on (counting from step 0, a new source would take every
             # batch until it had caught up with its share of the whole run).
             self.mix_change = MixChange(old_shares, new_shares)
             for rank_state in rank_states:
-                for worker in rank_state["workers"].values():
-                    worker["sources"] = {name: {**src, "tokens": 0} for name, src in worker["sources"].items()
-                                         if name in new_shares}
-                    worker["weights"] = new_shares
+                for worker in rank_state.workers.values():
+                    worker.sources = {name: SourcePosition(src.shards, src.turn, 0)
+                                      for name, src in worker.sources.items() if name in new_shares}
+                    worker.weights = new_shares
         old = rank_states[0]
-        if (old["dp_size"], old["num_workers"]) == (self.shape.dp_size, self.shape.num_workers):
-            mine = next(s for s in rank_states if s["dp_rank"] == self.shape.dp_rank)
-            self._states = {int(k): v for k, v in mine["workers"].items()}
-            self._next, self._into = mine["next_worker"], mine.get("into_chunk", 0)
+        if (old.dp_size, old.num_workers) == (self.shape.dp_size, self.shape.num_workers):
+            mine = next(s for s in rank_states if s.dp_rank == self.shape.dp_rank)
+            self._states, self._next, self._into = mine.workers, mine.next_worker, mine.into_chunk
             return
-        self._states = _rescale(rank_states, self.shape.dp_rank, self.shape.dp_size, self._workers,
-                                self.spec)
+        self._states = _rescale(rank_states, self.shape.dp_rank, self.shape.dp_size, self._workers, self.spec)
         self._next = self._into = 0
 
 
-def _rescale(rank_states: list[dict], dp_rank: int, dp_size: int, workers: int, spec: StreamSpec) -> dict:
+def _rescale(rank_states: list[RankState], dp_rank: int, dp_size: int, workers: int,
+             spec: StreamSpec) -> dict[int, WorkerState]:
     """Every shard's cursor and every held document go to the worker that now owns their shard."""
-    cursors: dict[str, dict[str, list[int]]] = {}
+    cursors: dict[str, dict[int, list[int]]] = {}
     tokens: dict[str, int] = {}
-    held: list[dict] = []
+    held = []
     docs = empty = 0
     for rank_state in rank_states:
-        for worker_state in rank_state["workers"].values():
-            for name, src in worker_state["sources"].items():
-                cursors.setdefault(name, {}).update(src["shards"])
-                tokens[name] = tokens.get(name, 0) + src["tokens"]
-            held += [h for h in [*worker_state["lanes"], *worker_state["pending"]] if h is not None]
-            docs += worker_state.get("docs", 0)
-            empty += worker_state.get("empty_docs", 0)
-    held.sort(key=lambda h: (h["source"], h["shard"], h["doc"]))
+        for worker in rank_state.workers.values():
+            for name, src in worker.sources.items():
+                cursors.setdefault(name, {}).update(src.shards)
+                tokens[name] = tokens.get(name, 0) + src.tokens
+            held += [h for h in [*worker.lanes, *worker.pending] if h is not None]
+            docs += worker.docs
+            empty += worker.empty_docs
+    held.sort(key=lambda h: (h.source, h.shard, h.doc))
     total_workers = dp_size * workers
     states = {}
     for logical in range(workers):
         gid = dp_rank * workers + logical
-        states[gid] = {
-            "sources": {
-                source.name: {
-                    "shards": {s: c for s, c in cursors.get(source.name, {}).items() if int(s) % total_workers == gid},
-                    "turn": 0,
-                    "tokens": tokens.get(source.name, 0) // total_workers,
-                }
-                for source in spec.sources
-            },
-            "weights": spec.weights,
-            "lanes": [],
-            "pending": [h for h in held if h["shard"] % total_workers == gid],
-            "docs": docs // total_workers,
-            "empty_docs": empty // total_workers,
-        }
+        states[gid] = WorkerState(
+            sources={source.name: SourcePosition(
+                {s: c for s, c in cursors.get(source.name, {}).items() if s % total_workers == gid}, 0,
+                tokens.get(source.name, 0) // total_workers) for source in spec.sources},
+            weights=spec.weights,
+            pending=[h for h in held if h.shard % total_workers == gid],
+            docs=docs // total_workers,
+            empty_docs=empty // total_workers,
+        )
     return states
 
 
