@@ -7,7 +7,6 @@ fails, which shows that the harness does block torch.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import pkgutil
@@ -71,35 +70,6 @@ def test_the_ground_floor_imports_no_side_of_anvil(without_torch) -> None:
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     control = without_torch("-c", blocked + IMPORT_ALL, "trainer.research.lr_transfer")
     assert control.returncode != 0 and "'trainer.launch' is not a package" in control.stderr, control.stderr[-2000:]
-
-
-def imported(package: str) -> dict[str, set[str]]:
-    """{module file: every module it imports, at the top or inside a function} for a package of this checkout."""
-    found = {}
-    for path in sorted((REPO_ROOT / package.replace(".", "/")).rglob("*.py")):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
-        found[str(path.relative_to(REPO_ROOT))] = names
-    return found
-
-
-def reaching(package: str, forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{path} imports {name}" for path, names in imported(package).items() for name in sorted(names)
-            if name.startswith(forbidden)]
-
-
-def test_the_arrows_point_down() -> None:
-    """Training, data and export build on the ground floor, never on the launch side; no product module imports the
-    research code. Controls: the research code does import the launch side (its sweeps), and plots/ imports it."""
-    for package in ("trainer.train", "trainer.data", "trainer.export"):
-        assert reaching(package, ("trainer.launch",)) == [], package
-    for package in ("trainer.core", "trainer.launch", "trainer.train", "trainer.data", "trainer.export"):
-        assert reaching(package, ("trainer.research",)) == [], package
-    assert reaching("trainer.research", ("trainer.launch",)) and reaching("plots", ("trainer.research",))
 
 
 @pytest.mark.parametrize("cluster", ["local", "nvidia"])

@@ -9,6 +9,6 @@ record_stop_signals()  # before the heavy imports: a stop signal during start-up
 # The launcher (torchrun, or srun's step daemon) gone means the step is over: nothing may keep training.
 die_with_parent(signal.SIGKILL)
 
-from trainer.train.loop import main  # noqa: E402
+from trainer.train.rank import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))

@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,17 +24,28 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.tensor import DTensor
 
+from trainer.core.config import CheckpointConfig
 from trainer.core.errors import AnvilError
 from trainer.core.jobdir import (
     COMPLETE,
+    checkpoint_source,
+    interrupted_saves,
     is_complete,
     latest_complete,
     list_steps,
     mark_complete,
     pick_step,
+    set_aside,
     step_dir,
+    step_of,
 )
 
 LOADER_PREFIX = "loader.dp"
@@ -348,3 +359,123 @@ def load(root: Path, step: int, state: dict[str, Any]) -> list[dict]:
     for key in state:
         state[key] = target[key]
     return [json.loads(target[k]) for k in loader_keys]
+
+
+# -- restoring a trainer ---------------------------------------------------------------------------------------------
+
+RESTORABLE = ("model", "optimizer", "scheduler", "data", "step")
+"""The parts of a checkpoint (`checkpoint.init_restore` picks among them; a job's own resume takes all)."""
+
+
+@dataclass
+class Parts:
+    """What a checkpoint is saved from and restored into: the trainer's stateful parts, and where a restore says
+    what it did."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    say: Callable[[str], None]
+    """A line of the log (rank 0's)."""
+    record: Callable[[str, str], None]
+    """(event, message) into events.jsonl (rank 0's part)."""
+
+    def state(self, train: dict) -> dict[str, Any]:
+        """The tensors to save (model and optimizer, sharded as they are) and the training position as JSON."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state, "train": json.dumps(train).encode()}
+
+
+def resume_point(root: Path, say: Callable[[str], None], record: Callable[[str, str], None]) -> int | None:
+    """Collective: the newest complete step whose files are whole. Rank 0 checks, sets damaged newer steps aside
+    (said, and a `checkpoint_damaged` event) and tells every rank, so that all load the same step."""
+    decision: list = [None]
+    if _rank() == 0:
+        for path in interrupted_saves(root):
+            say(f"skipping {path}: incomplete (interrupted while saving)")
+        found = newest_loadable(root)
+        if found.step is None and found.damaged:
+            decision = [found.refusal(root)]
+        else:
+            then = ("nothing older to resume from: starting from scratch" if found.step is None else
+                    f"resuming from {step_dir(root, found.step).name}")
+            for path, problem in found.damaged:
+                message = f"{path.name} is damaged ({problem}); set aside as {set_aside(path).name}, {then}"
+                say(message)
+                record("checkpoint_damaged", message)
+            decision = [found.step]
+    if dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], str):
+        raise CheckpointError(decision[0])
+    return decision[0]
+
+
+def load_parts(root: Path, step: int, names: set[str], parts: Parts) -> dict:
+    """Load the named parts of checkpoint `step` (see `checkpoint.init_restore`); returns the training position it
+    recorded (step, tokens seen, the step guard's history) where `step` is named, else {}."""
+    state: dict = {}
+    if names & {"model", "optimizer"}:
+        state["model"], optim_state = get_state_dict(parts.model, parts.optimizer)
+        if "optimizer" in names:
+            state["optim"] = optim_state
+    if names & {"scheduler", "step"}:
+        state["train"] = b""
+    loader_states = load(root, step, state)
+    if "optimizer" in names:
+        # The moments come from the checkpoint; the hyperparameters stay this config's (and the learning rate the
+        # restored schedule's, or the fresh one's).
+        keep = ("weight_decay", "betas", "eps") + (() if "scheduler" in names else ("lr", "initial_lr"))
+        config = [{k: g[k] for k in keep if k in g} for g in parts.optimizer.param_groups]
+        set_state_dict(parts.model, parts.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for group, values in zip(parts.optimizer.param_groups, config, strict=True):
+            group.update(values)
+    elif "model" in names:
+        set_model_state_dict(parts.model, state["model"], options=StateDictOptions(strict=True))
+    train = json.loads(state["train"]) if "train" in state else {}
+    if "scheduler" in names:
+        parts.scheduler.load_state_dict(train["scheduler"])
+        for group, lr in zip(parts.optimizer.param_groups, parts.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the schedule's position sets the next step's LR (a fresh optimizer's is warmup's)
+    if "data" in names:
+        if not loader_states:
+            raise CheckpointError(f"{step_dir(root, step)} holds no data position")
+        parts.loader.load_state_dict(loader_states)
+        if parts.loader.mix_change is not None:
+            message = f"step {train['step'] if 'step' in names else 0}: {parts.loader.mix_change.describe()}"
+            parts.say(message)
+            parts.record("data_mix", message)
+    return train if "step" in names else {}
+
+
+def restore(root: Path, cfg: CheckpointConfig, steps: int, parts: Parts) -> tuple[dict, bool]:
+    """This job's newest whole checkpoint, all of it; else, with `checkpoint.init_from`, the parts of another job's
+    checkpoint that `checkpoint.init_restore` names. Returns the restored training position ({} for none) and
+    whether it is this job's own checkpoint (then it is also the last one saved)."""
+    latest = resume_point(root, parts.say, parts.record)
+    if latest is not None:
+        train = load_parts(root, latest, set(RESTORABLE), parts)
+        parts.say(f"resumed from {step_dir(root, latest)} (step {train['step']})")
+        return train, True
+    if cfg.init_from is None:
+        return {}, False
+    names = cfg.init_restore
+    source_root, step = checkpoint_source(Path(cfg.init_from))
+    try:
+        source, notes = pick(source_root, step)
+        train = load_parts(source_root, step_of(source), set(names), parts)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint.init_from: {exc}") from None
+    start = train.get("step", 0)
+    if start >= steps:
+        raise CheckpointError(f"checkpoint.init_from: the restored step {start} is not below train.steps = {steps}; "
+                              "raise train.steps, or leave step out of init_restore")
+    for note in notes:
+        parts.say(f"checkpoint.init_from: {note}; taking {source.name}")
+    fresh = [part for part in RESTORABLE if part not in names]
+    message = (f"restored {', '.join(names)} from {source}" + (f"; fresh: {', '.join(fresh)}" if fresh else "")
+               + f" (starting at step {start + 1})")
+    parts.say(message)
+    parts.record("init_from", message)
+    return train, False

@@ -1,9 +1,9 @@
 """Liger's Triton kernels for the model's RMSNorm, SwiGLU and RoPE, and its fused linear cross-entropy (GPU only).
 
-Applied to module instances after parallelization, so the model stays plain PyTorch and parameter names
-(and therefore checkpoints) do not change. Not combined with tensor parallelism: the kernels take plain
-tensors, and TP hands them DTensors. Verified on CPU only as far as the switch and its message go; the
-kernels themselves need a GPU (see README, "What was verified where").
+Applied to module instances by `build_model` before any parallelism wraps them (so compile sees the kernels); the
+model stays plain PyTorch and parameter names (and therefore checkpoints) do not change. Not combined with tensor
+parallelism: the kernels take plain tensors, and TP hands them DTensors. Verified on CPU only as far as the switch
+and its message go; the kernels themselves need a GPU (see README, "What was verified where").
 """
 
 from __future__ import annotations

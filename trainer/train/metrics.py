@@ -11,20 +11,21 @@ import json
 import math
 import os
 import resource
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from trainer.core.config import AnvilConfig
+from trainer.core.config import MetricsConfig, ModelConfig
 from trainer.core.files import write_atomic
 from trainer.core.jobdir import JobDir
 from trainer.train.checkpoint import STORAGE_ERRNOS, StorageError, newest_whole
 from trainer.train.distributed import log
-from trainer.train.model import ParamPlan
+from trainer.train.model import num_params, param_plan, plain_name
 
 
 def memory_gib(device: torch.device) -> float:
@@ -45,9 +46,64 @@ def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak_tflops: flo
     return tokens_per_s_per_device * flops_per_token / (peak_tflops * 1e12)
 
 
+class StepWindow:
+    """What the next log line averages over: the steps since the last one (their tokens, data wait, loss, the MoE
+    balancing loss and each expert's token count). Emptied by the row it gives, and by a rollback."""
+
+    def __init__(self, device: torch.device, tp: int, flops_per_token: float, peak_tflops: float | None,
+                 experts: tuple[int, int], reduce_dp: Callable[[torch.Tensor], torch.Tensor]):
+        self.device, self.tp, self.flops, self.peak = device, tp, flops_per_token, peak_tflops
+        self.reduce_dp = reduce_dp
+        self.load = torch.zeros(experts, dtype=torch.long, device=device)
+        """Token-expert assignments per MoE layer and expert (this rank's)."""
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens, self.data_wait, self.loss, self.steps = time.perf_counter(), 0, 0.0, 0.0, 0
+        self.balance = torch.zeros((), device=self.device)
+        self.load.zero_()
+
+    def add(self, out: dict) -> None:
+        """One step's results (`Trainer.train_step`'s)."""
+        self.tokens += out["tokens"]
+        self.loss += out["loss"]
+        self.balance += out["balance"]
+        if out["expert_load"] is not None:
+            self.load += out["expert_load"]
+        self.steps += 1
+
+    def row(self, step: int, out: dict, tokens_seen: int, monitors: dict) -> dict[str, Any]:
+        """The log row of `step` over the window, which starts again. Collective over the data-parallel ranks."""
+        elapsed = time.perf_counter() - self.start
+        per_device = self.tokens / elapsed / torch.distributed.get_world_size() * self.tp
+        row = {"step": step, "loss": self.loss / self.steps, "grad_norm": out["grad_norm"], "lr": out["lr"],
+               "tokens_seen": tokens_seen, "tokens_per_s": self.tokens / elapsed,
+               "tokens_per_s_per_device": per_device, "mfu": mfu(per_device / self.tp, self.flops, self.peak),
+               "memory_gib": memory_gib(self.device), "data_wait": self.data_wait / elapsed,
+               "step_time_s": elapsed / self.steps, **monitors, **self._experts()}
+        self.reset()
+        return row
+
+    def _experts(self) -> dict[str, float]:
+        """Per MoE layer, the smallest and largest share of the token-expert assignments an expert got (1/experts
+        each when balanced), and the balancing loss (1 when balanced); nothing for a dense model."""
+        if not len(self.load):
+            return {}
+        load = self.reduce_dp(self.load.clone()).double()
+        share = load / load.sum(dim=1, keepdim=True).clamp(min=1)
+        row = {"moe/balance_loss": self.reduce_dp(self.balance.clone()).item() / self.steps}
+        for i, layer in enumerate(share.tolist()):
+            row[f"moe/layer{i}/load_min"], row[f"moe/layer{i}/load_max"] = min(layer), max(layer)
+        return row
+
+
 class MetricsLogger:
-    def __init__(self, cfg: AnvilConfig, job: JobDir, enabled: bool):
-        self.cfg, self.job, self.enabled = cfg, job, enabled
+    def __init__(self, cfg: MetricsConfig, job: JobDir, *, steps: int, enabled: bool, name: str = "",
+                 run_config: dict | None = None):
+        """`steps`: the run's length (the console line's `step N/steps`); `name` and `run_config`: what the wandb
+        run is called and records."""
+        self.cfg, self.job, self.steps, self.enabled = cfg, job, steps, enabled
+        self.name, self.run_config = name or job.path.name, run_config or {}
         self.path = job.metrics
         self.console = Console(highlight=False, soft_wrap=True)
         self.run = None
@@ -61,7 +117,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.rewind(resumed_step)
-        if self.cfg.metrics.wandb.enabled:
+        if self.cfg.wandb.enabled:
             self.run = self._wandb_run()
 
     def rewind(self, step: int) -> None:
@@ -95,10 +151,9 @@ class MetricsLogger:
         id_file = self.job.wandb_id
         if not id_file.exists():
             write_atomic(id_file, uuid.uuid4().hex[:12] + "\n")  # wandb run ids: lowercase letters and digits
-        w = self.cfg.metrics.wandb
+        w = self.cfg.wandb
         run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, id=id_file.read_text().strip(),
-                         resume="allow", name=self.cfg.job.name, dir=str(self.job.path),
-                         config=self.cfg.model_dump(mode="json"))
+                         resume="allow", name=self.name, dir=str(self.job.path), config=self.run_config)
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
         return run
@@ -108,7 +163,7 @@ class MetricsLogger:
             return
         self._append(row)
         self._wandb("log", row)
-        parts = [f"step {row['step']}/{self.cfg.train.steps}", f"loss {row['loss']:.4f}",
+        parts = [f"step {row['step']}/{self.steps}", f"loss {row['loss']:.4f}",
                  f"grad {row['grad_norm']:.3f}", f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
         if row.get("mfu") is not None:
             parts.append(f"mfu {100 * row['mfu']:.1f}%")
@@ -145,15 +200,16 @@ class MetricsLogger:
         self._wandb("finish")
         self.run = None
 
-    def print_plan(self, plan: dict[str, ParamPlan], shapes: dict[str, tuple[int, ...]]) -> None:
+    def print_plan(self, model: ModelConfig, parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """The muP plan, one row per role: what each kind of parameter gets."""
         if not self.enabled:
             return
-        table = Table(title="parameter plan (muP)" if self.cfg.model.mup.enabled else "parameter plan (SP)")
+        shapes = {plain_name(n): tuple(p.shape) for n, p in parameters}
+        table = Table(title="parameter plan (muP)" if model.mup.enabled else "parameter plan (SP)")
         for column in ("role", "tensors", "parameters", "init std", "lr mult", "wd mult"):
             table.add_column(column, justify="left" if column == "role" else "right")
         rows: dict[tuple, list[int]] = {}
-        for name, entry in plan.items():
+        for name, entry in param_plan(model).items():
             key = (entry.role, entry.init_std, entry.lr_mult, entry.wd_mult)
             count = rows.setdefault(key, [0, 0])
             count[0] += 1
@@ -162,3 +218,11 @@ class MetricsLogger:
             table.add_row(role, str(tensors), f"{params:,}", "ones" if std is None else f"{std:.4g}",
                           f"{lr:.4g}", f"{wd:.4g}")
         self.console.print(table)
+
+
+def model_size(model: ModelConfig, flops_per_token: float) -> str:
+    """The model's parameters (and active ones, with experts) and FLOPs per token, as the log's first line says."""
+    moe = model.moe
+    active = (f" ({num_params(model, active=True) / 1e6:.1f}M active: {moe.top_k} of {moe.experts} experts)"
+              if moe.experts else "")
+    return f"model {num_params(model) / 1e6:.1f}M parameters{active}, {flops_per_token / 1e9:.3f} GFLOP/token"

@@ -1,5 +1,6 @@
-"""Parallelisms applied to the plain model, in torchtitan's fixed order: TP/SP → activation checkpointing →
-per-block compile → FSDP2 / HSDP; then materialise and initialise.
+"""Parallelisms applied to the plain model, in torchtitan's fixed order: kernels (the device's: Liger, the experts'
+matmul) → TP/SP → activation checkpointing → per-block compile → FSDP2 / HSDP; then materialise and initialise.
+Nothing changes the model after `build_model`.
 
 One 3-D DeviceMesh `(dp_replicate, dp_shard, tp)` describes every layout; TP ranks of one data-parallel
 group read the same batches. Initialisation fills each parameter from its full, seeded value (see
@@ -8,6 +9,7 @@ group read the same batches. Initialisation fills each parameter from its full, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,8 +29,10 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from trainer.core.config import AnvilConfig
-from trainer.train.model import MoE, Transformer
+from trainer.core.config import AnvilConfig, ModelConfig, ParallelConfig
+from trainer.core.errors import AnvilError
+from trainer.train import liger
+from trainer.train.model import GroupedExperts, MoE, Transformer, grouped_mm_runs
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -157,18 +161,45 @@ def place_full_value(param: nn.Parameter, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
-def build_model(cfg: AnvilConfig, layout: Layout, device: torch.device, param_dtype: torch.dtype) -> Transformer:
-    """Meta model → parallelisms in order → memory on `device` → the seeded initial weights."""
+def apply_kernels(model: Transformer, parallel: ParallelConfig, tp: int, device: torch.device,
+                  param_dtype: torch.dtype, use_liger: bool, say: Callable[[str], None]) -> None:
+    """The device's kernels, on the plain model before anything wraps it (so compile sees them): the experts' loop
+    where the device has no bf16 grouped matmul; Liger's where asked for and possible (else said why not)."""
+    if model.mixtures() and param_dtype == torch.bfloat16 and not grouped_mm_runs(device):
+        if parallel.compile:
+            raise AnvilError(f"parallel.compile: experts compile as one grouped matmul, which torch "
+                             f"{torch.__version__} cannot run in bf16 on this {device.type} device; set "
+                             "parallel.compile=false (the experts then run one after another)")
+        say("model.moe: no bf16 grouped matmul on this device; the experts run one after another")
+        for module in model.modules():
+            if isinstance(module, GroupedExperts):
+                module.grouped_mm = False
+    if use_liger:
+        problem = liger.liger_problem(device, tp)
+        if problem:
+            say(f"train.liger: {problem}")
+        else:
+            liger.apply_liger(model)
+            model.fused_loss = liger.fused_linear_cross_entropy()
+            say("Liger kernels on: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy")
+
+
+def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, layout: Layout, device: torch.device,
+                param_dtype: torch.dtype, *, seq_len: int, seed: int, use_liger: bool = False,
+                say: Callable[[str], None] = lambda _: None) -> Transformer:
+    """Meta model → kernels → parallelisms in order → memory on `device` → the weights seeded by `seed`. `say`
+    hears what the kernels step decided."""
     with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.data.seq_len)
+        model = Transformer(model_cfg, seq_len)
+    apply_kernels(model, parallel, layout.tp, device, param_dtype, use_liger, say)
     if layout.tp > 1:
         apply_tp(model, layout.mesh["tp"])
-    if cfg.parallel.activation_checkpoint != "none":
-        apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
-    if cfg.parallel.compile:
+    if parallel.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, parallel.activation_checkpoint)
+    if parallel.compile:
         apply_compile(model)
     if layout.fsdp:
         apply_fsdp(model, layout, param_dtype)
     model.to_empty(device=device)
-    model.init_weights(cfg.train.seed, place=place_full_value)
+    model.init_weights(seed, place=place_full_value)
     return model

@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -108,6 +109,14 @@ class Watchdog:
     def progress(self, step: int, phase: str = "step") -> None:
         """The main thread got somewhere: a step done, or a phase begun (cheap: a few assignments)."""
         self.step, self.phase, self.since, self.mark = step, phase, time.monotonic(), self.mark + 1
+
+    @contextlib.contextmanager
+    def during(self, step: int, phase: str) -> Iterator[None]:
+        """A long phase (save, eval, restore) of `step` runs, under its own timeout; then the one before it again."""
+        before = self.phase
+        self.progress(step, phase)
+        yield
+        self.progress(step, before)
 
     # -- the thread -------------------------------------------------------------------------------------------
 

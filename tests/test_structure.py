@@ -1,0 +1,58 @@
+"""The architecture as the code holds it: arrows that point down only, and a Trainer that stays slim."""
+
+from __future__ import annotations
+
+import ast
+
+from tests.conftest import REPO_ROOT
+
+
+def imported(package: str) -> dict[str, set[str]]:
+    """{module file: every module it imports, at the top or inside a function} for a package of this checkout."""
+    found = {}
+    for path in sorted((REPO_ROOT / package.replace(".", "/")).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+        found[str(path.relative_to(REPO_ROOT))] = names
+    return found
+
+
+def reaching(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{path} imports {name}" for path, names in imported(package).items() for name in sorted(names)
+            if name.startswith(forbidden)]
+
+
+def test_the_arrows_point_down() -> None:
+    """Training, data and export build on the ground floor, never on the launch side; no product module imports the
+    research code. Controls: the research code does import the launch side (its sweeps), and plots/ imports it."""
+    for package in ("trainer.train", "trainer.data", "trainer.export"):
+        assert reaching(package, ("trainer.launch",)) == [], package
+    for package in ("trainer.core", "trainer.launch", "trainer.train", "trainer.data", "trainer.export"):
+        assert reaching(package, ("trainer.research",)) == [], package
+    assert reaching("trainer.research", ("trainer.launch",)) and reaching("plots", ("trainer.research",))
+
+
+LOOP_LINES, RUN_LINES = 300, 50
+"""The Trainer's budget: `loop.py` at most 300 lines, `Trainer.run` at most 50 (what grows goes to its own part)."""
+
+
+def over_budget(source: str) -> list[str]:
+    problems = []
+    if len(source.splitlines()) > LOOP_LINES:
+        problems.append(f"{len(source.splitlines())} lines")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name == "run" and node.end_lineno - node.lineno >= RUN_LINES:
+            problems.append(f"run() has {node.end_lineno - node.lineno + 1} lines")
+    return problems
+
+
+def test_the_trainer_stays_slim() -> None:
+    """Control: a run() of 60 lines, and a file of 301, are over."""
+    assert over_budget((REPO_ROOT / "trainer" / "train" / "loop.py").read_text()) == []
+    long_run = "class T:\n    def run(self):\n" + "        x = 1\n" * 59
+    assert over_budget(long_run) == ["run() has 60 lines"]
+    assert over_budget("x = 1\n" * 301) == ["301 lines"]
