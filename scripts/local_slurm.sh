@@ -152,6 +152,9 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# Scheduling passes every second (defaults: the main loop every 60 s, backfill every 30 s): a job whose begin time
+# passes (a requeued one's hold, an --begin) starts within a second instead of waiting up to half a minute.
+SchedulerParameters=sched_interval=1,bf_interval=1
 # No slurmdbd: finished jobs are kept in 'scontrol show job' for MinJobAge s and logged here.
 JobCompType=jobcomp/filetxt
 JobCompLoc=${LOG_DIR}/jobcomp.log

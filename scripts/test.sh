@@ -20,4 +20,6 @@ fi
 PYTHON=${PYTHON:-python}
 "$PYTHON" -m pip install -q torch==2.13.0 -e '.[dev]'
 "$PYTHON" -m ruff check .
-"$PYTHON" -m pytest -q "$@"
+# Two workers (pytest-xdist; ANVIL_TEST_WORKERS to change, 0 for none): the tests on the local SLURM cluster run in
+# turn on one of them (conftest groups them), the rest on both.
+"$PYTHON" -m pytest -q -n "${ANVIL_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -111,8 +111,10 @@ def test_cancel_from_another_process_is_a_ctrl_c_and_is_recorded(tmp_path: Path)
     left by a process that has ended is not taken for a live run."""
     job = JobDir(tmp_path / "job")
     job.path.mkdir()
-    code = ("import time\ntry:\n    print('ready', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-            "    print('interrupted')\n")
+    # Ctrl-C's handler set by hand: a pytest started in the background of a script has SIGINT ignored, and its
+    # children inherit that.
+    code = ("import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\ntry:\n"
+            "    print('ready', flush=True)\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('interrupted')\n")
     run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert run.stdout.readline() == "ready\n"  # its Ctrl-C handler is in place
