@@ -9,8 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from trainer.data import tools
 from trainer.core.errors import run_command
+from trainer.data import tools
 
 
 def main(argv: list[str] | None = None) -> int:

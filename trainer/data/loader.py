@@ -30,6 +30,7 @@ from trainer.data.state import RankState, SourcePosition, StreamSpec, WorkerStat
 from trainer.data.stream import WorkerStream
 from trainer.data.windows import load_tokenizer
 
+
 @dataclass(frozen=True)
 class MixChange:
     """The data mix of a restored checkpoint differs from this run's: from here on, the new shares apply."""

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from numpy.random import default_rng  # at import: numpy loads its random module lazily (~10 ms)
 import pyarrow as pa
 import pyarrow.parquet as pq
+from numpy.random import default_rng  # at import: numpy loads its random module lazily (~10 ms)
 
 from trainer.core.errors import AnvilError
 
