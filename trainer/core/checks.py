@@ -220,7 +220,7 @@ def _interpreter_problem(python: str) -> str | None:
     found = shutil.which(python)
     if found is None:
         return "is not found" + ("" if os.sep in python else " on PATH")
-    if Path(found) == Path(sys.executable) or found == shutil.which(sys.executable):
+    if Path(found) == Path(sys.executable):  # the path, not the file: a venv's python links to its base's
         return None if importlib.util.find_spec("torch") else "cannot import torch"  # this one runs submit
     try:
         done = subprocess.run([found, "-c", _IMPORTS_TORCH], capture_output=True, timeout=60)
