@@ -63,10 +63,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tiny(corpus: Path) -> list[str]:
-    """Overrides for a tiny model training on the demo corpus (a few seconds per run)."""
+    """Overrides for a tiny model training on the demo corpus (a few seconds per run). One thread per rank: the
+    local cluster's two nodes share this host's cores (each would take them all), and the suite runs beside them."""
     from tests.train_helpers import TINY, corpus_overrides
 
-    return [*TINY, *corpus_overrides(corpus)]
+    return [*TINY, *corpus_overrides(corpus), "cluster.env.OMP_NUM_THREADS=1"]
 
 
 SECRETS = {"WANDB_API_KEY": "wandb-sekrit-0123456789", "HF_TOKEN": "hf_sekrit_9876543210"}
@@ -121,6 +122,7 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(len(os.sched_getaffinity(0)) // workers, 1)))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`-n 2 --dist loadgroup`, as scripts/test.sh runs the suite) the tests on the local SLURM
     cluster run one after another on one worker, and first: they share its two nodes (one of them takes a node

@@ -62,7 +62,7 @@ def test_the_state_is_typed_records_read_back_as_written(corpus) -> None:
 
     path, tokenizer = corpus
     loader = build_loader(data_config([(path, 1.0)], tokenizer, num_workers=2), 0, 0, 1, 4)
-    take(iter(loader), 7)
+    take(iter(loader), 20)  # both workers have sent a chunk (of 8 batches here)
     written = loader.state_dict()
     read = RankState.from_dict(json.loads(json.dumps(written)))
     assert read.to_dict() == written and set(read.workers) == {0, 1}

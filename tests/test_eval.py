@@ -16,6 +16,8 @@ from trainer.export.evaluation import run_lm_eval
 from trainer.export.hf import export
 from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set, heldout_texts
 
+pytestmark = pytest.mark.xdist_group("trained-exports")  # shares test_export.py's trained jobs
+
 
 def test_lm_eval_bits_per_byte_equal_the_trainers_heldout_loss(tmp_path: Path, corpus: Path, capfd) -> None:
     job, step = trained_step(tmp_path, corpus, "src", f"eval.heldout={corpus / 'val'}", "eval.heldout_docs=12",

@@ -3,16 +3,18 @@ transformers, atomic output and clear errors."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from tests.train_helpers import make_job, run_trainer
+from tests.train_helpers import TINY, corpus_overrides, make_job, run_trainer
 from trainer.core import jobdir
 from trainer.core.config import MoeConfig
 from trainer.core.jobdir import JobDir
+from trainer.core.layers import load_config
 from trainer.export.hf import ExportError, export
 from trainer.train.model import Transformer
 
@@ -20,12 +22,23 @@ MUP = ["model.mup.enabled=true", "model.mup.base_dim=32", "model.mup.input_alpha
        "model.mup.attn_alpha=1.5"]
 
 
+pytestmark = pytest.mark.xdist_group("trained-exports")  # with test_eval.py: one worker, one cache of trained jobs
+
+_TRAINED: dict[str, Path] = {}
+"""Jobs trained in this process, by their config: tests of one config share one training."""
+
+
 def trained_step(tmp_path: Path, corpus: Path, name: str, *overrides: str) -> tuple[Path, Path]:
-    """A job trained 2 steps by 2 FSDP ranks: its directory and its final checkpoint."""
-    job = make_job(tmp_path, name, corpus, "cluster.devices_per_node=2", "train.steps=2", "checkpoint.interval=2",
-                   *overrides)
-    done = run_trainer(job, 2)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    """A job trained 2 steps by 2 FSDP ranks, copied into `tmp_path` (the test may change its copy): its directory
+    and its final checkpoint. Trained once per config (next to the session's corpus) and copied for each test."""
+    settings = ["cluster.devices_per_node=2", "train.steps=2", "checkpoint.interval=2", *overrides]
+    key = load_config(None, [f"job.name={name}", *TINY, *corpus_overrides(corpus), *settings]).model_dump_json()
+    if key not in _TRAINED:
+        fresh = make_job(corpus.parent / "trained" / str(len(_TRAINED)), name, corpus, *settings)
+        done = run_trainer(fresh, 2)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        _TRAINED[key] = fresh
+    job = shutil.copytree(_TRAINED[key], tmp_path / name)
     root = job / "checkpoints"
     return job, jobdir.step_dir(root, jobdir.latest_complete(root))
 
