@@ -155,17 +155,24 @@ def test_every_stop_signal_ends_in_a_checkpoint_of_the_step_reached(submit, jobs
     asked = reach(job, job_id, step + 10)
     subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
     wait_for(lambda: ("requeue", 1) in events(job), 60, "the time limit's requeue")
-    assert last_event(job)["reason"] == (f"preempted at step {stopped_at(job, asked)}, checkpoint saved (USR2: the "
-                                         "time limit is near)")
+    step = stopped_at(job, asked)
+    assert last_event(job)["reason"] == f"preempted at step {step}, checkpoint saved (USR2: the time limit is near)"
+    # `scontrol requeue` (an admin's, or SLURM's own after a node failure): SLURM requeues and TERMs the job; the
+    # shell sees the restart count move and says so, not "cancelled".
+    asked = reach(job, job_id, step + 10)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    wait_for(lambda: ("requeue", 2) in events(job), 60, "SLURM's requeue")
+    step = stopped_at(job, asked)
+    assert last_event(job)["reason"] == f"requeued by SLURM (SIGTERM) at step {step}, checkpoint saved"
     assert watch_states(job_id, 300)[-1] == "COMPLETED" and (job / "DONE").is_file()
-    assert [e for e, _ in events(job)] == ["start", "stopped"] * 3 + ["start", "requeue"] * 2 + ["start", "done"]
+    assert [e for e, _ in events(job)] == ["start", "stopped"] * 3 + ["start", "requeue"] * 3 + ["start", "done"]
 
     got = losses(job)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert all(abs(got[s] - twin[s]) <= 1e-6 for s in twin), [(s, got[s], twin[s]) for s in (1, STEPS)]
-    run_id = (job / "wandb-run-id").read_text().strip()  # one wandb run across all six attempts
+    run_id = (job / "wandb-run-id").read_text().strip()  # one wandb run across all seven attempts
     runs = sorted(p.name for p in (job / "wandb").glob("offline-run-*"))
-    assert len(runs) == 6 and all(name.endswith(f"-{run_id}") for name in runs), runs
+    assert len(runs) == 7 and all(name.endswith(f"-{run_id}") for name in runs), runs
     assert_no_secrets(job)
 
 

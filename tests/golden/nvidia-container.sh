@@ -125,6 +125,14 @@ stopped() {
     exit $((128 + $(kill -l "$1" 2>/dev/null || echo 15)))
 }
 
+# requeued_by_slurm WHAT: SLURM requeued the job itself (a failed node, `scontrol requeue`) and its TERM reached this
+# attempt's shell: the end is recorded here (else the next attempt records it), and the shell leaves.
+requeued_by_slurm() {
+    event requeue "requeued by SLURM$1"
+    echo "anvil: SLURM has requeued the job itself" || true
+    exit 0
+}
+
 # requeue REASON: run again from the last checkpoint, at most MAX_RESTARTS times per SLURM job.
 requeue() {
     if [ "$RESTART" -ge "$MAX_RESTARTS" ]; then
@@ -149,13 +157,16 @@ requeue() {
 }
 
 # What SLURM is doing with this job, when a stop signal ended the step: preempted (SLURM requeues a preempted job only
-# if it is still running when the grace time ends, so the script requeues it), timeout (the time limit's TERM: the
+# if it is still running when the grace time ends, so the script requeues it), requeued (SLURM has already requeued
+# it itself: a node of the job failed, and its TERM is what reached this shell), timeout (the time limit's TERM: the
 # USR2 warning came too late), cancelled; nothing while the job simply runs on (a signal sent by someone else).
 slurm_ending() {
     local info
     info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || return 0
     if [[ "$info" =~ PreemptTime=([^ ]+) ]] && [ "${BASH_REMATCH[1]}" != None ]; then
         echo preempted
+    elif [[ "$info" =~ Restarts=([0-9]+) ]] && [ "${BASH_REMATCH[1]}" -gt "$RESTART" ]; then
+        echo requeued
     elif [[ "$info" =~ JobState=(RUNNING|SUSPENDED|CONFIGURING)\  ]]; then
         return 0
     elif [ -n "$END_AT" ] && [ "$(date +%s)" -ge $((END_AT - 5)) ]; then
@@ -263,12 +274,14 @@ if [ -n "$STOPPED_AT" ] || [ "$STEP_RC" -eq "$PREEMPTED_EXIT" ]; then
     fi
     case $(slurm_ending) in
     preempted) requeue "preempted by SLURM (SIG$BY) at $AT" ;;
+    requeued) requeued_by_slurm " (SIG$BY) at $AT" ;;
     timeout) requeue "time limit reached (SIG$BY) at $AT; raise job.signal_lead if the USR2 warning came too late" ;;
     cancelled) stopped "$BY" "cancelled (SIG$BY, scancel) at $AT; $RESUME" ;;
     *) stopped "$BY" "stopped by SIG$BY at $AT (a signal to the job's processes, not SLURM ending the job); $RESUME" ;;
     esac
 elif [ -n "$SIGNAL" ] && [ "$SIGNAL" != USR2 ] && [ "$STEP_RC" -gt 128 ]; then
     # Asked to stop, then killed before the checkpoint was written: the newest whole checkpoint is where it resumes.
+    if [ "$LOCAL" = 0 ] && [ "$(slurm_ending)" = requeued ]; then requeued_by_slurm "$(trainer_error "$STEP_RC")"; fi
     AFTER=$(($(date +%s) - SIGNAL_AT))
     if [ "$LOCAL" = 0 ] && [ "$AFTER" -le 5 ]; then
         WHY="srun killed the step as SIG$SIGNAL reached it (scancel --full signals srun too, and srun answers TERM and HUP by killing its tasks at once), so this step's checkpoint could not be written"
