@@ -3,9 +3,11 @@ checkout (`python submit.py`), or the installed commands (`anvil-submit`) where 
 
 from __future__ import annotations
 
-from typing import Literal
+import sys
+from typing import Literal, NoReturn
 
 from trainer.core.jobdir import CODE_DIR
+from trainer.core.states import EXIT_REFUSED
 
 Tool = Literal["submit", "sweep", "convert"]
 
@@ -16,3 +18,9 @@ IN_CHECKOUT = (CODE_DIR / "pyproject.toml").is_file() and (CODE_DIR / "submit.py
 def command(tool: Tool) -> str:
     """`python submit.py` in a checkout, `anvil-submit` otherwise."""
     return f"python {tool}.py" if IN_CHECKOUT else f"anvil-{tool}"
+
+
+def point_to(tool: Tool) -> NoReturn:
+    """`python -m` of a tool's package: not a way to call it; say the one way, and exit as a refusal."""
+    print(f"anvil: run it as: {command(tool)} --help", file=sys.stderr)
+    sys.exit(EXIT_REFUSED)
