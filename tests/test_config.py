@@ -180,6 +180,10 @@ BAD_INPUTS = [
     (["job.name=x", "model.moe.experts=4", "model.moe.expert_dim=36", "train.mixed_precision=bf16"], {},
      "model.moe.expert_dim: the grouped expert matmul in bf16 needs model.dim (256) and the expert hidden size (36)"),
     (["job.name=x", "model.n_kv_heads=3"], {}, "model.n_kv_heads: 3 must divide"),
+    (["job.name=x", "cluster.devices_per_node=3", "train.global_batch_size=6", "data.logical_shards=2",
+      "data.num_workers=1"], {}, "data.logical_shards: 2 cannot feed 3 data-parallel ranks × 1 data worker(s) each"),
+    (["job.name=x", "cluster.devices_per_node=4", "parallel.tp=2", "data.logical_shards=3"], {},
+     "data.logical_shards: 3 cannot feed 2 data-parallel ranks × 2 data worker(s) each = 4 workers"),
     (["job.name=x", "cluster.devices_per_node=2", "train.global_batch_size=3"], {}, "train.global_batch_size: 3"),
     (["job.name=x", "cluster.time=abc"], {}, "cluster.time: not a SLURM time"),
     (["job.name=x", "cluster.time=00:01:00"], {}, "job.signal_lead: 300 s must be shorter"),
@@ -280,3 +284,15 @@ def test_model_flavor_fills_only_what_no_source_sets(tmp_path: Path) -> None:
     assert (m.dim, m.n_heads, m.n_kv_heads, m.ffn_dim) == (4096, 32, 8, 14336)  # from the flavor
     assert (m.n_layers, m.rope_theta, m.vocab_size) == (2, 1000.0, 128256)  # explicit sources win
     assert load_config(None, ["job.name=x", "model.flavor=125M"]).model.dim == 768
+
+
+def test_enough_logical_shards_for_every_data_worker_are_accepted() -> None:
+    """The controls of the data.logical_shards rows above: one shard per worker is enough, and TP ranks share their
+    DP rank's workers."""
+    from trainer.core.checks import data_problems
+
+    for settings in (["cluster.devices_per_node=3", "train.global_batch_size=6", "data.logical_shards=3",
+                      "data.num_workers=1"],
+                     ["cluster.devices_per_node=4", "parallel.tp=2", "data.logical_shards=4"]):
+        assert data_problems(load_config(None, ["job.name=x", *settings], environ={})) == []
+

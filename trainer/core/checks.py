@@ -205,8 +205,25 @@ def checkpoint_problems(cfg: AnvilConfig) -> list[str]:
     return []
 
 
+def data_problems(cfg: AnvilConfig) -> list[str]:
+    """Every data worker (DP ranks × data.num_workers) reads logical shards of its own: with fewer shards than
+    workers, one has none and the job fails at its first step ("cannot feed data worker"); and the count is fixed once
+    a checkpoint holds the data position, so a run can never grow past it."""
+    d = cfg.data
+    per_rank = max(d.num_workers, 1)
+    workers = cfg.dp_size * per_rank
+    if d.logical_shards >= workers:
+        return []
+    return [f"data.logical_shards: {d.logical_shards} cannot feed {cfg.dp_size} data-parallel ranks × {per_rank} "
+            f"data worker(s) each = {workers} workers (each reads shards of its own); set data.logical_shards to at "
+            f"least {workers} (it stays fixed once the job has a checkpoint: leave room to grow), or use fewer "
+            "ranks or data.num_workers"]
+
+
 def all_problems(cfg: AnvilConfig, filesystem: bool = True) -> list[str]:
-    problems = parallel_problems(cfg) + cluster_problems(cfg) + checkpoint_problems(cfg) + metrics_problems(cfg)
+    problems = parallel_problems(cfg)
+    problems += [] if problems else data_problems(cfg)  # the DP size is known once the layout holds
+    problems += cluster_problems(cfg) + checkpoint_problems(cfg) + metrics_problems(cfg)
     return problems + (filesystem_problems(cfg) if filesystem else [])
 
 
