@@ -56,3 +56,27 @@ def test_the_trainer_stays_slim() -> None:
     long_run = "class T:\n    def run(self):\n" + "        x = 1\n" * 59
     assert over_budget(long_run) == ["run() has 60 lines"]
     assert over_budget("x = 1\n" * 301) == ["301 lines"]
+
+
+def model_changes(source: str) -> list[str]:
+    """Where code changes the model after building it: an attribute set on `self.model` (or a module reached through
+    it), or a walk over its modules (which is how such changes are made)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AugAssign | ast.AnnAssign) else []
+        for target in targets:
+            if isinstance(target, ast.Attribute) and ast.unparse(target).startswith("self.model."):
+                found.append(f"line {node.lineno}: {ast.unparse(target)} =")
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("self.model.modules", "self.model.apply"):
+            found.append(f"line {node.lineno}: {ast.unparse(node.func)}()")
+    return found
+
+
+def test_nothing_changes_the_model_after_build_model() -> None:
+    """Every change to the model happens in build_model's fixed order. Control: what the Trainer did before (the
+    experts' fallback and Liger's loss set after build_model) is found."""
+    assert model_changes((REPO_ROOT / "trainer" / "train" / "loop.py").read_text()) == []
+    before = ("class T:\n    def __init__(self):\n        for module in self.model.modules():\n"
+              "            module.grouped_mm = False\n        self.model.fused_loss = None\n")
+    assert sorted(model_changes(before)) == ["line 3: self.model.modules()", "line 5: self.model.fused_loss ="]
