@@ -19,8 +19,8 @@ def test_every_field_is_documented() -> None:
 
 def quick_start_mismatches(readme: str, overrides: list[str]) -> list[str]:
     """The Quick start's numbers that follow from configs/demo.yaml (+ overrides) and do not match it."""
+    from trainer.core.costs import num_params
     from trainer.core.layers import load_config
-    from trainer.train.model import num_params
 
     quick = readme[readme.index("## Quick start"):readme.index("## Submitting")]
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides, environ={})

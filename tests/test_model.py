@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from trainer.core.config import ModelConfig, MoeConfig, MupConfig
+from trainer.core.costs import flops_per_token, num_params
 from trainer.core.layers import load_config
 from trainer.export.hf import hf_name
-from trainer.train.model import Transformer, flops_per_token, grouped_mm_runs, num_params, param_plan
+from trainer.train.model import Transformer, grouped_mm_runs, param_plan
 
 
 def build(cfg: ModelConfig, seq_len: int = 32, seed: int = 0) -> Transformer:

@@ -116,6 +116,9 @@ def cluster_problems(cfg: AnvilConfig) -> list[str]:
         )
     if c.device == "cpu" and c.gpu_request != "none":
         problems.append("cluster.gpu_request: GPUs are requested but cluster.device is cpu")
+    if c.device != "cpu" and c.device_memory_gib is None:
+        problems.append(f"cluster.device_memory_gib: profile {c.profile} gives no memory per {c.device} device, which "
+                        "every job is planned to fit in; set it (GiB per rank: MI250X GCD 64, H100 80, H200 141)")
     limit = walltime_seconds(c.time)
     if limit is not None and job.signal_lead >= limit:
         problems.append(
@@ -231,7 +234,7 @@ _IMPORTS_TORCH = "import importlib.util, sys; sys.exit(0 if importlib.util.find_
 
 
 @functools.lru_cache(maxsize=8)
-def _interpreter_problem(python: str) -> str | None:
+def interpreter_problem(python: str) -> str | None:
     """Why `python` cannot run the trainer here (not found, no torch), or None. Finding torch, not importing it:
     milliseconds, once per interpreter (a sweep asks for every point)."""
     found = shutil.which(python)
@@ -254,7 +257,7 @@ def interpreter_problems(cfg: AnvilConfig, local: bool) -> list[str]:
     c = cfg.cluster
     if c.container is not None or c.modules:
         return []
-    problem = _interpreter_problem(c.interpreter)
+    problem = interpreter_problem(c.interpreter)
     if problem is None or (not local and problem.startswith("is not found")):
         return []
     if c.venv is not None:

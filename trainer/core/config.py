@@ -9,6 +9,7 @@ imports torch: the launch side must start in a fraction of a second on a login n
 
 from __future__ import annotations
 
+import glob
 import math
 import re
 import sys
@@ -108,6 +109,21 @@ class ContainerConfig(Section):
     """Extra flags for `<runtime> exec`, e.g. `--nv` on NVIDIA or `--rocm`."""
 
 
+class PlanAssumptions(Section):
+    """The planner's assumptions about a cluster (`submit.py --plan`): stated with every plan, not measured."""
+
+    mfu: float = Field(default=0.4, gt=0, le=1)
+    """Model FLOPs utilisation a job reaches (its step time and cost follow from it): 0.35–0.5 is typical for
+    dense Llamas with FSDP on H100s, less on MI250X and for small models."""
+    checkpoint_gbps: float = Field(default=10.0, gt=0)
+    """Write bandwidth of the checkpoint file system, GB/s for the whole job (checkpoint write time)."""
+    reserve_gib: float = Field(default=2.0, ge=0)
+    """Device memory the runtime holds outside PyTorch's tensors: the CUDA/HIP context, NCCL/RCCL buffers, library
+    workspaces."""
+    fragmentation: float = Field(default=0.05, ge=0, le=1)
+    """The caching allocator's overhead on top of the tensors alive at the peak (expandable segments keep it low)."""
+
+
 class ClusterConfig(Section):
     """Where and how the job runs. A cluster profile (`templates/clusters/<profile>.yaml`) provides the
     defaults of this section; the YAML file, environment and command line override them."""
@@ -165,6 +181,11 @@ class ClusterConfig(Section):
     """Node-local scratch for compile caches (Triton, Inductor, MIOpen): shared filesystems race."""
     mfu_peak_tflops: float | None = Field(default=None, gt=0)
     """Peak bf16 TFLOPS per device, for MFU (H100 SXM: 989; MI250X GCD: 191.5)."""
+    device_memory_gib: float | None = Field(default=None, gt=0)
+    """Memory per device (rank) in GiB, what a job's planned peak must fit in (MI250X GCD: 64, H100: 80, H200: 141).
+    Required for a GPU device; on CPU unset means the fit is not checked."""
+    plan: PlanAssumptions = PlanAssumptions()
+    """What the planner assumes where it cannot measure (speed, storage, the runtime's own memory)."""
 
     @property
     def interpreter(self) -> str:
@@ -499,6 +520,16 @@ class DataConfig(Section):
     """Seed of the data order: each epoch's order of row groups, the shuffle inside `shuffle_window`, and so which
     documents fill each batch. None: `train.seed`. Fix it to vary the initialisation alone: a sweep over
     `train.seed` then measures seed noise, not how easy each data order happens to be."""
+
+    def dataset_names(self) -> list[str]:
+        """The name each dataset goes by in metrics and the loader's state: its `name`, else its path's."""
+        return [ds.name or default_dataset_name(ds.path) or f"dataset{i}" for i, ds in enumerate(self.datasets)]
+
+
+def default_dataset_name(path: str) -> str:
+    """`data/web` -> web, `data/code/*.parquet` -> code, `data/x/part-0.parquet` -> part-0."""
+    plain = [part for part in Path(path).parts if not glob.has_magic(part)]
+    return Path(*plain).stem if plain else ""
 
 
 class CheckpointConfig(Section):

@@ -5,6 +5,7 @@ the sweep tool all ask it.
 ```
 jobs/<name>/
   config.json     the frozen config (the trainer reads only this)
+  plan.json       its plan at the last submit: memory per rank, speed, cost, checkpoint, data (submit.py --plan)
   slurm.sh        the batch script;  submit.json + git.diff: every submission and the code it ran
   logs/           <name>-<jobid>.out/.err, env-<jobid>-<restart>.txt
   checkpoints/    step-N/ (DCP), complete once step-N/COMPLETE exists; step-N.damaged/ set aside on resume
@@ -47,6 +48,7 @@ CODE_DIR = Path(trainer.__file__).resolve().parent.parent
 """Where the ranks import this trainer from (`slurm.sh` changes into it): the checkout, or site-packages."""
 
 CONFIG = "config.json"
+PLAN = "plan.json"
 SCRIPT = "slurm.sh"
 SUBMISSIONS = "submit.json"
 GIT_DIFF = "git.diff"
@@ -131,6 +133,10 @@ class JobDir:
     @property
     def script(self) -> Path:
         return self.path / SCRIPT
+
+    @property
+    def plan(self) -> Path:
+        return self.path / PLAN
 
     @property
     def submissions(self) -> Path:
@@ -496,6 +502,11 @@ def append_event(job: JobDir, event: str, job_id: str | None = None, reason: str
         return True
     except OSError:
         return False
+
+
+def write_plan(job: JobDir, plan: dict[str, Any]) -> None:
+    """The plan of the config just submitted (replacing the previous submit's)."""
+    write_atomic(job.plan, json.dumps(plan, indent=2) + "\n")
 
 
 def write_error(job: JobDir, kind: str, message: str) -> bool:

@@ -409,3 +409,19 @@ def as_submitted(cfg: AnvilConfig) -> AnvilConfig:
     if cluster.container is not None:
         update["container"] = cluster.container.model_copy(update={"image": absolute(cluster.container.image)})
     return cfg.model_copy(update={"data": data, "cluster": cluster.model_copy(update=update)})
+
+
+def changed(cfg: AnvilConfig, changes: Mapping[str, Any]) -> AnvilConfig:
+    """`cfg` with some dotted fields set (`{"parallel.tp": 2}`), validated again: how a planned alternative or a
+    sweep point differs from its base. Raises ConfigError naming the field if a value is not valid there."""
+    data = cfg.model_dump()
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    try:
+        return AnvilConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None

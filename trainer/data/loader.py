@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import copy
 import functools
-import glob
 import multiprocessing
 import os
 import weakref
@@ -79,7 +78,7 @@ def build_spec(data: DataConfig, seed: int) -> StreamSpec:
             raise DataError(f"{field}: '{token}' is not a token of {tokenizer_path}")
         return found
 
-    names = [ds.name or _default_name(ds.path) or f"dataset{i}" for i, ds in enumerate(data.datasets)]
+    names = data.dataset_names()
     if len(set(names)) != len(names):
         raise DataError(f"data.datasets: names must differ (got {', '.join(names)}); set name on each dataset")
     sources = [open_source(name, ds.path, ds.text_column, ds.weight)
@@ -96,12 +95,6 @@ def build_spec(data: DataConfig, seed: int) -> StreamSpec:
         epochs=data.epochs,
         positions=data.document_positions,
     )
-
-
-def _default_name(path: str) -> str:
-    """`data/web` -> web, `data/code/*.parquet` -> code, `data/x/part-0.parquet` -> part-0."""
-    plain = [part for part in Path(path).parts if not glob.has_magic(part)]
-    return Path(*plain).stem if plain else ""
 
 
 CHUNK_TOKENS = 1 << 16

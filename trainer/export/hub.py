@@ -12,9 +12,9 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from trainer.core.config import AnvilConfig
+from trainer.core.costs import num_params
 from trainer.core.errors import AnvilError
 from trainer.core.jobdir import JobDir
-from trainer.train.model import num_params
 
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 

@@ -27,11 +27,13 @@ from trainer.core.jobdir import (
     jobs_root,
     latest_complete,
     write_job,
+    write_plan,
 )
 from trainer.core.layers import ConfigError, as_submitted, load_config
 from trainer.core.states import EXIT_REFUSED
 from trainer.launch.executor import Submission
 from trainer.launch.executors import executor_for
+from trainer.launch.planning import memory_wanted, plan_jobs, print_plans
 from trainer.launch.render import RenderError, render_script
 
 
@@ -49,8 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="validate and print the script (exactly, to stdout); write and submit nothing")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the job's plan (memory per rank, speed, cost, checkpoint, data), write nothing")
     p.add_argument("--force", action="store_true",
-                   help="replace the config and script of an existing job of this name (its logs and checkpoints stay)")
+                   help="submit a job even if it is planned not to fit its devices, and replace the config and script "
+                   "of an existing job of this name (its logs and checkpoints stay)")
     p.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
                    help="slurm: sbatch; local: run here as a one-node allocation; auto: slurm if sbatch exists")
     p.add_argument("--jobs-dir", help="where job directories go (default: $ANVIL_JOBS_DIR or jobs/)")
@@ -115,12 +120,26 @@ def _submit(argv: Sequence[str] | None) -> int:
     if args.print_config:
         _print_exactly(out, cfg.model_dump_json(indent=2), "json")
         return 0
+    if args.plan:
+        plan = plan_jobs([cfg], memory=True)[0]
+        print_plans(out, [plan])
+        return EXIT_REFUSED if plan.problems else 0
 
     try:
         job = job_dir(jobs_root(args.jobs_dir), cfg.job.name)
         script = render_script(cfg, job.path)
     except (JobDirError, RenderError) as exc:
         raise JobDirError(f"cannot create the job: {exc}") from None
+
+    plan = plan_jobs([cfg], memory=memory_wanted(cfg), alternatives=not args.force)[0]
+    if plan.problems:
+        if not args.force or plan.fits is not False or len(plan.problems) > 1:
+            print_plans(err, [plan])
+            raise ConfigError(plan.problems + (["or submit it anyway with --force"] if plan.fits is False else []),
+                              "the job's plan")
+        err.print(f"anvil: --force: submitting although {plan.problems[0]}", markup=False, soft_wrap=True)
+    if plan.memory_skipped and memory_wanted(cfg):
+        err.print(f"anvil: {plan.memory_skipped}", markup=False, soft_wrap=True)
 
     same = holds(job, cfg)
     # Finished: DONE, and its newest checkpoint is the last step (deleted since: it runs again from the newest).
@@ -161,6 +180,7 @@ def _submit(argv: Sequence[str] | None) -> int:
         created = write_job(cfg, script, job, force=args.force)
     except JobDirError as exc:
         raise JobDirError(f"cannot create the job: {exc}") from None
+    write_plan(job, plan.to_dict())
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("job", cfg.job.name)

@@ -15,10 +15,10 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from trainer.core import jobdir, states
 from trainer.core.config import AnvilConfig
+from trainer.core.costs import flops_per_token
 from trainer.core.jobdir import JobDir
 from trainer.data.loader import build_loader
 from trainer.train import checkpoint
@@ -26,12 +26,12 @@ from trainer.train.batches import StepBatches
 from trainer.train.guard import ROLLBACK_EVENT, StepGuard, StepRejected
 from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set
 from trainer.train.metrics import MetricsLogger, StepWindow, model_size
-from trainer.train.model import flops_per_token
 from trainer.train.monitors import MupMonitor
 from trainer.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.train.parallelize import Layout, build_model
 from trainer.train.preemption import PreemptionWatch
 from trainer.train.profiling import StepProfiler
+from trainer.train.step import autocast_for, micro_step, sync_gradients
 from trainer.train.watchdog import Watchdog
 
 
@@ -72,9 +72,7 @@ class Trainer:
         async_save = cfg.checkpoint.async_save if cfg.checkpoint.async_save is not None else device.type == "cuda"
         # The background writer gets a gloo group of its own: it must never share one with training collectives.
         self.async_group = dist.new_group(backend="gloo") if async_save else None
-        # Without FSDP, bf16 comes from autocast; with it, from FSDP's mixed-precision policy.
-        self.autocast = (torch.autocast(device.type, dtype=self.dtype)
-                         if self.dtype != torch.float32 and not layout.fsdp else contextlib.nullcontext())
+        self.autocast = autocast_for(layout, device, self.dtype)
 
     def _record(self, event: str, message: str) -> None:
         if self.rank == 0:
@@ -182,32 +180,16 @@ class Trainer:
         global_tokens = int(self._reduce_dp(torch.tensor([local_tokens], device=self.device,
                                                           dtype=torch.float64)).item())
         loss_sum, balance_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        mixtures = self.model.mixtures()
         load = None
         for i, mb in enumerate(micro_batches):
-            if self.layout.fsdp:
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            tokens, labels = (mb[k].to(self.device, non_blocking=True) for k in ("input_ids", "labels"))
-            positions = mb["positions"].to(self.device, non_blocking=True) if "positions" in mb else None
-            with self.autocast:
-                if self.model.fused_loss is not None:
-                    loss = self.model(tokens, positions, labels) / global_tokens
-                else:
-                    logits = self.model(tokens, positions)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                           reduction="sum") / global_tokens
-                    del logits
-            objective = loss
-            if mixtures:  # the balancing loss: its per-sequence values averaged over the global batch and layers
-                balance = sum(m.balance for m in mixtures) / (len(mixtures) * self.cfg.train.global_batch_size)
-                objective = loss + self.cfg.model.moe.balance_coef * balance
-                balance_sum += balance.detach()
-                counts = torch.stack([m.load for m in mixtures])
-                load = counts if load is None else load + counts
-            # FSDP averages gradients over the data-parallel ranks; they are to be summed (gloo cannot
-            # reduce with a custom divide factor, so the scale goes on the loss).
-            (objective * self.layout.dp_size).backward()
-            loss_sum += loss.detach()
+            sync_gradients(self.model, self.layout, last=i == len(micro_batches) - 1)
+            micro = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            out = micro_step(self.model, micro, global_tokens, self.layout.dp_size, self.autocast,
+                             self.cfg.model.moe.balance_coef, self.cfg.train.global_batch_size)
+            loss_sum += out.loss
+            if out.load is not None:
+                balance_sum += out.balance
+                load = out.load if load is None else load + out.load
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.cfg.optim.grad_clip or math.inf)
         loss, norm = torch.stack([self._reduce_dp(loss_sum), grad_norm.float()]).tolist()  # one sync with the host
         problem = self.guard.problem(self.step + 1, loss, norm)

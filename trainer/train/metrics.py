@@ -21,11 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from trainer.core.config import MetricsConfig, ModelConfig
+from trainer.core.costs import num_params
 from trainer.core.files import write_atomic
 from trainer.core.jobdir import JobDir
 from trainer.train.checkpoint import STORAGE_ERRNOS, StorageError, newest_whole
 from trainer.train.distributed import log
-from trainer.train.model import num_params, param_plan, plain_name
+from trainer.train.model import param_plan, plain_name
 
 
 def memory_gib(device: torch.device) -> float:

@@ -157,6 +157,9 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(experts, dim, hidden))
         self.grouped_mm = True
         """False where the device has no bf16 grouped matmul (see `grouped_mm_runs`): the loop runs instead."""
+        self.even_split = False
+        """The planner's (fake tensors hold no counts): the loop gives every expert an equal share of the rows,
+        which holds the same tensors as any split of them."""
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`x`: token rows sorted by expert, `counts[e]` of them for expert e; returns each row's expert output.
@@ -171,7 +174,10 @@ class GroupedExperts(nn.Module):
             up = torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
             return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
         outputs = []
-        for e, part in enumerate(x.split(counts.tolist())):
+        rows, experts = x.shape[0], w1.shape[0]
+        sizes = ([rows // experts + (e < rows % experts) for e in range(experts)] if self.even_split
+                 else counts.tolist())
+        for e, part in enumerate(x.split(sizes)):
             outputs.append(F.linear(F.silu(F.linear(part, w1[e])) * F.linear(part, w3[e]), w2[e]))
         return torch.cat(outputs)
 
@@ -365,24 +371,3 @@ def param_plan(cfg: ModelConfig) -> dict[str, ParamPlan]:
         for name in norms:
             plan[f"layers.{i}.{name}.weight"] = ParamPlan("vector", None, 1.0, 0.0)
     return plan
-
-
-def num_params(cfg: ModelConfig, embeddings: bool = True, active: bool = False) -> int:
-    """Parameters of the model; with `active`, only those a token uses (k experts of each mixture, and its router)."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    norms = 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
-    if cfg.moe.experts:
-        experts = cfg.moe.top_k if active else cfg.moe.experts
-        ffn = experts * 3 * cfg.dim * cfg.expert_hidden + cfg.dim * cfg.moe.experts
-    else:
-        ffn = 3 * cfg.dim * cfg.ffn_hidden
-    per_layer = cfg.dim * (2 * q + 2 * kv) + ffn + norms
-    emb = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    return cfg.n_layers * per_layer + cfg.dim + (emb if embeddings else 0)
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 × the non-embedding-table parameters a token uses (with experts: k of them, and
-    the router) plus causal attention (PaLM's count)."""
-    dense = num_params(cfg, embeddings=False, active=True) + cfg.vocab_size * cfg.dim  # the readout matmul counts
-    return 6 * dense + 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

@@ -162,9 +162,15 @@ def place_full_value(param: nn.Parameter, full: torch.Tensor) -> None:
 
 
 def apply_kernels(model: Transformer, parallel: ParallelConfig, tp: int, device: torch.device,
-                  param_dtype: torch.dtype, use_liger: bool, say: Callable[[str], None]) -> None:
+                  param_dtype: torch.dtype, use_liger: bool, say: Callable[[str], None],
+                  planning: bool = False) -> None:
     """The device's kernels, on the plain model before anything wraps it (so compile sees them): the experts' loop
-    where the device has no bf16 grouped matmul; Liger's where asked for and possible (else said why not)."""
+    where the device has no bf16 grouped matmul; Liger's where asked for and possible (else said why not). With
+    `planning` (fake tensors, trainer/plan), the experts' loop splits their rows evenly."""
+    if planning:
+        for module in model.modules():
+            if isinstance(module, GroupedExperts):
+                module.even_split = True
     if model.mixtures() and param_dtype == torch.bfloat16 and not grouped_mm_runs(device):
         if parallel.compile:
             raise AnvilError(f"parallel.compile: experts compile as one grouped matmul, which torch "
@@ -186,12 +192,12 @@ def apply_kernels(model: Transformer, parallel: ParallelConfig, tp: int, device:
 
 def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, layout: Layout, device: torch.device,
                 param_dtype: torch.dtype, *, seq_len: int, seed: int, use_liger: bool = False,
-                say: Callable[[str], None] = lambda _: None) -> Transformer:
+                say: Callable[[str], None] = lambda _: None, planning: bool = False) -> Transformer:
     """Meta model → kernels → parallelisms in order → memory on `device` → the weights seeded by `seed`. `say`
-    hears what the kernels step decided."""
+    hears what the kernels step decided; `planning`: built under fake tensors by the planner."""
     with torch.device("meta"):
         model = Transformer(model_cfg, seq_len)
-    apply_kernels(model, parallel, layout.tp, device, param_dtype, use_liger, say)
+    apply_kernels(model, parallel, layout.tp, device, param_dtype, use_liger, say, planning)
     if layout.tp > 1:
         apply_tp(model, layout.mesh["tp"])
     if parallel.activation_checkpoint != "none":
@@ -200,6 +206,22 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, layout: Layout
         apply_compile(model)
     if layout.fsdp:
         apply_fsdp(model, layout, param_dtype)
-    model.to_empty(device=device)
+    if planning and not layout.fsdp:
+        _fake_materialise(model, device)
+    else:
+        model.to_empty(device=device)
     model.init_weights(seed, place=place_full_value)
     return model
+
+
+def _fake_materialise(model: nn.Module, device: torch.device) -> None:
+    """`to_empty` for a model without FSDP under fake tensors, where `to_empty` cannot swap a meta parameter for a
+    fake one (the fake mode holds a weak reference to it): each parameter and buffer replaced by a new empty one."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = nn.Parameter(torch.empty_like(param, device=device),
+                                                        requires_grad=param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = torch.empty_like(buffer, device=device)

@@ -16,11 +16,12 @@ from rich.table import Table
 
 from trainer.core.commands import command
 from trainer.core.errors import run_command
-from trainer.core.jobdir import JobDir, JobDirError, jobs_root
+from trainer.core.jobdir import JobDir, JobDirError, jobs_root, write_plan
 from trainer.core.layers import ConfigError
-from trainer.core.states import PREEMPTED_EXIT, SETTLED
+from trainer.core.states import EXIT_REFUSED, PREEMPTED_EXIT, SETTLED
 from trainer.launch.executor import Submission
 from trainer.launch.executors import executor_for
+from trainer.launch.planning import memory_wanted, plan_jobs, plans_table
 from trainer.launch.status import job_rows, status_table
 from trainer.launch.sweep import results, run
 from trainer.launch.sweep.spec import format_value, read_sweep
@@ -39,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-running", type=int, metavar="N",
                    help="at most N points queued to start at once (SLURM dependencies; no daemon)")
     s.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto")
-    s.add_argument("--force", action="store_true", help="replace the config of points whose job exists differently")
+    s.add_argument("--force", action="store_true", help="replace the config of points whose job exists differently, "
+                   "and submit points planned not to fit their devices")
+    s.add_argument("--plan", action="store_true",
+                   help="print every point's plan (memory per rank, speed, cost, data) as a table; write nothing")
 
     st = verbs.add_parser("status", help="one table for a sweep (or for job directories): one squeue for all")
     st.add_argument("targets", nargs="+", metavar="SWEEP | JOB_DIR", help="sweeps/<name>, a sweep name, or jobs/<x>")
@@ -114,6 +118,22 @@ def _submit(args: argparse.Namespace, out: Console) -> int:
         out.print(f"left out (skip_invalid): {name}: {problems[0]}", markup=False, soft_wrap=True)
     if sweep.skipped:
         out.print(f"left out by skip rules: {len(sweep.skipped)} point(s)", markup=False)
+    plans = plan_jobs([item.cfg for item in planned],
+                      memory=args.plan or any(memory_wanted(item.cfg) for item in planned))
+    if args.plan:
+        out.print(plans_table(f"sweep {sweep.name}: the plan of {len(planned)} points (nothing written)",
+                              [item.point.name for item in planned], plans))
+        return EXIT_REFUSED if any(plan.problems for plan in plans) else 0
+    kept = [(item, plan) for item, plan in zip(planned, plans, strict=True)
+            if not plan.problems or (args.force and plan.fits is False and len(plan.problems) == 1)]
+    for item, plan in zip(planned, plans, strict=True):
+        if plan.problems and (item, plan) not in kept:
+            out.print(f"left out: {item.point.name}: {plan.problems[0]}" + (
+                " (submit it anyway with --force)" if plan.fits is False else ""), markup=False, soft_wrap=True)
+    if planned and not kept:
+        raise ConfigError([f"point {item.point.name}: {plan.problems[0]}"
+                           for item, plan in zip(planned, plans, strict=True)], "the sweep's plan: no point can run")
+    planned, plans = [item for item, _ in kept], [plan for _, plan in kept]
     if args.dry_run:
         table = Table(title=f"sweep {sweep.name}: {len(planned)} points (dry run: nothing written)",
                       title_justify="left")
@@ -128,6 +148,8 @@ def _submit(args: argparse.Namespace, out: Console) -> int:
                   markup=False, soft_wrap=True)
         return 0
     state = run.write(sweep, planned, path, executor.name, args.max_running, force=args.force)
+    for item, plan in zip(planned, plans, strict=True):
+        write_plan(item.job, plan.to_dict())
     names = [item.point.name for item in planned]
     states = executor.states([state.points[n].job for n in names])
     todo = run.to_submit(state, names, states, executor.name)

@@ -1,0 +1,67 @@
+"""One micro-batch's forward and backward, and when FSDP reduces gradients: the part of a training step the Trainer
+runs for every micro-batch and the planner (trainer/plan) runs under fake tensors to measure its memory.
+
+Gradients are reduce-scattered after every micro-batch, so each rank only ever holds its shard of them (FSDP's
+`set_requires_gradient_sync(False)` would keep the whole model's unsharded fp32 gradients between micro-batches:
+4 bytes per parameter on every rank, more than an 8B model's shard and its optimizer together). With HSDP, only the
+all-reduce across replicas waits for the last micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.train.model import Transformer
+from trainer.train.parallelize import Layout
+
+
+def autocast_for(layout: Layout, device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Without FSDP, bf16 comes from autocast; with it, from FSDP's mixed-precision policy."""
+    if dtype != torch.float32 and not layout.fsdp:
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def sync_gradients(model: Transformer, layout: Layout, last: bool) -> None:
+    """Before micro-batch backward passes: reduce-scatter every time; all-reduce across replicas on the last only."""
+    if layout.fsdp and layout.mesh.size(0) > 1:
+        model.set_requires_all_reduce(last)
+
+
+@dataclass
+class MicroResult:
+    loss: torch.Tensor
+    """This micro-batch's share of the step's mean loss (detached)."""
+    balance: torch.Tensor | None
+    """Its balancing loss (detached), with experts."""
+    load: torch.Tensor | None
+    """Token-expert assignments per layer and expert, with experts."""
+
+
+def micro_step(model: Transformer, micro: dict[str, torch.Tensor], global_tokens: int, scale: float,
+               autocast: contextlib.AbstractContextManager, balance_coef: float, batch_size: int) -> MicroResult:
+    """Forward and backward of one micro-batch. The loss is a sum over every token of the global batch divided by
+    their count (`global_tokens`): exact under gradient accumulation, uneven padding and any number of data-parallel
+    ranks. `scale` multiplies what is differentiated (FSDP averages over data-parallel ranks; the gradients are to be
+    summed, and gloo cannot reduce with a custom divide factor, so the scale goes on the loss)."""
+    tokens, labels, positions = micro["input_ids"], micro["labels"], micro.get("positions")
+    with autocast:
+        if model.fused_loss is not None:
+            loss = model(tokens, positions, labels) / global_tokens
+        else:
+            logits = model(tokens, positions)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                   reduction="sum") / global_tokens
+            del logits
+    objective, balance, load = loss, None, None
+    mixtures = model.mixtures()
+    if mixtures:  # the balancing loss: its per-sequence values averaged over the global batch and layers
+        balance = sum(m.balance for m in mixtures) / (len(mixtures) * batch_size)
+        objective = loss + balance_coef * balance
+        balance, load = balance.detach(), torch.stack([m.load for m in mixtures])
+    (objective * scale).backward()
+    return MicroResult(loss.detach(), balance, load)
