@@ -232,3 +232,25 @@ def test_a_mix_change_is_logged_and_recorded_by_the_trainer(tmp_path: Path) -> N
     assert f"step 4: {said}" in second.stdout + second.stderr
     events = [e for e in read_events(JobDir(job)) if e["event"] == "data_mix"]
     assert len(events) == 1 and said in events[0]["reason"], events
+
+
+def test_a_rescale_from_1024_to_4096_ranks_owns_every_shard_once() -> None:
+    """What no machine here can run, simulated on the loader's typed state: 1,024 DP ranks × 4 workers, saved as a
+    checkpoint stores them, restored onto 4,096 × 4: every shard's cursor and every held document lands on exactly
+    one worker, the one that owns its shard (benchmarks/loader_rescale.py prints the bytes and times). Controls: a
+    cursor moved to another worker, and a held document dropped, are both found."""
+    from benchmarks.loader_rescale import checkpoint_states, owned_once, restore_all, spec
+
+    stream = spec(shards=16384, units=20000)
+    saved = checkpoint_states(stream, 1024, 4, rows=2)
+    shares = restore_all(saved, stream, 4096, 4)
+    assert len(shares) == 4096 * 4
+    assert owned_once(saved, shares, 4096 * 4) == []
+    moved = shares[5].sources["web"].shards.popitem()
+    shares[6].sources["web"].shards[moved[0]] = moved[1]
+    assert any("went to worker 6" in p for p in owned_once(saved, shares, 4096 * 4))
+    shares[6].sources["web"].shards.pop(moved[0])
+    shares[5].sources["web"].shards[moved[0]] = moved[1]
+    assert owned_once(saved, shares, 4096 * 4) == []
+    next(w for w in shares.values() if w.pending).pending.pop()
+    assert any("held documents" in p for p in owned_once(saved, shares, 4096 * 4))

@@ -178,3 +178,35 @@ def test_a_sweep_leaves_out_only_the_points_that_do_not_fit(roots, corpus: Path,
     out = capsys.readouterr().out
     assert "left out: micro_batch_size-8: memory: the predicted peak" in out and "--force" in out, out
     assert "micro_batch_size-2" in out.split("left out")[1], out
+
+
+def test_data_that_cannot_feed_every_worker_is_refused_at_submit(submit, jobs_dir: Path, corpus: Path) -> None:
+    """Each data worker reads row groups of its own: more workers than a dataset's row groups is refused at submit
+    with both numbers (it would fail at the first step). Control: as many workers as row groups submit (dry run)."""
+    import pyarrow.parquet as pq
+
+    from tests.train_helpers import TINY, corpus_overrides
+
+    groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in (corpus / "train").rglob("*.parquet"))
+    args = ["--name", "feed", *TINY, *corpus_overrides(corpus), "data.logical_shards=1024", "--executor", "local"]
+    code, _, err = submit(*args, f"data.num_workers={groups + 1}", "--dry-run")
+    assert code == 2 and list(jobs_dir.iterdir()) == [], err
+    assert (f"data.datasets.0: train has {groups} row groups, fewer than the {groups + 1} data workers (1 "
+            f"data-parallel ranks × {groups + 1})") in " ".join(err.split()), err
+    code, _, err = submit(*args, f"data.num_workers={groups}", "--dry-run")
+    assert code == 0, err
+
+
+def test_the_default_logical_shards_carry_a_run_to_thousands_of_ranks() -> None:
+    """4,096 DP ranks × 2 workers and 2,048 × 4 fit the default (the old default of 256 stopped at 128 × 2). Control:
+    the old default at 129 ranks is refused."""
+    from trainer.core.checks import data_problems
+    from trainer.core.layers import load_config
+
+    for ranks, workers in ((4096, 2), (2048, 4)):
+        cfg = load_config(None, ["job.name=x", f"cluster.nodes={ranks // 8}", "cluster.devices_per_node=8",
+                                 f"data.num_workers={workers}", f"train.global_batch_size={ranks}"], environ={})
+        assert data_problems(cfg) == [], (ranks, workers)
+    old = load_config(None, ["job.name=x", "cluster.devices_per_node=129", "train.global_batch_size=129",
+                             "data.logical_shards=256"], environ={})
+    assert "data.logical_shards: 256 cannot feed 129 data-parallel ranks × 2" in data_problems(old)[0]

@@ -502,9 +502,10 @@ class DataConfig(Section):
     """Token put before every document (None: none)."""
     shuffle_window: int = Field(default=1024, ge=1)
     """Documents read, tokenized and shuffled together (bounded memory; on top of per-epoch row-group order)."""
-    logical_shards: int = Field(default=256, ge=1)
-    """Logical shards per dataset: the most data workers (DP ranks × num_workers) a run can use and be
-    resumed onto; keep it unchanged across resumes."""
+    logical_shards: int = Field(default=16384, ge=1)
+    """Logical shards per dataset: the most data workers (DP ranks × num_workers) a run can use and be resumed onto,
+    so it stays unchanged across resumes; the default carries a run from one node to 8,192 GPUs with 2 workers each.
+    Only shards that hold row groups cost anything (a cursor each in the checkpoint)."""
     num_workers: int = Field(default=2, ge=0)
     """Tokenizing worker processes per DP rank (0: in the training process). Each tokenizes on its share of the
     rank's cores with threads of its own; the tokenizer's Rust pool is turned off where it runs

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from trainer.core.config import DataConfig
 from trainer.core.processes import die_with_parent, ignore_stop_signals, stop_signals_blocked
 from trainer.data.sources import DataError, open_source
-from trainer.data.state import RankState, SourcePosition, StreamSpec, WorkerState
+from trainer.data.state import PooledState, RankState, SourcePosition, StreamSpec, WorkerState
 from trainer.data.stream import WorkerStream
 from trainer.data.windows import load_tokenizer
 
@@ -329,40 +329,9 @@ class TokenLoader:
             mine = next(s for s in rank_states if s.dp_rank == self.shape.dp_rank)
             self._states, self._next, self._into = mine.workers, mine.next_worker, mine.into_chunk
             return
-        self._states = _rescale(rank_states, self.shape.dp_rank, self.shape.dp_size, self._workers, self.spec)
+        self._states = PooledState.of(rank_states).share(self.shape.dp_rank, self.shape.dp_size, self._workers,
+                                                         self.spec)
         self._next = self._into = 0
-
-
-def _rescale(rank_states: list[RankState], dp_rank: int, dp_size: int, workers: int,
-             spec: StreamSpec) -> dict[int, WorkerState]:
-    """Every shard's cursor and every held document go to the worker that now owns their shard."""
-    cursors: dict[str, dict[int, list[int]]] = {}
-    tokens: dict[str, int] = {}
-    held = []
-    docs = empty = 0
-    for rank_state in rank_states:
-        for worker in rank_state.workers.values():
-            for name, src in worker.sources.items():
-                cursors.setdefault(name, {}).update(src.shards)
-                tokens[name] = tokens.get(name, 0) + src.tokens
-            held += [h for h in [*worker.lanes, *worker.pending] if h is not None]
-            docs += worker.docs
-            empty += worker.empty_docs
-    held.sort(key=lambda h: (h.source, h.shard, h.doc))
-    total_workers = dp_size * workers
-    states = {}
-    for logical in range(workers):
-        gid = dp_rank * workers + logical
-        states[gid] = WorkerState(
-            sources={source.name: SourcePosition(
-                {s: c for s, c in cursors.get(source.name, {}).items() if s % total_workers == gid}, 0,
-                tokens.get(source.name, 0) // total_workers) for source in spec.sources},
-            weights=spec.weights,
-            pending=[h for h in held if h.shard % total_workers == gid],
-            docs=docs // total_workers,
-            empty_docs=empty // total_workers,
-        )
-    return states
 
 
 def build_loader(data: DataConfig, seed: int, dp_rank: int, dp_size: int, batch_size: int,

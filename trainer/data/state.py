@@ -114,6 +114,71 @@ class RankState:
             raise DataError(f"the checkpoint's loader state is malformed ({type(exc).__name__}: {exc})") from None
 
 
+@dataclass
+class PooledState:
+    """Every DP rank's loader state of a checkpoint pooled: each shard's cursor, each held document, the counters.
+    Handed out to a new shape by `share` (one pass over the pool per shape, then each rank's part directly)."""
+
+    cursors: dict[str, dict[int, Cursor]]
+    tokens: dict[str, int]
+    held: list[HeldDoc]
+    docs: int
+    empty_docs: int
+    _owners: dict[int, tuple[dict[int, dict[str, dict[int, Cursor]]], dict[int, list[HeldDoc]]]] = field(
+        default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, rank_states: list[RankState]) -> PooledState:
+        cursors: dict[str, dict[int, Cursor]] = {}
+        tokens: dict[str, int] = {}
+        held: list[HeldDoc] = []
+        docs = empty = 0
+        for rank_state in rank_states:
+            for worker in rank_state.workers.values():
+                for name, src in worker.sources.items():
+                    cursors.setdefault(name, {}).update(src.shards)
+                    tokens[name] = tokens.get(name, 0) + src.tokens
+                held += [h for h in [*worker.lanes, *worker.pending] if h is not None]
+                docs += worker.docs
+                empty += worker.empty_docs
+        held.sort(key=lambda h: (h.source, h.shard, h.doc))
+        return cls(cursors, tokens, held, docs, empty)
+
+    def _by_owner(self, total_workers: int):
+        """{global worker: its shards' cursors per source}, {global worker: its held documents}, for one shape."""
+        if total_workers not in self._owners:
+            cursors: dict[int, dict[str, dict[int, Cursor]]] = {}
+            for name, shards in self.cursors.items():
+                for shard, cursor in shards.items():
+                    cursors.setdefault(shard % total_workers, {}).setdefault(name, {})[shard] = cursor
+            held: dict[int, list[HeldDoc]] = {}
+            for doc in self.held:
+                held.setdefault(doc.shard % total_workers, []).append(doc)
+            self._owners[total_workers] = (cursors, held)
+        return self._owners[total_workers]
+
+    def share(self, dp_rank: int, dp_size: int, workers: int, spec: StreamSpec) -> dict[int, WorkerState]:
+        """The workers' states of DP rank `dp_rank` of `dp_size` with `workers` each: every shard's cursor and
+        every held document go to the worker that now owns their shard (shard mod all workers); the counters are
+        shared out evenly."""
+        total = dp_size * workers
+        cursors, held = self._by_owner(total)
+        states = {}
+        for logical in range(workers):
+            gid = dp_rank * workers + logical
+            mine = cursors.get(gid, {})
+            states[gid] = WorkerState(
+                sources={source.name: SourcePosition(dict(mine.get(source.name, {})), 0,
+                                                     self.tokens.get(source.name, 0) // total)
+                         for source in spec.sources},
+                weights=spec.weights,
+                pending=list(held.get(gid, [])),
+                docs=self.docs // total,
+                empty_docs=self.empty_docs // total,
+            )
+        return states
+
+
 def _held_dict(held: HeldDoc) -> dict[str, Any]:
     return {"source": held.source, "shard": held.shard, "doc": list(held.doc), "offset": held.offset}
 

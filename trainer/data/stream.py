@@ -152,7 +152,8 @@ class WorkerStream:
         self.sources: list[_SourceState] = []
         for index, source in enumerate(self.spec.sources):
             mine = saved.sources.get(source.name, SourcePosition())
-            shards = range(self.worker, self.spec.n_shards, self.n_workers)
+            # Shard s holds row groups only if s < the source's row groups (each takes every n_shards-th of them).
+            shards = range(self.worker, min(self.spec.n_shards, len(source.units)), self.n_workers)
             readers = [ShardReader(source, index, s, self.spec, self.stats, mine.shards.get(s)) for s in shards]
             readers = [r for r in readers if r.has_units]
             if not readers:
