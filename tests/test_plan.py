@@ -52,8 +52,8 @@ def measure_real(jobs: list[Path], ranks: int, out: Path) -> list[dict]:
 def test_planned_memory_is_the_memory_of_a_real_step(tmp_path: Path, corpus: Path, layout: str) -> None:
     """With and without activation checkpointing: the planner's peak (fake tensors, a fake process group, 6 blocks
     extrapolated from 3 and 4) within 10 % of the peak the same tracker measures on real tensors in a real gloo group
-    (they agree to the byte here), and so do the resident parameters and optimizer state. Control: checkpointing
-    lowers both peaks."""
+    (they agree to the byte here), and so do each phase's peak (forward/backward, optimizer step) and the resident
+    parameters and optimizer state. Control: checkpointing lowers both peaks."""
     ranks, overrides = LAYOUTS[layout]
     jobs = {ac: make_job(tmp_path, f"ac-{ac}", corpus, f"cluster.devices_per_node={ranks}", *SHAPE, *overrides,
                          f"parallel.activation_checkpoint={ac}") for ac in ("none", "full")}
@@ -62,6 +62,8 @@ def test_planned_memory_is_the_memory_of_a_real_step(tmp_path: Path, corpus: Pat
     for ac, plan, got in zip(jobs, planned, real, strict=True):
         assert plan["traced_layers"] == [3, 4] and got["traced_layers"] == [6]
         assert plan["peak"] == pytest.approx(got["peak"], rel=0.10), ac
+        for phase in ("passes", "step"):  # the optimizer step is traced apart under fake tensors: held to it too
+            assert plan["phases"][phase]["total"] == pytest.approx(got["phases"][phase]["total"], rel=0.10), (ac, phase)
         for part in ("parameters", "optimizer"):
             assert plan["resident"][part] == pytest.approx(got["resident"][part], rel=0.10), (ac, part)
     assert real[1]["peak"] < real[0]["peak"] and planned[1]["peak"] < planned[0]["peak"]

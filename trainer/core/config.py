@@ -262,12 +262,17 @@ MODEL_FLAVORS: dict[str, dict] = {
                   "rope_theta": 500000.0, "tie_embeddings": True},
     "llama3-8B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim": 14336,
                   "rope_theta": 500000.0},
+    "llama3-70B": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "ffn_dim": 28672,
+                   "rope_theta": 500000.0},
     "qwen3-debug": {"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "head_size": 64, "qk_norm": True,
                     "tie_embeddings": True, "rope_theta": 1000000.0, "norm_eps": 1e-6},
     "qwen3-0.6B": {"dim": 1024, "n_layers": 28, "n_heads": 16, "n_kv_heads": 8, "head_size": 128, "ffn_dim": 3072,
                    "qk_norm": True, "tie_embeddings": True, "rope_theta": 1000000.0, "norm_eps": 1e-6},
     "moe-debug": {"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "qk_norm": True,
                   "moe": {"experts": 8, "top_k": 2, "expert_dim": 256}},
+    "qwen3-30B-A3B": {"dim": 2048, "n_layers": 48, "n_heads": 32, "n_kv_heads": 4, "head_size": 128, "qk_norm": True,
+                      "rope_theta": 1000000.0, "norm_eps": 1e-6,
+                      "moe": {"experts": 128, "top_k": 8, "expert_dim": 768}},
     "olmoe-1B-7B": {"dim": 2048, "n_layers": 16, "n_heads": 16, "qk_norm": True, "rope_theta": 10000.0,
                     "moe": {"experts": 64, "top_k": 8, "expert_dim": 1024, "normalize_top_k": False}},
 }
@@ -277,9 +282,9 @@ source that sets a model field explicitly wins over the flavor."""
 
 class ModelConfig(Section):
     flavor: Literal[tuple(MODEL_FLAVORS)] | None = None  # type: ignore[valid-type]
-    """A named shape (`debug`, `125M`, `350M`, `llama3-1B`, `llama3-3B`, `llama3-8B`; with QK-norm, exporting to
-    Qwen3: `qwen3-debug`, `qwen3-0.6B`; mixtures of experts: `moe-debug`, `olmoe-1B-7B`) filling the fields below
-    that are not set explicitly."""
+    """A named shape (`debug`, `125M`, `350M`, `llama3-1B`, `llama3-3B`, `llama3-8B`, `llama3-70B`; with QK-norm,
+    exporting to Qwen3: `qwen3-debug`, `qwen3-0.6B`; mixtures of experts: `moe-debug`, `olmoe-1B-7B`,
+    `qwen3-30B-A3B`) filling the fields below that are not set explicitly."""
     dim: int = Field(default=256, ge=8)
     """Hidden size (model width)."""
     n_layers: int = Field(default=4, ge=1)

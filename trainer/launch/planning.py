@@ -146,6 +146,9 @@ def plan_table(plan: Plan) -> Table:
                                 f"{a['checkpoint_gbps']:g} GB/s (assumed)")
     if plan.data is not None:
         for ds in plan.data["datasets"]:
+            if not ds["files"]:
+                table.add_row(f"data {ds['name']}", f"no Parquet file here ({ds['path']}): its size is not planned")
+                continue
             held = f"{_count(ds['tokens'])} tokens" if ds["tokens"] else "? tokens (no tokenizer)"
             epochs = f"{ds['epochs']:.2f} epochs" if ds["epochs"] is not None else "? epochs"
             table.add_row(f"data {ds['name']}", f"{held} in {ds['rows']:,} documents, {ds['row_groups']:,} row "

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from trainer.core.checks import submit_problems
+from trainer.core.checks import all_problems, submit_problems
 from trainer.core.commands import command
 from trainer.core.errors import AnvilError, run_command
 from trainer.core.jobdir import (
@@ -113,7 +113,8 @@ def _submit(argv: Sequence[str] | None) -> int:
         overrides.append(f"cluster.profile={args.cluster}")
     cfg = as_submitted(load_config(config_file, overrides))
     executor = executor_for(args.executor)
-    problems = submit_problems(cfg, executor.name)
+    # A plan is made anywhere (a laptop, before the data is copied): only the config's own consistency counts.
+    problems = all_problems(cfg, filesystem=False) if args.plan else submit_problems(cfg, executor.name)
     if problems:
         raise ConfigError(problems)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -52,15 +53,16 @@ def main(argv: list[str]) -> int:
             entry: dict = {"memory": memory}
             limit = cfg.cluster.device_memory_gib
             if request.get("alternatives") and limit and predicted_peak(cfg, memory["peak"]) > limit * GIB:
-                fitting = []
-                for tried, (why, alternative) in enumerate(candidates(cfg)):
-                    if tried >= MAX_TRIED or len(fitting) >= KEEP:
-                        break
+                fitting: list[dict] = []
+                for tried, (why, alternative, combined) in enumerate(candidates(cfg)):
+                    if tried >= MAX_TRIED or len(fitting) >= KEEP or (combined and fitting):
+                        break  # a combination is no smaller a change than a single one that fits
                     peak = predicted_peak(alternative, measure(alternative)["peak"])
                     if peak <= limit * GIB:
                         fitting.append({"why": why, "config": alternative.model_dump(mode="json"), "peak": peak})
                 entry["alternatives"] = fitting
         except Exception as exc:  # a config the tracer cannot run: the plan says so instead of failing the submit
+            traceback.print_exc()  # for whoever runs this by hand
             entry = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         results.append(entry)
     Path(argv[1]).write_text(json.dumps(results))

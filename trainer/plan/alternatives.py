@@ -36,23 +36,22 @@ def single_changes(cfg: AnvilConfig) -> Iterator[tuple[str, Changes]]:
         "cluster.nodes": 2 * c.nodes, "parallel.dp_shard": -1}
 
 
-def candidates(cfg: AnvilConfig) -> Iterator[tuple[str, AnvilConfig]]:
-    """Valid configs to try: each single change, then activation checkpointing together with each other one."""
+def candidates(cfg: AnvilConfig) -> Iterator[tuple[str, AnvilConfig, bool]]:
+    """Valid configs to try, (why, config, combined): each single change, then full activation checkpointing
+    together with each other one (worth trying only where checkpointing alone does not fit)."""
     singles = list(single_changes(cfg))
-    tried = []
-    for why, changes in singles:
-        tried.append((why, changes))
+    tried = [(why, changes, False) for why, changes in singles]
     if cfg.parallel.activation_checkpoint != "full":
         full = {"parallel.activation_checkpoint": "full"}
-        tried += [(f"full activation checkpointing and {why}", {**full, **changes})
+        tried += [(f"full activation checkpointing and {why}", {**full, **changes}, True)
                   for why, changes in singles if changes != full]
-    for why, changes in tried:
+    for why, changes, combined in tried:
         try:
             alternative = changed(cfg, changes)
         except ConfigError:
             continue
         if not parallel_problems(alternative) and not data_problems(alternative):
-            yield why, alternative
+            yield why, alternative, combined
 
 
 def as_overrides(base: AnvilConfig, alternative: AnvilConfig, changes_of: Callable[[AnvilConfig], Changes]

@@ -17,6 +17,7 @@ SAMPLE_DOCS = 256
 @dataclass
 class DatasetSize:
     name: str
+    path: str
     files: int
     row_groups: int
     rows: int
@@ -85,7 +86,7 @@ def dataset_size(name: str, path: str, column: str, tokenizer: str | None, separ
         if sample_bytes:
             per_byte = _count_tokens(tokenizer, tuple(texts)) / sample_bytes
             tokens = size * per_byte + rows * separators
-    return DatasetSize(name, len(files), groups, rows, size, per_byte, tokens)
+    return DatasetSize(name, path, len(files), groups, rows, size, per_byte, tokens)
 
 
 def _count_tokens(tokenizer: str, texts: tuple[str, ...]) -> int:

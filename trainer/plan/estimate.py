@@ -10,6 +10,7 @@ checkpoint file system's bandwidth, the runtime's memory outside tensors and the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trainer.core.config import AnvilConfig
@@ -119,7 +120,8 @@ def data_plan(cfg: AnvilConfig) -> dict[str, Any] | None:
     needed = cfg.train.steps * cfg.train.global_batch_size * d.seq_len
     datasets = []
     for name, ds in zip(d.dataset_names(), d.datasets, strict=True):
-        size = dataset_size(name, ds.path, ds.text_column, d.tokenizer, separators)
+        tokenizer = d.tokenizer if d.tokenizer and Path(d.tokenizer).is_file() else None
+        size = dataset_size(name, ds.path, ds.text_column, tokenizer, separators)
         share = needed * ds.weight / total_weight
         entry = size.to_dict() | {"tokens_needed": share,
                                   "epochs": share / size.tokens if size.tokens else None}
@@ -137,7 +139,7 @@ def row_group_problems(cfg: AnvilConfig, data: dict[str, Any] | None) -> list[st
             f"workers ({cfg.dp_size} data-parallel ranks × {max(cfg.data.num_workers, 1)}) that each read row groups "
             "of their own; rewrite it with smaller row groups (python -m trainer.data convert --row-group-rows N), or "
             "lower data.num_workers"
-            for i, ds in enumerate(data["datasets"]) if ds["row_groups"] < workers]
+            for i, ds in enumerate(data["datasets"]) if ds["files"] and ds["row_groups"] < workers]
 
 
 def with_memory(plan: Plan, cfg: AnvilConfig, memory: dict[str, Any]) -> Plan:

@@ -24,10 +24,11 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
+from torch.distributed.tensor import DTensor
 
 from trainer.core.config import AnvilConfig
 from trainer.train.optim import build_optimizer, clip_grad_norm
-from trainer.train.parallelize import build_layout, build_model
+from trainer.train.parallelize import build_layout, materialise, parallelized
 from trainer.train.step import autocast_for, micro_step, sync_gradients
 
 GIB = 2**30
@@ -114,10 +115,11 @@ def trace(cfg: AnvilConfig, fake: bool = True) -> Memory:
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     t, micro = cfg.train, cfg.train.micro_batch_size
     accum = t.global_batch_size // (micro * layout.dp_size)
-    # allow_non_fake_inputs: the meta model becomes fake in to_empty.
+    # The parallelisms are applied to the meta model before tensors turn fake (the device meshes they build compute
+    # their coordinates with real tensors); allow_non_fake_inputs: the meta model becomes fake as it materialises.
+    model = parallelized(cfg.model, cfg.parallel, layout, device, dtype, seq_len=cfg.data.seq_len, planning=fake)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        model = build_model(cfg.model, cfg.parallel, layout, device, dtype, seq_len=cfg.data.seq_len, seed=0,
-                            planning=fake)
+        materialise(model, layout, device, seed=0, fake=fake)
         optimizer = build_optimizer(model, cfg.model, cfg.optim, fused=cfg.cluster.device != "cpu")
         params = [p for p in model.parameters() if p.requires_grad]
         for param in params:  # the optimizer's state, as it is from the second step on
@@ -145,15 +147,44 @@ def trace(cfg: AnvilConfig, fake: bool = True) -> Memory:
                            cfg.model.moe.balance_coef, t.global_batch_size)
             passes_peak = _categories(tracker.get_tracker_snapshot("peak"))
             after_backward = _categories(tracker.get_tracker_snapshot())
-        with tracker:  # the optimizer step (entering again starts a new peak)
-            clip_grad_norm(params, cfg.optim.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_peak = _categories(tracker.get_tracker_snapshot("peak"))
+        if fake:
+            # What the step holds besides its own work, as measured after backward; its work on the local shards.
+            step_peak = after_backward | {k: v for k, v in _local_step_peak(params, optimizer, cfg).items()
+                                          if k in ("optimizer", "temporary")}
+            step_peak["total"] = sum(v for k, v in step_peak.items() if k != "total")
+        else:
+            with tracker:  # the optimizer step (entering again starts a new peak)
+                clip_grad_norm(params, cfg.optim.grad_clip or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step_peak = _categories(tracker.get_tracker_snapshot("peak"))
     resident = {"parameters": at_rest["parameters"], "optimizer": at_rest["optimizer"],
                 "gradients": after_backward["gradients"]}
     return Memory({"passes": passes_peak, "step": step_peak}, resident, [cfg.model.n_layers],
                   time.perf_counter() - started)
+
+
+def _local_step_peak(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, cfg: AnvilConfig
+                     ) -> dict[str, float]:
+    """The optimizer step's peak on rank 0's local shards: the same optimizer class and groups on plain tensors of
+    the local shapes. (Under fake tensors, DTensor works out each foreach operation's output on the global shape, and
+    the tracker counts those as memory: a whole model's worth that no real step holds.)"""
+    local = {id(p): torch.nn.Parameter(torch.empty_like(p.to_local() if isinstance(p, DTensor) else p))
+             for p in params}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [local[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    step = type(optimizer)(groups, **{k: v for k, v in optimizer.defaults.items() if k in ("fused", "foreach")})
+    for param in local.values():
+        param.grad = torch.zeros_like(param)
+    step.step()  # its state, as from the second step on
+    tracker = MemTracker()
+    tracker.track_external(torch.nn.ParameterList(local.values()), step)
+    with tracker:
+        torch.nn.utils.clip_grad_norm_(list(local.values()), cfg.optim.grad_clip or float("inf"), foreach=True)
+        step.step()
+        step.zero_grad(set_to_none=True)
+        found = _categories(tracker.get_tracker_snapshot("peak"))
+    return {k: v for k, v in found.items() if k != "total"}
 
 
 def _with_layers(cfg: AnvilConfig, layers: int) -> AnvilConfig:

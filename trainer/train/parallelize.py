@@ -192,9 +192,20 @@ def apply_kernels(model: Transformer, parallel: ParallelConfig, tp: int, device:
 
 def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, layout: Layout, device: torch.device,
                 param_dtype: torch.dtype, *, seq_len: int, seed: int, use_liger: bool = False,
-                say: Callable[[str], None] = lambda _: None, planning: bool = False) -> Transformer:
+                say: Callable[[str], None] = lambda _: None) -> Transformer:
     """Meta model → kernels → parallelisms in order → memory on `device` → the weights seeded by `seed`. `say`
-    hears what the kernels step decided; `planning`: built under fake tensors by the planner."""
+    hears what the kernels step decided."""
+    model = parallelized(model_cfg, parallel, layout, device, param_dtype, seq_len=seq_len, use_liger=use_liger,
+                         say=say)
+    materialise(model, layout, device, seed)
+    return model
+
+
+def parallelized(model_cfg: ModelConfig, parallel: ParallelConfig, layout: Layout, device: torch.device,
+                 param_dtype: torch.dtype, *, seq_len: int, use_liger: bool = False,
+                 say: Callable[[str], None] = lambda _: None, planning: bool = False) -> Transformer:
+    """The first half of `build_model`: the model on the meta device with every parallelism applied, no memory yet.
+    `planning`: for the planner, which materialises it under fake tensors."""
     with torch.device("meta"):
         model = Transformer(model_cfg, seq_len)
     apply_kernels(model, parallel, layout.tp, device, param_dtype, use_liger, say, planning)
@@ -206,12 +217,16 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, layout: Layout
         apply_compile(model)
     if layout.fsdp:
         apply_fsdp(model, layout, param_dtype)
-    if planning and not layout.fsdp:
+    return model
+
+
+def materialise(model: Transformer, layout: Layout, device: torch.device, seed: int, fake: bool = False) -> None:
+    """The second half: memory on `device` (`fake`: under the planner's fake tensors), then the seeded weights."""
+    if fake and not layout.fsdp:
         _fake_materialise(model, device)
     else:
         model.to_empty(device=device)
     model.init_weights(seed, place=place_full_value)
-    return model
 
 
 def _fake_materialise(model: nn.Module, device: torch.device) -> None:
