@@ -92,3 +92,24 @@ def test_damage_is_named_and_retention_never_drops_the_newest_whole_step(tmp_pat
     checkpoint.save(tmp_path, 2, {"model": m.state_dict()}, {}, keep=3)
     assert jobdir.set_aside(newest) == tmp_path / "step-2.damaged-2"
     assert [s for s, _, _ in jobdir.list_steps(tmp_path)] == [1]
+
+
+def test_a_checkpoints_metadata_at_scale_covers_every_tensor_once() -> None:
+    """DCP's own save planning for 16 ranks in one process (benchmarks/checkpoint_scale.py measures 4,096): every
+    weight and moment is tiled by the ranks' chunks exactly once, one data file per rank; with 2 HSDP replicas the
+    duplicates are dropped (8 chunks per tensor). Control: a rank's plan lost leaves its rows missing."""
+    from benchmarks.checkpoint_scale import coverage_problems, global_metadata, parameter_shapes, save_plans
+    from trainer.core.layers import load_config
+
+    shapes = parameter_shapes(load_config(None, ["job.name=x", "model.flavor=debug"], environ={}).model)
+    plans, metadata = global_metadata(save_plans(shapes, 16))
+    assert coverage_problems(metadata, shapes) == []
+    assert sum(1 for plan in plans if plan.items) == 16
+    assert len(metadata.state_dict_metadata["model.tok_embeddings.weight"].chunks) == 16
+    _, replicated = global_metadata(save_plans(shapes, 16, replicate=2))
+    assert coverage_problems(replicated, shapes) == []
+    assert len(replicated.state_dict_metadata["model.tok_embeddings.weight"].chunks) == 8
+    plans = save_plans(shapes, 16)
+    plans[3].items[:] = [item for item in plans[3].items if item.type.name != "SHARD"]
+    _, lost = global_metadata(plans)
+    assert any("missing" in problem for problem in coverage_problems(lost, shapes))

@@ -115,40 +115,44 @@ def test_flops_per_token_is_what_torch_counts(shape: str) -> None:
     assert flops_per_token(wrong, 128, causal=False) != pytest.approx(counted, rel=0.02)
 
 
-TIGHT = ["model.dim=128", "model.n_layers=6", "model.n_heads=4", "model.vocab_size=512", "data.seq_len=256",
+TIGHT = ["model.dim=128", "model.n_layers=4", "model.n_heads=4", "model.vocab_size=512", "data.seq_len=256",
          "train.global_batch_size=8", "train.micro_batch_size=8", "train.mixed_precision=fp32", "data.num_workers=0",
          "data.logical_shards=8", "cluster.device_memory_gib=0.1"]
-"""A job of ~164 MiB at its peak on a "device" of 102 MiB (the local profile with a device memory set, so that submit
-plans it): full activation checkpointing (~51 MiB) or micro-batches of 4 (~95 MiB) fit."""
+"""A job of ~150 MiB at its peak on a "device" of 102 MiB (the local profile with a device memory set, so that submit
+plans it): full activation checkpointing or micro-batches of 4 or 2 fit."""
 
 
-def test_a_job_that_cannot_fit_is_refused_with_planned_changes_that_fit(submit, jobs_dir: Path, corpus: Path
-                                                                       ) -> None:
-    """Refused at submit with the numbers, nothing written; each change it suggests, applied, is planned to fit;
-    --force submits it anyway (here: the dry run says so). Control: the suggested job itself submits (dry run)."""
+def test_a_job_that_cannot_fit_is_refused_with_planned_changes_that_fit(submit, jobs_dir: Path, corpus: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused at submit with the numbers and the changes that fit, nothing written; each change, applied, is planned
+    to fit; --force submits it anyway (here: the dry run says so). Control: the first change submits, runs a step and
+    keeps its plan in plan.json."""
     from tests.train_helpers import corpus_overrides
     from trainer.core.layers import load_config
     from trainer.launch.planning import plan_jobs
 
+    monkeypatch.setenv("COLUMNS", "400")  # one line per row of the plan's table, as a wide terminal shows it
     args = ["--name", "tight", *TIGHT, *corpus_overrides(corpus), "--executor", "local"]
-    code, out, err = submit(*args)
+    code, _, err = submit(*args)
     assert code == 2 and list(jobs_dir.iterdir()) == [], err
     assert re.search(r"memory: the predicted peak is 0\.\d GiB per device, over the 0\.1 GiB of "
                      r"cluster\.device_memory_gib \(local\)", err), err
-    assert "--force" in err and "fits with" in err
-    cfg = load_config(None, ["job.name=tight", *TIGHT, *corpus_overrides(corpus)], environ={})
-    plan = plan_jobs([cfg], memory=True)[0]
-    assert plan.fits is False and plan.alternatives, plan
-    assert plan.alternatives[0]["overrides"] == ["parallel.activation_checkpoint=full"]
-    suggested = [load_config(None, ["job.name=tight", *TIGHT, *corpus_overrides(corpus), *o["overrides"]],
-                             environ={}) for o in plan.alternatives]
-    for option, replanned in zip(plan.alternatives, plan_jobs(suggested, memory=True), strict=True):
+    assert "or submit it anyway with --force" in err, err
+    options = re.findall(r"fits with +(\S.*?) +\((\d+) MiB: ", err)
+    assert [o for o, _ in options] == ["parallel.activation_checkpoint=full", "train.micro_batch_size=4",
+                                       "train.micro_batch_size=2"], err
+    suggested = [load_config(None, ["job.name=tight", *TIGHT, *corpus_overrides(corpus), *o.split()], environ={})
+                 for o, _ in options]
+    for (option, said), replanned in zip(options, plan_jobs(suggested, memory=True), strict=True):
         assert replanned.fits is True and replanned.problems == [], option
-        assert replanned.memory["predicted_peak"] == pytest.approx(option["peak_gib"] * 2**30)
-    code, _, err = submit(*args, *plan.alternatives[0]["overrides"], "--dry-run")
-    assert code == 0 and "would write" in err, err
-    code, _, err = submit(*args, "--force", "--dry-run")
+        assert round(replanned.memory["predicted_peak"] / 2**20) == int(said), option
+    code, _, err = submit(*[a for a in args if a not in ("--name", "tight")], "--name", "forced", "--force",
+                          "--dry-run")
     assert code == 0 and "--force: submitting although memory: the predicted peak" in err, err
+    code, _, err = submit(*args, options[0][0], "train.steps=1", "cluster.time=00:10:00", "job.signal_lead=60")
+    written = json.loads((jobs_dir / "tight" / "plan.json").read_text())
+    assert code == 0 and written["fits"] is True and written["problems"] == [], err
+    assert round(written["memory"]["predicted_peak"] / 2**20) == int(options[0][1])
 
 
 def test_a_profile_without_device_memory_is_refused(submit, jobs_dir: Path) -> None:

@@ -36,6 +36,19 @@ def test_the_arrows_point_down() -> None:
     assert reaching("trainer.research", ("trainer.launch",)) and reaching("plots", ("trainer.research",))
 
 
+def test_the_planner_measures_with_torch_and_plans_without() -> None:
+    """trainer/plan: only the memory tracer (and the process that runs it) imports torch and the trainer; what the
+    launch side imports of it (the estimate, the corpus, the alternatives) imports neither, and the launch side never
+    imports the tracer. Control: the tracer does import the trainer."""
+    found = imported("trainer.plan")
+    measuring = {"trainer/plan/memory.py", "trainer/plan/__main__.py"}
+    for path, names in found.items():
+        if path not in measuring:
+            assert not any(n == "torch" or n.startswith(("torch.", "trainer.train")) for n in names), path
+    assert reaching("trainer.launch", ("trainer.plan.memory", "trainer.plan.__main__")) == []
+    assert any(n.startswith("trainer.train") for n in found["trainer/plan/memory.py"])
+
+
 LOOP_LINES, RUN_LINES = 300, 50
 """The Trainer's budget: `loop.py` at most 300 lines, `Trainer.run` at most 50 (what grows goes to its own part)."""
 

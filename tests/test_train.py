@@ -27,7 +27,7 @@ LAYOUTS = {
     "FSDP2 on 2 ranks, full AC": (2, ["parallel.dp_shard=2", "parallel.activation_checkpoint=full"]),
     "TP 2 ranks, selective AC": (2, ["parallel.tp=2", "parallel.activation_checkpoint=selective"]),
     "FSDP 2 x TP 2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
-    "HSDP 2 x 2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    "HSDP 2 x 2, accumulating": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "train.micro_batch_size=1"]),
 }
 
 
