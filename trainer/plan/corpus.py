@@ -11,7 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 SAMPLE_DOCS = 256
-"""Documents tokenized per dataset for its tokens per byte (from the first row groups of up to 4 files)."""
+"""Documents tokenized per dataset for its tokens per byte."""
+SAMPLE_GROUPS = 32
+"""Row groups they are drawn from, spread over the dataset's files (at most this many files are opened)."""
 
 
 @dataclass
@@ -62,35 +64,50 @@ def _footer(path: str, mtime_ns: int, column: str) -> tuple[int, int, int]:
 
 
 def _sample(files: list[Path], column: str) -> list[str]:
+    """About SAMPLE_DOCS documents from up to SAMPLE_GROUPS row groups spread evenly over the files (the first
+    documents of each, a batch at a time): one row group alone can be a single kind of text."""
+    groups = [(file, rg) for file in files for rg in range(pq.ParquetFile(file).metadata.num_row_groups)]
+    if not groups:
+        return []
+    step = max(len(groups) / SAMPLE_GROUPS, 1.0)
+    chosen = [groups[int(i * step)] for i in range(min(SAMPLE_GROUPS, len(groups)))]
+    per_group = max(SAMPLE_DOCS // len(chosen), 1)
     texts: list[str] = []
-    per_file = max(SAMPLE_DOCS // min(len(files), 4), 1)
-    for file in files[:4]:
-        reader = pq.ParquetFile(file)
-        if reader.metadata.num_row_groups:
-            table = reader.read_row_group(0, columns=[column])
-            texts += [t for t in table.column(0).to_pylist()[:per_file] if isinstance(t, str)]
+    for file, rg in chosen:
+        batch = next(pq.ParquetFile(file).iter_batches(batch_size=per_group, row_groups=[rg], columns=[column]), None)
+        if batch is not None:
+            texts += [t for t in batch.column(0).to_pylist() if isinstance(t, str)]
     return texts
 
 
 def dataset_size(name: str, path: str, column: str, tokenizer: str | None, separators: int) -> DatasetSize:
     """One dataset's size; `separators`: tokens added per document (EOS, and BOS where set)."""
     files = _files(path)
+    versions = tuple((str(f), f.stat().st_mtime_ns) for f in files)
+    stamp = Path(tokenizer).stat().st_mtime_ns if tokenizer else None
+    return _size(name, path, column, tokenizer, stamp, separators, versions)
+
+
+@functools.lru_cache(maxsize=64)
+def _size(name: str, path: str, column: str, tokenizer: str | None, stamp: int | None, separators: int,
+          versions: tuple[tuple[str, int], ...]) -> DatasetSize:
+    """Once per dataset, tokenizer and file versions (a sweep plans every point against the same data)."""
     groups = rows = size = 0
-    for file in files:
-        g, r, s = _footer(str(file), file.stat().st_mtime_ns, column)
+    for file, mtime in versions:
+        g, r, s = _footer(file, mtime, column)
         groups, rows, size = groups + g, rows + r, size + s
     per_byte = tokens = None
-    if tokenizer is not None and files and size:
-        texts = _sample(files, column)
+    if tokenizer is not None and versions and size:
+        texts = _sample([Path(f) for f, _ in versions], column)
         sample_bytes = sum(len(t.encode()) for t in texts)
         if sample_bytes:
-            per_byte = _count_tokens(tokenizer, tuple(texts)) / sample_bytes
+            per_byte = _count_tokens(tokenizer, texts) / sample_bytes
             tokens = size * per_byte + rows * separators
-    return DatasetSize(name, path, len(files), groups, rows, size, per_byte, tokens)
+    return DatasetSize(name, path, len(versions), groups, rows, size, per_byte, tokens)
 
 
-def _count_tokens(tokenizer: str, texts: tuple[str, ...]) -> int:
+def _count_tokens(tokenizer: str, texts: list[str]) -> int:
     from tokenizers import Tokenizer
 
     encoder = Tokenizer.from_file(tokenizer)
-    return sum(len(e.ids) for e in encoder.encode_batch(list(texts), add_special_tokens=False))
+    return sum(len(e.ids) for e in encoder.encode_batch(texts, add_special_tokens=False))

@@ -9,7 +9,8 @@ Two terms are models, not measurements: the allocator's fragmentation on top of 
 memory (context, NCCL/RCCL buffers), both from `cluster.plan`. A large model is traced at two small depths and the
 figures extrapolated linearly in the number of blocks (every block is the same, so each figure is affine in it; a
 test holds extrapolation to a full trace). Kernels are those of this host: a GPU's FlexAttention document mask is
-traced as the plain causal attention (its block mask is a few KB), the experts' loop as an even split of the rows.
+traced as the plain causal attention (its block mask is a few KB), the experts' loop as an even split of the rows,
+compiled blocks as eager ones (an upper bound: fusion saves activations).
 """
 
 from __future__ import annotations
@@ -117,7 +118,10 @@ def trace(cfg: AnvilConfig, fake: bool = True) -> Memory:
     accum = t.global_batch_size // (micro * layout.dp_size)
     # The parallelisms are applied to the meta model before tensors turn fake (the device meshes they build compute
     # their coordinates with real tensors); allow_non_fake_inputs: the meta model becomes fake as it materialises.
-    model = parallelized(cfg.model, cfg.parallel, layout, device, dtype, seq_len=cfg.data.seq_len, planning=fake)
+    # Compiled blocks are traced eager: compiling under fake tensors would cost minutes, and a compiled block's fused
+    # kernels save activations, so the eager figure is the bound.
+    parallel = cfg.parallel.model_copy(update={"compile": False}) if fake else cfg.parallel
+    model = parallelized(cfg.model, parallel, layout, device, dtype, seq_len=cfg.data.seq_len, planning=fake)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         materialise(model, layout, device, seed=0, fake=fake)
         optimizer = build_optimizer(model, cfg.model, cfg.optim, fused=cfg.cluster.device != "cpu")
