@@ -153,7 +153,8 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def _files(path: str) -> list[Path]:
+def dataset_files(path: str) -> list[Path]:
+    """The Parquet files of a dataset path: a glob, a directory (searched recursively) or one file; sorted."""
     if glob.has_magic(path):
         found = [Path(p) for p in glob.glob(path, recursive=True)]
     elif Path(path).is_dir():
@@ -165,7 +166,7 @@ def _files(path: str) -> list[Path]:
 
 def open_source(name: str, path: str, text_column: str, weight: float) -> Source:
     """Read every file's footer: schema, row groups and row counts; nothing else."""
-    files = _files(path)
+    files = dataset_files(path)
     if not files:
         raise DataError(f"dataset {name}: no Parquet file at '{path}'")
     units: list[Unit] = []

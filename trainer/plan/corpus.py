@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from trainer.data.sources import dataset_files
+
 SAMPLE_DOCS = 256
 """Documents tokenized per dataset for its tokens per byte."""
 SAMPLE_GROUPS = 32
@@ -32,18 +34,6 @@ class DatasetSize:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _files(path: str) -> list[Path]:
-    import glob
-
-    if glob.has_magic(path):
-        found = [Path(p) for p in glob.glob(path, recursive=True)]
-    elif Path(path).is_dir():
-        found = list(Path(path).rglob("*.parquet"))
-    else:
-        found = [Path(path)] if Path(path).exists() else []
-    return sorted(p for p in found if p.is_file())
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,7 +72,7 @@ def _sample(files: list[Path], column: str) -> list[str]:
 
 def dataset_size(name: str, path: str, column: str, tokenizer: str | None, separators: int) -> DatasetSize:
     """One dataset's size; `separators`: tokens added per document (EOS, and BOS where set)."""
-    files = _files(path)
+    files = dataset_files(path)
     versions = tuple((str(f), f.stat().st_mtime_ns) for f in files)
     stamp = Path(tokenizer).stat().st_mtime_ns if tokenizer else None
     return _size(name, path, column, tokenizer, stamp, separators, versions)
