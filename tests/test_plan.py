@@ -240,3 +240,18 @@ def test_the_corpus_estimate_is_near_its_real_token_count(corpus: Path) -> None:
     words = str(write_tokenizer(corpus.parent / "words.json", 1))
     other = dataset_size("train", str(corpus / "train"), "text", words, separators=1)
     assert other.tokens != pytest.approx(real, rel=0.05)
+
+
+def test_a_job_nothing_rescues_says_so(corpus: Path) -> None:
+    """A device far too small: every change is tried (and planned), none fits, and the refusal says what to do
+    instead. Control: the same plan with room to spare fits, and nothing is searched."""
+    from tests.train_helpers import TINY, corpus_overrides
+    from trainer.core.layers import load_config
+    from trainer.launch.planning import plan_jobs
+
+    base = ["job.name=tiny", *TINY, *corpus_overrides(corpus)]
+    small, roomy = plan_jobs([load_config(None, [*base, "cluster.device_memory_gib=0.001"], environ={}),
+                              load_config(None, [*base, "cluster.device_memory_gib=1"], environ={})], memory=True)
+    assert small.fits is False and small.searched and small.alternatives == []
+    assert "none of the changes tried fits" in small.problems[0] and "use more nodes" in small.problems[0]
+    assert roomy.fits is True and not roomy.searched and roomy.problems == []

@@ -82,6 +82,7 @@ def plan_jobs(cfgs: Sequence[AnvilConfig], memory: bool, alternatives: bool = Tr
         if "memory" not in found:
             plan.memory_skipped = found.get("skipped") or f"memory not planned: {found.get('error')}"
             continue
+        plan.searched = "alternatives" in found
         for option in found.get("alternatives", []):
             other = AnvilConfig.model_validate(option["config"])
             plan.alternatives.append({"why": option["why"], "peak_gib": option["peak"] / GIB,

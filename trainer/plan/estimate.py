@@ -58,6 +58,8 @@ class Plan:
     """What stops the job (it does not fit; its data cannot feed its workers)."""
     alternatives: list[dict[str, Any]] = field(default_factory=list)
     """Planned changes that fit: {why, overrides, peak_gib}."""
+    searched: bool = False
+    """Whether changes that fit were looked for (`alternatives` empty and this true: none of those tried fits)."""
     assumptions: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,7 +156,9 @@ def with_memory(plan: Plan, cfg: AnvilConfig, memory: dict[str, Any]) -> Plan:
     if not plan.fits:
         plan.problems.append(
             f"memory: the predicted peak is {peak / GIB:.1f} GiB per device, over the {limit:g} GiB of "
-            f"cluster.device_memory_gib ({cfg.cluster.profile}); " + (
-                "each change listed below is planned to fit" if plan.alternatives else
-                "no planned change fits: use more nodes, a smaller model or a shorter data.seq_len"))
+            f"cluster.device_memory_gib ({cfg.cluster.profile})" + (
+                "; each change listed below is planned to fit" if plan.alternatives else
+                "; none of the changes tried fits (activation checkpointing, smaller micro-batches, more sharding, "
+                "TP, twice the nodes, and checkpointing with each): use more nodes, a smaller model or a shorter "
+                "data.seq_len" if plan.searched else ""))
     return plan

@@ -118,8 +118,8 @@ def _submit(args: argparse.Namespace, out: Console) -> int:
         out.print(f"left out (skip_invalid): {name}: {problems[0]}", markup=False, soft_wrap=True)
     if sweep.skipped:
         out.print(f"left out by skip rules: {len(sweep.skipped)} point(s)", markup=False)
-    plans = plan_jobs([item.cfg for item in planned],
-                      memory=args.plan or any(memory_wanted(item.cfg) for item in planned))
+    plans = plan_jobs([item.cfg for item in planned],  # alternatives: per point with submit.py --plan
+                      memory=args.plan or any(memory_wanted(item.cfg) for item in planned), alternatives=False)
     if args.plan:
         out.print(plans_table(f"sweep {sweep.name}: the plan of {len(planned)} points (nothing written)",
                               [item.point.name for item in planned], plans))
@@ -129,7 +129,8 @@ def _submit(args: argparse.Namespace, out: Console) -> int:
     for item, plan in zip(planned, plans, strict=True):
         if plan.problems and (item, plan) not in kept:
             out.print(f"left out: {item.point.name}: {plan.problems[0]}" + (
-                " (submit it anyway with --force)" if plan.fits is False else ""), markup=False, soft_wrap=True)
+                f" (submit it anyway with --force; `{command('submit')} --plan` with its config lists changes "
+                "that fit)" if plan.fits is False else ""), markup=False, soft_wrap=True)
     if planned and not kept:
         raise ConfigError([f"point {item.point.name}: {plan.problems[0]}"
                            for item, plan in zip(planned, plans, strict=True)], "the sweep's plan: no point can run")
