@@ -243,7 +243,13 @@ def test_a_killed_a_hung_and_a_lost_rank_end_the_job_with_the_reason(submit, job
         subprocess.run(["scontrol", "hold", job_id], check=True)
     finally:
         restore_node("n2")
-    time.sleep(10)
+    # SLURM's own cleanup of the lost attempt reaches n2 when it answers again: a terminate for job <id> that the
+    # controller retries until it is delivered (every few seconds, later under load). Delivered after the release,
+    # it would stop the new attempt of the same job id on n2 (it did, twice, on a busy machine). Released once the
+    # controller has nothing left to deliver.
+    wait_for(lambda: "No pending RPCs" in subprocess.run(["sdiag"], capture_output=True, text=True).stdout, 180,
+             "the controller's pending messages to the returned node")
+    time.sleep(2)
     subprocess.run(["scontrol", "release", job_id], check=True)
     assert watch_states(job_id, 300)[-1] == "COMPLETED"
     requeued = next(e for e in reversed(events_of(job)) if e["event"] == "requeue")

@@ -505,8 +505,16 @@ def append_event(job: JobDir, event: str, job_id: str | None = None, reason: str
 
 
 def write_plan(job: JobDir, plan: dict[str, Any]) -> None:
-    """The plan of the config just submitted (replacing the previous submit's)."""
-    write_atomic(job.plan, json.dumps(plan, indent=2) + "\n")
+    """The plan of the config just submitted (replacing the previous submit's; the same one is not written again, so
+    that a full disk can resubmit, and a disk that cannot take a new one is refused in one line)."""
+    text = json.dumps(plan, indent=2) + "\n"
+    try:
+        same = job.plan.read_text(encoding="utf-8") == text
+    except OSError:
+        same = False
+    if not same:
+        with _writing(job.path):
+            write_atomic(job.plan, text)
 
 
 def write_error(job: JobDir, kind: str, message: str) -> bool:

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     def measure(cfg: AnvilConfig) -> dict:
         key = memory_key(cfg)
         if key not in cache:
-            cache[key] = plan_memory(cfg).to_dict()
+            cache[key] = plan_memory(cfg).plan_dict()
         return cache[key]
 
     results = []

@@ -80,6 +80,10 @@ class Memory:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"peak": self.peak, "peak_phase": self.peak_phase, "at_peak": self.at_peak}
 
+    def plan_dict(self) -> dict[str, Any]:
+        """What a plan keeps: the figures, not how long they took (a plan of the same config is the same plan)."""
+        return {k: v for k, v in self.to_dict().items() if k != "seconds"}
+
 
 def _categories(snapshot: dict) -> dict[str, float]:
     """One device's tracker snapshot → bytes per reported category (and `total`)."""
