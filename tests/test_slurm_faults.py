@@ -243,10 +243,10 @@ def test_a_killed_a_hung_and_a_lost_rank_end_the_job_with_the_reason(submit, job
         subprocess.run(["scontrol", "hold", job_id], check=True)
     finally:
         restore_node("n2")
-    # SLURM's own cleanup of the lost attempt reaches n2 when it answers again: a terminate for job <id> that the
-    # controller retries until it is delivered (every few seconds, later under load). Delivered after the release,
-    # it would stop the new attempt of the same job id on n2 (it did, twice, on a busy machine). Released once the
-    # controller has nothing left to deliver.
+    # SLURM's own cleanup of the lost attempt reaches n2 late: the controller keeps retrying a REQUEST_SIGNAL_TASKS
+    # for the lost step (`sdiag` showed it pending for 60 s, well after n2 answered again). Delivered after the
+    # release, it signals the new attempt's step, which has the same id (<job>.0), on n2: the job stops there with a
+    # checkpoint ("stopped by SIGTERM", twice on a busy machine). Released once the controller has nothing pending.
     wait_for(lambda: "No pending RPCs" in subprocess.run(["sdiag"], capture_output=True, text=True).stdout, 180,
              "the controller's pending messages to the returned node")
     time.sleep(2)
