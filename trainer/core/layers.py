@@ -412,8 +412,8 @@ def as_submitted(cfg: AnvilConfig) -> AnvilConfig:
 
 
 def changed(cfg: AnvilConfig, changes: Mapping[str, Any]) -> AnvilConfig:
-    """`cfg` with some dotted fields set (`{"parallel.tp": 2}`), validated again: how a planned alternative or a
-    sweep point differs from its base. Raises ConfigError naming the field if a value is not valid there."""
+    """`cfg` with some dotted fields set (`{"parallel.tp": 2}`), validated again: how a planned alternative differs
+    from the job it is planned for. Raises ConfigError naming the field if a value is not valid there."""
     data = cfg.model_dump()
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from trainer.core.checks import interpreter_problem
 from trainer.core.config import AnvilConfig
-from trainer.plan.alternatives import as_overrides, layout_fields
+from trainer.plan.alternatives import as_overrides
 from trainer.plan.estimate import GIB, Plan, base_plan, with_memory
 
 PLAN_TIMEOUT_S = 900
@@ -86,7 +86,7 @@ def plan_jobs(cfgs: Sequence[AnvilConfig], memory: bool, alternatives: bool = Tr
         for option in found.get("alternatives", []):
             other = AnvilConfig.model_validate(option["config"])
             plan.alternatives.append({"why": option["why"], "peak_gib": option["peak"] / GIB,
-                                      "overrides": as_overrides(cfg, other, layout_fields)})
+                                      "overrides": as_overrides(cfg, other)})
         with_memory(plan, cfg, found["memory"])
     return plans
 

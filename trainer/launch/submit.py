@@ -133,11 +133,11 @@ def _submit(argv: Sequence[str] | None) -> int:
         raise JobDirError(f"cannot create the job: {exc}") from None
 
     plan = plan_jobs([cfg], memory=memory_wanted(cfg), alternatives=not args.force)[0]
+    if plan.stops(args.force):
+        print_plans(err, [plan])
+        raise ConfigError(plan.problems + (["or submit it anyway with --force"] if plan.fits is False else []),
+                          "the job's plan")
     if plan.problems:
-        if not args.force or plan.fits is not False or len(plan.problems) > 1:
-            print_plans(err, [plan])
-            raise ConfigError(plan.problems + (["or submit it anyway with --force"] if plan.fits is False else []),
-                              "the job's plan")
         err.print(f"anvil: --force: submitting although {plan.problems[0]}", markup=False, soft_wrap=True)
     if plan.memory_skipped and memory_wanted(cfg):
         err.print(f"anvil: {plan.memory_skipped}", markup=False, soft_wrap=True)

@@ -4,7 +4,7 @@ tracing it, never guessed. torch-free: the candidates are configs; the caller me
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from trainer.core.checks import data_problems, parallel_problems
@@ -54,15 +54,13 @@ def candidates(cfg: AnvilConfig) -> Iterator[tuple[str, AnvilConfig, bool]]:
             yield why, alternative, combined
 
 
-def as_overrides(base: AnvilConfig, alternative: AnvilConfig, changes_of: Callable[[AnvilConfig], Changes]
-                 ) -> list[str]:
-    """The command-line overrides that turn `base` into `alternative` (for the fields `changes_of` names)."""
-    old, new = changes_of(base), changes_of(alternative)
+def as_overrides(base: AnvilConfig, alternative: AnvilConfig) -> list[str]:
+    """The command-line overrides that turn `base` into `alternative` (the fields an alternative may change)."""
+    old, new = _layout_fields(base), _layout_fields(alternative)
     return [f"{k}={v}" for k, v in new.items() if old.get(k) != v]
 
 
-def layout_fields(cfg: AnvilConfig) -> Changes:
-    """The fields an alternative may change, as they stand in `cfg`."""
+def _layout_fields(cfg: AnvilConfig) -> Changes:
     return {"parallel.activation_checkpoint": cfg.parallel.activation_checkpoint,
             "train.micro_batch_size": cfg.train.micro_batch_size, "parallel.dp_replicate": cfg.parallel.dp_replicate,
             "parallel.dp_shard": cfg.parallel.dp_shard, "parallel.tp": cfg.parallel.tp,

@@ -65,6 +65,11 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def stops(self, force: bool) -> bool:
+        """Whether the plan stops a submission: any problem, unless `force` and the one problem is the fit (data that
+        cannot feed its workers would fail at the first step whatever is forced)."""
+        return bool(self.problems) and not (force and self.fits is False and len(self.problems) == 1)
+
 
 def layout_text(cfg: AnvilConfig) -> str:
     p = cfg.parallel

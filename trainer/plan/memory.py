@@ -138,10 +138,12 @@ def trace(cfg: AnvilConfig, fake: bool = True) -> Memory:
                  "labels": torch.randint(0, cfg.model.vocab_size, (micro, cfg.data.seq_len))}
         if cfg.data.document_positions and cfg.cluster.device == "cpu":  # on a GPU: FlexAttention's block mask
             batch["positions"] = torch.arange(cfg.data.seq_len).repeat(micro, 1)
-        tracker = FSDPMemTracker(model, optimizer) if layout.fsdp else MemTracker()
-        if not layout.fsdp:
+        if layout.fsdp:
+            tracker = FSDPMemTracker(model, optimizer)
+            tracker.track_inputs(tuple(batch.values()))
+        else:
+            tracker = MemTracker()
             tracker.track_external(model, optimizer)
-        tracker.track_inputs(tuple(batch.values())) if layout.fsdp else None
         autocast = autocast_for(layout, device, dtype)
         with tracker:  # forward and backward
             at_rest = _categories(tracker.get_tracker_snapshot())

@@ -124,13 +124,14 @@ def _submit(args: argparse.Namespace, out: Console) -> int:
         out.print(plans_table(f"sweep {sweep.name}: the plan of {len(planned)} points (nothing written)",
                               [item.point.name for item in planned], plans))
         return EXIT_REFUSED if any(plan.problems for plan in plans) else 0
-    kept = [(item, plan) for item, plan in zip(planned, plans, strict=True)
-            if not plan.problems or (args.force and plan.fits is False and len(plan.problems) == 1)]
+    kept = []
     for item, plan in zip(planned, plans, strict=True):
-        if plan.problems and (item, plan) not in kept:
-            out.print(f"left out: {item.point.name}: {plan.problems[0]}" + (
-                f" (submit it anyway with --force; `{command('submit')} --plan` with its config lists changes "
-                "that fit)" if plan.fits is False else ""), markup=False, soft_wrap=True)
+        if not plan.stops(args.force):
+            kept.append((item, plan))
+            continue
+        out.print(f"left out: {item.point.name}: {plan.problems[0]}" + (
+            f" (submit it anyway with --force; `{command('submit')} --plan` with its config lists changes "
+            "that fit)" if plan.fits is False else ""), markup=False, soft_wrap=True)
     if planned and not kept:
         raise ConfigError([f"point {item.point.name}: {plan.problems[0]}"
                            for item, plan in zip(planned, plans, strict=True)], "the sweep's plan: no point can run")
