@@ -21,7 +21,12 @@ from trainer.train.loop import Trainer
 from trainer.train.parallelize import build_layout
 
 
-def main(job_dir: str, out: str, steps: int = 10) -> None:
+def main(job_dir: str, out: str, control: str = "", steps: int = 10) -> None:
+    if control == "fp32-parameters":
+        from trainer.train import parallelize
+
+        policy = parallelize.MixedPrecisionPolicy
+        parallelize.MixedPrecisionPolicy = lambda **kw: policy(**{**kw, "param_dtype": torch.float32})
     job = JobDir(Path(job_dir))
     cfg = job.read_config()
     ranks = init_distributed(cfg)
@@ -51,4 +56,4 @@ def main(job_dir: str, out: str, steps: int = 10) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

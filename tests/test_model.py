@@ -13,7 +13,7 @@ from trainer.core.config import ModelConfig, MoeConfig, MupConfig
 from trainer.core.costs import flops_per_token, num_params
 from trainer.core.layers import load_config
 from trainer.export.hf import hf_name
-from trainer.train.model import Transformer, grouped_mm_runs, param_plan
+from trainer.train.model import Transformer, param_plan
 
 
 def build(cfg: ModelConfig, seq_len: int = 32, seed: int = 0) -> Transformer:
@@ -88,26 +88,6 @@ def test_each_token_gets_the_renormalised_mix_of_its_top_k_experts(top_k: int) -
         torch.testing.assert_close(out[b, t], want, rtol=1e-5, atol=1e-6)
     assert moe.load.sum() == 3 * 7 * top_k and len(moe.load) == 5
     torch.testing.assert_close(moe(x), out, rtol=0, atol=0)  # deterministic
-
-
-def test_experts_run_alike_as_one_grouped_matmul_and_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 under autocast: the grouped matmul (GPU's path) and the loop (where a device lacks it) agree to bf16
-    rounding; the probe says whether the device has it (control: a torch without it)."""
-    assert grouped_mm_runs(torch.device("cpu"))
-    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=64, moe=MoeConfig(experts=4, top_k=2, expert_dim=32))
-    moe = build(cfg).layers["0"].feed_forward
-    x = torch.randn(2, 16, cfg.dim, generator=torch.Generator().manual_seed(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        grouped = moe(x).float()
-        moe.grouped.grouped_mm = False
-        loop = moe(x).float()
-    torch.testing.assert_close(grouped, loop, rtol=0.02, atol=0.02 * loop.abs().max().item())
-
-    def missing(*args, **kwargs):
-        raise RuntimeError("grouped gemm is not supported on ROCM")
-
-    monkeypatch.setattr(torch, "_grouped_mm", missing)
-    assert not grouped_mm_runs(torch.device("cpu"))
 
 
 def test_moe_parameters_follow_mup_and_count_active_ones() -> None:

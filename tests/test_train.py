@@ -31,17 +31,21 @@ LAYOUTS = {
 }
 
 
-def numerics(job: Path, ranks: int, out: Path) -> list[list[float]]:
+def numerics(job: Path, ranks: int, out: Path, control: str = "") -> list[list[float]]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-           str(free_port()), str(REPO / "tests" / "numerics_worker.py"), str(job), str(out)]
+           str(free_port()), str(REPO / "tests" / "numerics_worker.py"), str(job), str(out), control]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=trainer_env(), cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def _same_numerics(tmp_path: Path, corpus: Path, layouts: list[str], *model: str) -> None:
-    results = {}
+def _same_numerics(tmp_path: Path, corpus: Path, layouts: list[str], *model: str,
+                   reference: list[list[float]] | None = None) -> None:
+    """`reference`: the one-process run of `model`, where it is at hand already."""
+    results = {} if reference is None else {"1 process": reference}
     for i, name in enumerate(layouts):
+        if name in results:
+            continue
         ranks, overrides = LAYOUTS[name]
         job = make_job(tmp_path, f"layout{i}", corpus, f"cluster.devices_per_node={ranks}",
                        "train.mixed_precision=fp32", *model, *overrides)
@@ -54,8 +58,8 @@ def _same_numerics(tmp_path: Path, corpus: Path, layouts: list[str], *model: str
             assert abs(norm - ref_norm) <= 1e-4 * max(ref_norm, 1), f"{name}: step {step} norm {norm} vs {ref_norm}"
 
 
-def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Path) -> None:
-    _same_numerics(tmp_path, corpus, list(LAYOUTS))
+def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Path, fp32_reference) -> None:
+    _same_numerics(tmp_path, corpus, list(LAYOUTS), reference=fp32_reference("dense"))
 
 
 MOE = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.expert_dim=48", "model.mup.enabled=true",
@@ -391,23 +395,121 @@ def test_init_from_restores_what_it_is_asked_for(tmp_path: Path, corpus: Path) -
     assert sorted(no_step) == list(range(1, 9)) and no_step[1]["lr"] == pytest.approx(3e-3 / 2)
 
 
-def test_compiled_blocks_and_bf16_train_close_to_fp32_eager(tmp_path: Path, corpus: Path) -> None:
-    """`torch.compile` per block (Inductor's C++ backend on CPU) and FSDP2 with bf16 parameters: the same
-    training, within the rounding each one introduces."""
-    eager = numerics(make_job(tmp_path, "eager", corpus, "train.mixed_precision=fp32"), 1, tmp_path / "eager.json")
+def test_compiled_blocks_train_as_eager_blocks(tmp_path: Path, corpus: Path, fp32_reference) -> None:
+    """`torch.compile` per block in the training path (Inductor's C++ backend on CPU), with selective activation
+    checkpointing: the same fp32 training as eager, to float32 reordering."""
     compiled = numerics(make_job(tmp_path, "compiled", corpus, "train.mixed_precision=fp32", "parallel.compile=true",
                                  "parallel.activation_checkpoint=selective"), 1, tmp_path / "compiled.json")
-    bf16 = numerics(make_job(tmp_path, "bf16", corpus, "train.mixed_precision=bf16", "cluster.devices_per_node=2"),
-                    2, tmp_path / "bf16.json")
-    for step, (e, c, b) in enumerate(zip(eager, compiled, bf16, strict=True), 1):
+    for step, (e, c) in enumerate(zip(fp32_reference("dense"), compiled, strict=True), 1):
         assert abs(c[0] - e[0]) <= 1e-4, f"compiled: step {step} loss {c[0]} vs eager {e[0]}"
-        assert abs(b[0] - e[0]) <= 0.05, f"bf16: step {step} loss {b[0]} vs fp32 {e[0]}"
-    # The GPU path of a mixture of experts: compiled blocks running the experts as grouped matmuls in bf16, FSDP2.
-    moe = numerics(make_job(tmp_path, "moe", corpus, "train.mixed_precision=fp32", *MOE), 1, tmp_path / "moe.json")
-    grouped = numerics(make_job(tmp_path, "grouped", corpus, "train.mixed_precision=bf16", "parallel.compile=true",
-                                "cluster.devices_per_node=2", *MOE), 2, tmp_path / "grouped.json")
-    for step, (e, g) in enumerate(zip(moe, grouped, strict=True), 1):
-        assert abs(g[0] - e[0]) <= 0.05, f"MoE compiled in bf16: step {step} loss {g[0]} vs fp32 eager {e[0]}"
+
+
+BF16_LAYOUTS = {name: ("dense", ranks, overrides) for name, (ranks, overrides) in LAYOUTS.items()}
+BF16_LAYOUTS["1 process"] = ("dense", 1, ["parallel.compile=true"])  # one GPU's path: autocast, compiled blocks
+BF16_LAYOUTS["MoE on FSDP2, compiled"] = ("moe", 2, ["parallel.dp_shard=2", "parallel.compile=true"])  # grouped mm
+MODELS = {"dense": [], "moe": MOE}
+
+
+@pytest.fixture(scope="session")
+def fp32_reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """model -> the fp32 one-process losses and norms, run once per test process (the layouts equal it to 1e-5)."""
+    cache: dict[str, list[list[float]]] = {}
+
+    def reference(model: str) -> list[list[float]]:
+        if model not in cache:
+            where = tmp_path_factory.mktemp(f"fp32-{model}")
+            job = make_job(where, "fp32", corpus, "train.mixed_precision=fp32", *MODELS[model])
+            cache[model] = numerics(job, 1, where / "fp32.json")
+        return cache[model]
+
+    return reference
+
+
+def bf16_rounding(job: Path) -> tuple[float, float, float]:
+    """What bf16 does to the job's first step, measured in this process on its model and first global batch:
+    (bias, σ, ε): the mean and the standard error of the mean loss's rounding error (the per-token errors' mean, and
+    their spread over √tokens), and the relative error of the whole gradient. With FSDP, the forward of its policy
+    (every parameter cast to bf16); else autocast's (matmuls in bf16)."""
+    import contextlib
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.data.loader import build_loader
+    from trainer.train.model import Transformer
+
+    cfg = jobdir.JobDir(job).read_config()
+    fsdp = cfg.parallel.dp_replicate * cfg.dp_shard > 1
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.data.seq_len)
+    model.to_empty(device="cpu")
+    model.init_weights(cfg.train.seed)
+    batch = next(iter(build_loader(cfg.data, cfg.train.seed, 0, 1, cfg.train.global_batch_size)))
+    labels = batch["labels"].flatten()
+
+    def step(net: torch.nn.Module, context) -> tuple[torch.Tensor, torch.Tensor]:
+        with context:
+            logits = net(batch["input_ids"], batch.get("positions"))
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels, reduction="none")[labels != -100]
+        per_token.mean().backward()
+        return per_token.detach(), torch.cat([p.grad.float().flatten() for p in net.parameters()])
+
+    twin = copy.deepcopy(model)  # before any forward: a mixture's statistics are not leaves
+    exact, exact_grad = step(model, contextlib.nullcontext())
+    rounded, rounded_grad = (step(twin.to(torch.bfloat16), contextlib.nullcontext()) if fsdp
+                             else step(twin, torch.autocast("cpu", dtype=torch.bfloat16)))
+    errors = rounded - exact
+    return (errors.mean().item(), errors.std().item() / len(errors) ** 0.5,
+            ((rounded_grad - exact_grad).norm() / exact_grad.norm()).item())
+
+
+@pytest.mark.parametrize("layout", list(BF16_LAYOUTS))
+def test_bf16_tracks_fp32_within_its_rounding_in_every_layout(tmp_path: Path, corpus: Path, fp32_reference,
+                                                              layout: str) -> None:
+    """bf16 training (FSDP2's policy, bf16 parameters and fp32 reductions; autocast without FSDP) against the fp32
+    run, every step, within a tolerance derived from bf16's rounding of this model, to first order:
+
+        |L_bf16(t) - L_fp32(t)| <= |b| + 4σ + ε · Σ_{s<t} |L_fp32(s+1) - L_fp32(s)|
+
+    b and σ: the mean and standard error of the loss's rounding error on the first step (same weights, so the
+    forward's rounding alone); ε: the gradient's relative rounding error, which makes each update off by about ε of
+    itself, so the trajectories part by about ε of the loss change the updates made. All three are measured on the
+    job's own model and first batch (`bf16_rounding`). Every layout is within this of fp32, so the layouts agree with
+    each other within twice it. And the run must show bf16 at all: some step differs from fp32 by more than σ
+    (the fp32 layouts agree to 1e-5; control: a policy with fp32 parameters fails here)."""
+    model, ranks, overrides = BF16_LAYOUTS[layout]
+    job = make_job(tmp_path, "bf16", corpus, "train.mixed_precision=bf16", f"cluster.devices_per_node={ranks}",
+                   *MODELS[model], *overrides)
+    reference = fp32_reference(model)
+    bias, sigma, epsilon = bf16_rounding(job)
+    assert 0 < sigma < 1e-3 and 0 < epsilon < 0.05  # what bf16's 8 significant bits give a model this size
+    got = numerics(job, ranks, tmp_path / "bf16.json")
+    _within_bf16_rounding(got, reference, bias, sigma, epsilon, layout)
+
+
+def _within_bf16_rounding(got: list[list[float]], reference: list[list[float]], bias: float, sigma: float,
+                          epsilon: float, what: str) -> None:
+    progress, gaps = 0.0, []
+    for step, ((loss, _), (ref, _)) in enumerate(zip(got, reference, strict=True), 1):
+        if step > 1:
+            progress += abs(ref - reference[step - 2][0])
+        tolerance = abs(bias) + 4 * sigma + epsilon * progress
+        assert abs(loss - ref) <= tolerance, f"{what}: step {step} loss {loss} vs fp32 {ref} (tolerance {tolerance})"
+        gaps.append(abs(loss - ref))
+    assert max(gaps) > sigma, f"{what}: no step differs from fp32 by more than σ = {sigma}: bf16 did not run"
+
+
+def test_a_mixed_precision_policy_with_fp32_parameters_is_caught(tmp_path: Path, corpus: Path, fp32_reference
+                                                                 ) -> None:
+    """The control: FSDP 2 asked for bf16 under a policy that keeps fp32 parameters trains as fp32 does (twice the
+    memory and a fraction of the speed on a GPU, silently) and fails the bf16 test's check."""
+    job = make_job(tmp_path, "wrong", corpus, "train.mixed_precision=bf16", "cluster.devices_per_node=2",
+                   "parallel.dp_shard=2")
+    bias, sigma, epsilon = bf16_rounding(job)
+    got = numerics(job, 2, tmp_path / "wrong.json", control="fp32-parameters")
+    with pytest.raises(AssertionError, match="bf16 did not run"):
+        _within_bf16_rounding(got, fp32_reference("dense"), bias, sigma, epsilon, "fp32 parameters")
 
 
 def test_mup_monitors_agree_across_layouts_and_follow_the_learning_rate(tmp_path: Path, corpus: Path) -> None:

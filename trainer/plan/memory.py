@@ -28,6 +28,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.tensor import DTensor
 
 from trainer.core.config import AnvilConfig
+from trainer.train.gpu import GpuPaths
 from trainer.train.optim import build_optimizer, clip_grad_norm
 from trainer.train.parallelize import build_layout, materialise, parallelized
 from trainer.train.step import autocast_for, micro_step, sync_gradients
@@ -128,7 +129,8 @@ def trace(cfg: AnvilConfig, fake: bool = True) -> Memory:
     model = parallelized(cfg.model, parallel, layout, device, dtype, seq_len=cfg.data.seq_len, planning=fake)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         materialise(model, layout, device, seed=0, fake=fake)
-        optimizer = build_optimizer(model, cfg.model, cfg.optim, fused=cfg.cluster.device != "cpu")
+        gpu = GpuPaths.of_cluster(cfg.cluster.device)
+        optimizer = build_optimizer(model, cfg.model, cfg.optim, fused=gpu.fused_adamw)
         params = [p for p in model.parameters() if p.requires_grad]
         for param in params:  # the optimizer's state, as it is from the second step on
             param.grad = torch.zeros_like(param)
@@ -136,7 +138,8 @@ def trace(cfg: AnvilConfig, fake: bool = True) -> Memory:
         optimizer.zero_grad(set_to_none=True)
         batch = {"input_ids": torch.randint(0, cfg.model.vocab_size, (micro, cfg.data.seq_len)),
                  "labels": torch.randint(0, cfg.model.vocab_size, (micro, cfg.data.seq_len))}
-        if cfg.data.document_positions and cfg.cluster.device == "cpu":  # on a GPU: FlexAttention's block mask
+        # Document masks: an explicit mask where the job will hold one; FlexAttention's block mask is negligible.
+        if cfg.data.document_positions and not gpu.flex_attention:
             batch["positions"] = torch.arange(cfg.data.seq_len).repeat(micro, 1)
         if layout.fsdp:
             tracker = FSDPMemTracker(model, optimizer)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from trainer.core.config import AnvilConfig
 from trainer.core.processes import node_name
+from trainer.train.gpu import GpuPaths
 
 
 def log(rank: int, message: str) -> None:
@@ -77,9 +78,8 @@ def process_group() -> None:
 def init_distributed(cfg: AnvilConfig, timeout_s: float = 300) -> Ranks:
     ranks = ranks_from_environment()
     make_node_local_caches()
-    if cfg.cluster.device == "cpu":
-        backend = "gloo"
-    else:
+    backend = "gloo"
+    if GpuPaths.of_cluster(cfg.cluster.device).nccl:
         torch.cuda.set_device(ranks.local_rank)
         backend = "nccl"  # RCCL on ROCm, under the same name
     dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))

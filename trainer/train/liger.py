@@ -12,12 +12,13 @@ import types
 
 import torch
 
+from trainer.train.gpu import GpuPaths
 from trainer.train.model import Attention, FeedForward, RMSNorm, Transformer, apply_rope
 
 
 def liger_problem(device: torch.device, tp: int) -> str | None:
     """Why Liger cannot be used here, or None."""
-    if device.type != "cuda":
+    if not GpuPaths.of(device).liger:
         return "Liger's Triton kernels need a GPU; this CPU job uses the plain PyTorch path"
     if tp > 1:
         return ("Liger's kernels take plain tensors, not tensor-parallel DTensors; "

@@ -23,6 +23,7 @@ from trainer.core.jobdir import JobDir
 from trainer.data.loader import build_loader
 from trainer.train import checkpoint
 from trainer.train.batches import StepBatches
+from trainer.train.gpu import GpuPaths
 from trainer.train.guard import ROLLBACK_EVENT, StepGuard, StepRejected
 from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set
 from trainer.train.metrics import MetricsLogger, StepWindow, model_size
@@ -40,6 +41,7 @@ class Trainer:
                  watchdog: Watchdog | None = None):
         self.cfg, self.job, self.rank, self.layout, self.device = cfg, job, rank, layout, device
         self.watchdog = watchdog
+        self.gpu = GpuPaths.of(device)
         t = cfg.train
         self.metrics = MetricsLogger(cfg.metrics, job, steps=t.steps, enabled=rank == 0, name=cfg.job.name,
                                      run_config=cfg.model_dump(mode="json"))
@@ -47,11 +49,11 @@ class Trainer:
         self.accum = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
         self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         loader = build_loader(cfg.data, cfg.data_seed, layout.dp_rank, layout.dp_size,
-                              t.micro_batch_size * self.accum, pin_memory=device.type == "cuda")
+                              t.micro_batch_size * self.accum, pin_memory=self.gpu.pinned_batches)
         self.data = StepBatches(loader, t.micro_batch_size, self.accum, device, finite=cfg.data.epochs is not None)
         self.model = build_model(cfg.model, cfg.parallel, layout, device, self.dtype, seq_len=cfg.data.seq_len,
                                  seed=t.seed, use_liger=t.liger, say=self.metrics.line)
-        self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=device.type == "cuda")
+        self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=self.gpu.fused_adamw)
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.parts = checkpoint.Parts(self.model, self.optimizer, self.scheduler, loader, self.metrics.line,
                                       self._record)
@@ -69,7 +71,7 @@ class Trainer:
         self.tokens_seen = 0
         self.saved_step: int | None = None  # known to every rank alike (the marker file may lag on others)
         self.pending: checkpoint.PendingSave | None = None
-        async_save = cfg.checkpoint.async_save if cfg.checkpoint.async_save is not None else device.type == "cuda"
+        async_save = cfg.checkpoint.async_save if cfg.checkpoint.async_save is not None else self.gpu.async_save_default
         # The background writer gets a gloo group of its own: it must never share one with training collectives.
         self.async_group = dist.new_group(backend="gloo") if async_save else None
         self.autocast = autocast_for(layout, device, self.dtype)

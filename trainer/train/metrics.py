@@ -26,12 +26,13 @@ from trainer.core.files import write_atomic
 from trainer.core.jobdir import JobDir
 from trainer.train.checkpoint import STORAGE_ERRNOS, StorageError, newest_whole
 from trainer.train.distributed import log
+from trainer.train.gpu import GpuPaths
 from trainer.train.model import param_plan, plain_name
 
 
 def memory_gib(device: torch.device) -> float:
     """Peak memory of this rank: device memory on GPU, resident set size on CPU."""
-    if device.type == "cuda":
+    if GpuPaths.of(device).cuda_memory:
         return torch.cuda.max_memory_allocated(device) / 2**30
     try:  # this process's own peak; ru_maxrss can carry the peak of the process that forked it
         with open("/proc/self/status") as f:

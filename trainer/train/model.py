@@ -74,18 +74,23 @@ def compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor,
-                            scale: float) -> torch.Tensor:
-    """Document-causal attention with a FlexAttention block mask (GPU): blocks that cross documents are skipped,
-    none is materialised as a dense mask."""
+def document_block_mask(documents: torch.Tensor):
+    """The FlexAttention block mask of `document_mask`: causal, never across documents. Blocks wholly outside the mask
+    are listed as skipped, so attention costs what the documents hold, not the row's square."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def same_document(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (documents[b, q_idx] == documents[b, kv_idx])
 
-    length = q.shape[-2]
-    block_mask = create_block_mask(same_document, B=documents.shape[0], H=None, Q_LEN=length, KV_LEN=length,
-                                   device=q.device)
+    length = documents.shape[-1]
+    return create_block_mask(same_document, B=documents.shape[0], H=None, Q_LEN=length, KV_LEN=length,
+                             device=documents.device)
+
+
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float
+                            ) -> torch.Tensor:
+    """Attention under a block mask (`document_block_mask`), compiled: Triton on a GPU; on a CPU Inductor's C++
+    kernel runs the forward only (torch 2.13 has no FlexAttention backward on a CPU)."""
     return compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -116,17 +121,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
-        """`documents` (per-token document ids of each row, from `document_ids`): attention stays inside each
-        document of a packed row; None: plain causal attention over the row."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents=None) -> torch.Tensor:
+        """`documents` (per-token document ids of each row, from `document_ids`, or their FlexAttention block mask
+        from `document_block_mask`): attention stays inside each document of a packed row; None: plain causal
+        attention over the row."""
         batch, length, _ = x.shape
         q, k = self.queries_and_keys(x, cos, sin)
         v = self.wv(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
         gqa = q.shape[1] != k.shape[1]
         if documents is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
-        elif q.is_cuda:
+        elif not isinstance(documents, torch.Tensor):  # a block mask
             out = flex_document_attention(q, k, v, documents, self.scale)
         else:  # CPU: the same mask, explicit (quadratic in the row length: fine for what runs on a CPU)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(documents), scale=self.scale,
@@ -240,7 +245,7 @@ class Block(nn.Module):
         self.feed_forward = MoE(cfg) if cfg.moe.experts else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents=None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, documents)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -262,6 +267,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.fused_loss: nn.Module | None = None
+        self.flex_attention = False
+        """Document masks as one FlexAttention block mask per forward (`GpuPaths.flex_attention`, set by
+        `build_model` on a GPU); else an explicit mask."""
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,6 +285,8 @@ class Transformer(nn.Module):
         else:  # per-document positions: RoPE restarts, and attention stays inside each document
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
             documents = document_ids(positions)
+            if self.flex_attention:
+                documents = document_block_mask(documents)
         h = self.embedded(self.tok_embeddings(tokens) * self.input_mult)
         for layer in self.layers.values():
             h = layer(h, cos, sin, documents)

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from trainer.core.config import AnvilConfig, ModelConfig, ParallelConfig
 from trainer.core.errors import AnvilError
 from trainer.train import liger
+from trainer.train.gpu import GpuPaths
 from trainer.train.model import GroupedExperts, MoE, Transformer, grouped_mm_runs
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
@@ -164,9 +165,11 @@ def place_full_value(param: nn.Parameter, full: torch.Tensor) -> None:
 def apply_kernels(model: Transformer, parallel: ParallelConfig, tp: int, device: torch.device,
                   param_dtype: torch.dtype, use_liger: bool, say: Callable[[str], None],
                   planning: bool = False) -> None:
-    """The device's kernels, on the plain model before anything wraps it (so compile sees them): the experts' loop
-    where the device has no bf16 grouped matmul; Liger's where asked for and possible (else said why not). With
+    """The device's kernels, on the plain model before anything wraps it (so compile sees them): FlexAttention for
+    document masks on a GPU; the experts' loop where the device has no bf16 grouped matmul; Liger's where asked for
+    and possible (else said why not). With
     `planning` (fake tensors, trainer/plan), the experts' loop splits their rows evenly."""
+    model.flex_attention = GpuPaths.of(device).flex_attention
     if planning:
         for module in model.modules():
             if isinstance(module, GroupedExperts):

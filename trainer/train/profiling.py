@@ -10,6 +10,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from trainer.core.jobdir import JobDir
+from trainer.train.gpu import GpuPaths
 
 
 def runs(steps: list[int]) -> dict[int, int]:
@@ -51,7 +52,7 @@ class StepProfiler:
                 self._finish()
 
     def _start(self, first: int, last: int) -> None:
-        cuda = self.device.type == "cuda"
+        cuda = GpuPaths.of(self.device).cuda_memory
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         prof = profile(activities=activities, record_shapes=True, profile_memory=True, with_stack=False)
         if cuda:
@@ -63,14 +64,14 @@ class StepProfiler:
         prof, first, _ = self._active
         last = self._done
         self._active = None
-        if self.device.type == "cuda":
+        if GpuPaths.of(self.device).cuda_memory:
             torch.cuda.synchronize(self.device)
         prof.stop()
         trace = self.job.profile(self.rank, first, last)
         trace.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
         where = f"{trace} (one per rank; open in ui.perfetto.dev or chrome://tracing)"
-        if self.device.type == "cuda":
+        if GpuPaths.of(self.device).cuda_memory:
             snapshot = self.job.profile(self.rank, first, last, kind="memory")
             torch.cuda.memory._dump_snapshot(str(snapshot))
             torch.cuda.memory._record_memory_history(enabled=None)
