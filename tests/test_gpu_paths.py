@@ -5,17 +5,24 @@ replaces, on fresh random inputs, and each has a control that breaks the fast pa
 - FlexAttention's document block mask against the explicit mask (torch 2.13 runs FlexAttention's forward on a CPU
   through Inductor's C++ kernel, but has no backward there: training on a CPU uses the explicit mask);
 - the experts' grouped matmul in bf16 against the loop over experts;
-- the switches: a CPU takes no GPU path, a GPU takes every one (`GpuPaths`).
+- the switches: a CPU takes no GPU path, a GPU takes every one (`GpuPaths`);
+- and `benchmarks/gpu.sh --smoke`, the device run at toy size (only collected, not run, by the device run itself).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.train_helpers import free_port
 from trainer.core.config import ModelConfig, MoeConfig
 from trainer.train.gpu import GpuPaths
 from trainer.train.model import (
@@ -28,6 +35,7 @@ from trainer.train.model import (
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+REPO = Path(__file__).resolve().parent.parent
 
 
 def random_documents(generator: torch.Generator, batch: int, length: int) -> torch.Tensor:
@@ -130,3 +138,31 @@ def test_a_cpu_takes_no_gpu_path_and_a_gpu_takes_every_one(device: str) -> None:
     assert {getattr(paths, f.name) for f in fields(GpuPaths)} == {device == "cuda"}
     assert GpuPaths.of_cluster("rocm") == GpuPaths.of_cluster("cuda") == GpuPaths.of("cuda")
     assert GpuPaths.of_cluster("cpu") == GpuPaths.of("cpu")
+
+
+def test_the_device_run_runs_every_part_at_toy_size(tmp_path: Path) -> None:
+    """`benchmarks/gpu.sh --smoke`: every part of the prepared device run on this CPU, each result where the device
+    run puts it, so the script cannot rot before a GPU is lent. torchtitan is carried to the device only; here its
+    part says it is not importable (or measures, where it is installed)."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    done = subprocess.run([str(REPO / "benchmarks" / "gpu.sh"), "--smoke", "--out", str(out), "--work",
+                           str(tmp_path / "work")], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    parts = [r["part"] for r in rows]
+    assert parts == ["tests", "anvil", "syncs", "anvil", "torchtitan", "loader", "loader", "checkpoint"], parts
+    assert re.fullmatch(r"\d+/\d+ tests collected \(1 deselected\) in .*", rows[0]["summary"]), rows[0]
+    for r in rows[1], rows[3]:
+        assert r["tokens_per_s"] > 0 and r["peak_memory_gib"] > 0 and r["mfu"] is None  # no peak on a CPU
+    assert [(r["ac"], r["liger"]) for r in (rows[1], rows[3])] == [("none", False), ("none", True)]
+    # The sites of host syncs are Anvil's lines: the loss and norm fetched once per step among them.
+    assert any(site.startswith("trainer/train/loop.py:") and site.endswith(".tolist") for site in rows[2]["sites"])
+    assert "tokens_per_s" in rows[4] or "not importable" in rows[4]["skipped"]
+    assert [r["workers"] for r in rows[5:7]] == [0, 1] and all(r["tokens_per_s"] > 0 for r in rows[5:7])
+    assert rows[7]["blocking_save_s"] > 0 and rows[7]["gib"] > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(  # what comes back from the device: 8 files at most
+        ["results.jsonl", "summary.txt", "versions.log", "tests.log", "anvil.log", "torchtitan.log", "loader.log",
+         "checkpoint.log"])
+    assert "host syncs in one step" in (out / "summary.txt").read_text()

@@ -42,7 +42,8 @@ class StepBatches:
         whole = batch is not None and batch["input_ids"].shape[0] == self.rows * self.accum
         found = [dict(zip(batch, parts, strict=True))
                  for parts in zip(*(v.split(self.rows) for v in batch.values()), strict=True)] if whole else []
+        if not self.finite:  # only a finite run can end early; an endless one asks no peer (and never syncs a GPU)
+            return found if whole else None
         exhausted = torch.tensor([0.0 if whole else 1.0], device=self.device)
-        if self.finite:  # only a finite run can end early, and all ranks must agree
-            dist.all_reduce(exhausted, op=dist.ReduceOp.MAX)
+        dist.all_reduce(exhausted, op=dist.ReduceOp.MAX)  # all ranks must agree
         return None if exhausted.item() else found

@@ -179,8 +179,8 @@ class Trainer:
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
         # The loss is a sum over every token of the global batch divided by their count: exact under
         # gradient accumulation, uneven padding and any number of data-parallel ranks.
-        global_tokens = int(self._reduce_dp(torch.tensor([local_tokens], device=self.device,
-                                                          dtype=torch.float64)).item())
+        global_tokens = local_tokens if self.layout.dp_size == 1 else int(self._reduce_dp(
+            torch.tensor([local_tokens], device=self.device, dtype=torch.float64)).item())  # a sync with the GPU
         loss_sum, balance_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         load = None
         for i, mb in enumerate(micro_batches):
