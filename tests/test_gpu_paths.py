@@ -104,6 +104,31 @@ def test_a_packed_row_under_flex_attention_gives_each_document_its_own_logits(de
     assert (flex - alone).abs().max() < 1e-4
 
 
+if torch.cuda.is_available():  # FlexAttention has a backward on a GPU only (torch 2.13)
+
+    @pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+    def test_flex_attention_trains_like_the_explicit_mask_on_a_gpu(checkpointing: str) -> None:
+        """Gradients through the block mask, under each activation-checkpointing mode (selective keeps FlexAttention's
+        output), equal those of the explicit mask in fp32."""
+        from trainer.train.parallelize import apply_activation_checkpointing
+
+        cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128)
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+        tokens = torch.randint(0, 128, (2, 256), generator=generator).cuda()
+        positions = random_documents(generator, 2, 256).cuda()
+        grads = []
+        for flex in (False, True):
+            with torch.device("meta"):
+                model = Transformer(cfg, 256)
+            model.to_empty(device="cuda")
+            model.init_weights(0)
+            model.flex_attention = flex
+            apply_activation_checkpointing(model, checkpointing)
+            F.cross_entropy(model(tokens, positions).flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert (grads[1] - grads[0]).norm() / grads[0].norm() < 1e-4
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_experts_run_alike_as_one_grouped_matmul_and_one_by_one(device: str, monkeypatch: pytest.MonkeyPatch
                                                                 ) -> None:
