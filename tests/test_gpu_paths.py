@@ -61,11 +61,14 @@ def test_flex_document_mask_equals_the_explicit_mask(device: str) -> None:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     q, k, v = (torch.randn(batch, h, length, head_dim, generator=generator).to(device, dtype)
                for h in (heads, kv_heads, kv_heads))
-    documents = document_ids(random_documents(generator, batch, length).to(device))
+    positions = random_documents(generator, batch, length)
+    positions[0, :300] = torch.arange(300)  # a document over two whole blocks: a fully visible block to drop below
+    documents = document_ids(positions.to(device))
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=document_mask(documents),
                                           scale=0.2, enable_gqa=True)
     mask = document_block_mask(documents)
     assert mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum() < batch * 3 * 4  # blocks are skipped
+    assert mask.full_kv_num_blocks.sum() > 0
     got = flex_document_attention(q, k, v, mask, 0.2).float()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: 8 significant bits
     assert (got - want).norm() / want.norm() < tolerance
