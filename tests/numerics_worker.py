@@ -1,9 +1,19 @@
 """Run under torchrun by tests/test_train.py: 10 optimizer steps of the trainer's own `train_step` on one
-fixed global batch sequence, whatever the parallel layout, so layouts can be compared number for number.
+fixed global batch sequence, whatever the parallel layout, so layouts can be compared number for number (several
+jobs of one world size in one launch: see `main`).
 
 Every rank reads the same global batches (a one-rank loader) and takes its data-parallel slice, as the
 loader would hand it; rank 0 writes the losses and gradient norms as JSON (and, with metrics.mup_monitors, what
-the muP monitors measured at each step, to `<out>.monitors`)."""
+the muP monitors measured at each step, to `<out>.monitors`).
+
+Under expert parallelism, each step's rows sent by every rank to every EP rank and its routers' counts per expert
+(the last micro-batch's) go to `<out>.experts`: `[step][rank] = {"ep_rank", "sent": [layer][ep rank],
+"load": [layer][expert]}`.
+
+A third argument names a control: `fp32-parameters`, for the bf16 tests: FSDP's mixed-precision policy is built with
+fp32 parameters whatever the trainer asks, as a policy gone wrong would (the job asks for bf16 and silently trains
+in fp32); `local-routing`, for expert parallelism: every router strongly prefers this rank's own experts, so no
+token needs to travel."""
 
 from __future__ import annotations
 
@@ -21,22 +31,32 @@ from trainer.train.loop import Trainer
 from trainer.train.parallelize import build_layout
 
 
-def main(job_dir: str, out: str, control: str = "", steps: int = 10) -> None:
+def main(job_dirs: str, outs: str, control: str = "") -> None:
+    """`job_dirs`, `outs`: comma-separated, one output per job; the jobs run one after another in this launch (one
+    process start for several runs of a layout: they must share its world size)."""
     if control == "fp32-parameters":
         from trainer.train import parallelize
 
         policy = parallelize.MixedPrecisionPolicy
         parallelize.MixedPrecisionPolicy = lambda **kw: policy(**{**kw, "param_dtype": torch.float32})
-    job = JobDir(Path(job_dir))
+    jobs = job_dirs.split(",")
+    ranks = init_distributed(JobDir(Path(jobs[0])).read_config())
+    for job_dir, out in zip(jobs, outs.split(","), strict=True):
+        run(JobDir(Path(job_dir)), out, ranks.rank, control)
+    dist.destroy_process_group()
+
+
+def run(job: JobDir, out: str, rank: int, control: str, steps: int = 10) -> None:
     cfg = job.read_config()
-    ranks = init_distributed(cfg)
     torch.manual_seed(cfg.train.seed)
     layout = build_layout(cfg, "cpu")
-    trainer = Trainer(cfg, job, ranks.rank, layout, torch.device("cpu"))
+    trainer = Trainer(cfg, job, rank, layout, torch.device("cpu"))
     t = cfg.train
     per_rank = t.global_batch_size // layout.dp_size
     batches = iter(build_loader(cfg.data, t.seed, 0, 1, t.global_batch_size))
-    record, monitored = [], []
+    if control == "local-routing":
+        _route_locally(trainer, layout)
+    record, monitored, experts = [], [], []
     for _ in range(steps):
         batch = next(batches)
         mine = {k: v[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank] for k, v in batch.items()}
@@ -48,11 +68,33 @@ def main(job_dir: str, out: str, control: str = "", steps: int = 10) -> None:
         record.append([result["loss"], result["grad_norm"]])  # both global already
         if trainer.monitor is not None:
             monitored.append(trainer.monitor.collect())
-    if ranks.rank == 0:
+        if layout.ep > 1:
+            mine = {"ep_rank": layout.mesh.get_local_rank("ep"),
+                    "sent": [m.grouped.sent.tolist() for m in trainer.model.mixtures()],
+                    "load": [m.load.tolist() for m in trainer.model.mixtures()]}
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+            experts.append(everyone)
+    if rank == 0:
         Path(out).write_text(json.dumps(record))
         if monitored:
             Path(f"{out}.monitors").write_text(json.dumps(monitored))
-    dist.destroy_process_group()
+        if experts:
+            Path(f"{out}.experts").write_text(json.dumps(experts))
+
+
+def _route_locally(trainer: Trainer, layout) -> None:
+    """Each router's logits for this rank's own experts raised far above the others."""
+    for moe in trainer.model.mixtures():
+        local = moe.experts // layout.ep
+        first = layout.mesh.get_local_rank("ep") * local
+        bias = torch.zeros(moe.experts)
+        bias[first:first + local] = 1e4
+
+        def hook(module, args, output, bias=bias):
+            return output + bias.to(output.dtype)
+
+        moe.router.register_forward_hook(hook)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ LAYOUTS = {
     "TP 2": (2, ["parallel.tp=2"]),
     "MoE, FSDP 2": (2, ["parallel.dp_shard=2", "model.n_kv_heads=2", "model.moe.experts=4", "model.moe.top_k=2",
                         "model.moe.expert_dim=128"]),
+    "MoE, EP 2": (2, ["parallel.dp_shard=2", "parallel.ep=2", "model.n_kv_heads=2", "model.moe.experts=4",
+                      "model.moe.top_k=2", "model.moe.expert_dim=128"]),
 }
 
 

@@ -28,54 +28,107 @@ LAYOUTS = {
     "TP 2 ranks, selective AC": (2, ["parallel.tp=2", "parallel.activation_checkpoint=selective"]),
     "FSDP 2 x TP 2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
     "HSDP 2 x 2, accumulating": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "train.micro_batch_size=1"]),
+    "EP 2": (2, ["parallel.dp_shard=2", "parallel.ep=2"]),
+    "EP 2 x FSDP 2": (4, ["parallel.dp_shard=4", "parallel.ep=2"]),
+    "EP 2 x TP 2": (4, ["parallel.dp_shard=2", "parallel.ep=2", "parallel.tp=2"]),
 }
-
-
-def numerics(job: Path, ranks: int, out: Path, control: str = "") -> list[list[float]]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-           str(free_port()), str(REPO / "tests" / "numerics_worker.py"), str(job), str(out), control]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=trainer_env(), cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(out.read_text())
-
-
-def _same_numerics(tmp_path: Path, corpus: Path, layouts: list[str], *model: str,
-                   reference: list[list[float]] | None = None) -> None:
-    """`reference`: the one-process run of `model`, where it is at hand already."""
-    results = {} if reference is None else {"1 process": reference}
-    for i, name in enumerate(layouts):
-        if name in results:
-            continue
-        ranks, overrides = LAYOUTS[name]
-        job = make_job(tmp_path, f"layout{i}", corpus, f"cluster.devices_per_node={ranks}",
-                       "train.mixed_precision=fp32", *model, *overrides)
-        results[name] = numerics(job, ranks, tmp_path / f"layout{i}.json")
-    reference = results["1 process"]
-    assert len(reference) == 10 and reference[-1][0] < reference[0][0]  # it learns
-    for name, got in results.items():
-        for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, reference, strict=True), 1):
-            assert abs(loss - ref_loss) <= 1e-5, f"{name}: step {step} loss {loss} vs {ref_loss}"
-            assert abs(norm - ref_norm) <= 1e-4 * max(ref_norm, 1), f"{name}: step {step} norm {norm} vs {ref_norm}"
-
-
-def test_every_parallel_layout_gives_the_same_losses(tmp_path: Path, corpus: Path, fp32_reference) -> None:
-    _same_numerics(tmp_path, corpus, list(LAYOUTS), reference=fp32_reference("dense"))
-
+DENSE_LAYOUTS = ["FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC", "FSDP 2 x TP 2", "HSDP 2 x 2, accumulating"]
+MOE_LAYOUTS = ["FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC", "FSDP 2 x TP 2", "EP 2", "EP 2 x FSDP 2",
+               "EP 2 x TP 2"]
 
 MOE = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.expert_dim=48", "model.mup.enabled=true",
        "model.mup.base_dim=32"]
 """A small mixture of experts under muP (the router's logits scaled by 1/m)."""
+MODELS = {
+    "dense": [],
+    "moe": MOE,
+    "moe-qk": ["model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2", "data.document_positions=true", *MOE],
+}
 
 
-def test_qk_norm_masks_and_experts_give_the_same_losses_in_every_layout(tmp_path: Path, corpus: Path) -> None:
+def numerics(job: Path | list[Path], ranks: int, out: Path | list[Path], control: str = ""):
+    """The worker's losses and gradient norms of `job`; of each job of a list (one launch: one world size)."""
+    jobs, outs = (job, out) if isinstance(job, list) else ([job], [out])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+           str(free_port()), str(REPO / "tests" / "numerics_worker.py"), ",".join(map(str, jobs)),
+           ",".join(map(str, outs)), control]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=trainer_env(), cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = [json.loads(path.read_text()) for path in outs]
+    return results if isinstance(job, list) else results[0]
+
+
+@pytest.fixture(scope="session")
+def fp32_reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """model -> the fp32 one-process losses and norms, run once per test process (every layout equals it)."""
+    cache: dict[str, list[list[float]]] = {}
+
+    def reference(model: str) -> list[list[float]]:
+        if model not in cache:
+            where = tmp_path_factory.mktemp(f"fp32-{model}")
+            job = make_job(where, "fp32", corpus, "train.mixed_precision=fp32", *MODELS[model])
+            cache[model] = numerics(job, 1, where / "fp32.json")
+            assert len(cache[model]) == 10 and cache[model][-1][0] < cache[model][0][0]  # it learns
+        return cache[model]
+
+    return reference
+
+
+def _same_as_one_process(name: str, got: list[list[float]], reference: list[list[float]]) -> None:
+    for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, reference, strict=True), 1):
+        assert abs(loss - ref_loss) <= 1e-5, f"{name}: step {step} loss {loss} vs {ref_loss}"
+        assert abs(norm - ref_norm) <= 1e-4 * max(ref_norm, 1), f"{name}: step {step} norm {norm} vs {ref_norm}"
+
+
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
+def test_a_layout_trains_as_one_process_and_in_bf16_within_its_rounding(tmp_path: Path, corpus: Path,
+                                                                         fp32_reference, layout: str) -> None:
+    """In fp32, the losses (1e-5) and gradient norms of one process on the same global batches; in bf16 (FSDP's
+    policy, or autocast where there is no FSDP), within bf16's rounding of them (`_within_bf16_rounding`). Both runs
+    in one launch."""
+    ranks, overrides = LAYOUTS[layout]
+    jobs = [make_job(tmp_path, precision, corpus, f"train.mixed_precision={precision}",
+                     f"cluster.devices_per_node={ranks}", *overrides) for precision in ("fp32", "bf16")]
+    rounding = bf16_rounding(jobs[1])
+    fp32, bf16 = numerics(jobs, ranks, [tmp_path / "fp32.json", tmp_path / "bf16.json"])
+    reference = fp32_reference("dense")
+    _same_as_one_process(layout, fp32, reference)
+    _within_bf16_rounding(bf16, reference, *rounding, layout)
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+def test_qk_norm_masks_and_experts_train_as_one_process_in_every_layout(tmp_path: Path, corpus: Path,
+                                                                        fp32_reference, layout: str) -> None:
     """QK-norm with heads wider than dim / n_heads and grouped keys (the gains replicated over TP ranks), attention
-    kept inside each document of a packed row (data.document_positions), and a mixture of experts: sharded by
-    FSDP, and with TP every rank routing the gathered sequence through unsplit experts (the balancing loss's
-    gradient is in the norms compared)."""
-    _same_numerics(tmp_path, corpus, ["1 process", "FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC",
-                                      "FSDP 2 x TP 2"],
-                   "model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2", "data.document_positions=true",
-                   *MOE)
+    kept inside each document of a packed row (data.document_positions), and a mixture of experts: sharded by FSDP;
+    with TP every rank routing the gathered sequence through unsplit experts; with EP the experts split over 2 ranks
+    (alone, with FSDP 2 sharding each EP rank's experts, with TP 2). The losses (1e-5) and gradient norms (the
+    balancing loss's gradient among them) of one process. Under EP 2 the all-to-all moves what the routers chose:
+    every rank sends each EP rank exactly the rows its routers gave that rank's experts, some to the other rank."""
+    ranks, overrides = LAYOUTS[layout]
+    job = make_job(tmp_path, "layout", corpus, f"cluster.devices_per_node={ranks}", "train.mixed_precision=fp32",
+                   *MODELS["moe-qk"], *overrides)
+    _same_as_one_process(layout, numerics(job, ranks, tmp_path / "layout.json"), fp32_reference("moe-qk"))
+    if layout == "EP 2":
+        moved = 0
+        for step in json.loads((tmp_path / "layout.json.experts").read_text()):  # 10 steps × 2 ranks
+            for rank in step:
+                for sent, load in zip(rank["sent"], rank["load"], strict=True):
+                    assert sent == [sum(load[:2]), sum(load[2:])], (sent, load)  # 4 experts: 2 per EP rank
+                    moved += sent[1 - rank["ep_rank"]]
+        assert moved > 0
+
+
+def test_expert_parallelism_with_routers_kept_local_sends_nothing_and_trains_otherwise(
+        tmp_path: Path, corpus: Path, fp32_reference) -> None:
+    """The control of the EP layouts' token count: routers that keep every token on its own rank send nothing to
+    the other EP rank, and the losses differ from one process's by far more than the layouts do."""
+    job = make_job(tmp_path, "local", corpus, "cluster.devices_per_node=2", "train.mixed_precision=fp32",
+                   *MODELS["moe-qk"], *LAYOUTS["EP 2"][1])
+    local = numerics(job, 2, tmp_path / "local.json", control="local-routing")
+    steps = json.loads((tmp_path / "local.json.experts").read_text())
+    assert all(sent[1 - rank["ep_rank"]] == 0 for step in steps for rank in step for sent in rank["sent"])
+    assert max(abs(a[0] - b[0]) for a, b in zip(local, fp32_reference("moe-qk"), strict=True)) > 1e-4
 
 
 def test_expert_loads_are_a_function_of_the_seed_and_match_a_count_of_the_routers_choices(
@@ -251,6 +304,44 @@ def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_che
         assert abs(final[step] - loss) <= 1e-6, (step, final[step], loss)
 
 
+@pytest.mark.parametrize(("ranks", "chain"), [(4, [2, 4, 2]), (2, [2, 1, 2])], ids=["EP 2-4-2", "EP 2-1-2"])
+def test_expert_parallel_runs_killed_resume_at_other_ep_sizes_as_if_uninterrupted(
+        tmp_path: Path, corpus: Path, ranks: int, chain: list[int]) -> None:
+    """One job of a mixture of experts trained at each EP size of the chain in turn: every attempt but the last
+    killed with kill -9 a few steps past a checkpoint, each resuming from the newest one, which the previous EP size
+    wrote (DCP reshards the experts: 2 → 4 → 2 on 4 ranks, 2 → 1 → 2 on 2). Every step's loss equals an
+    uninterrupted EP 2 twin's (fp32; the layouts themselves agree to 1e-5)."""
+    settings = ["train.steps=8", "checkpoint.interval=2", "checkpoint.keep=2", f"cluster.devices_per_node={ranks}",
+                f"parallel.dp_shard={ranks}", "train.mixed_precision=fp32", *MOE]
+    twin = make_job(tmp_path, "twin", corpus, *settings, "parallel.ep=2")
+    done = run_trainer(twin, ranks)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    job = make_job(tmp_path, "resharded", corpus, *settings, "parallel.ep=2")
+    root = job / "checkpoints"
+    for attempt, ep in enumerate(chain):
+        config = json.loads((job / "config.json").read_text())
+        config["parallel"]["ep"] = ep
+        (job / "config.json").write_text(json.dumps(config))
+        log = tmp_path / f"attempt{attempt}.log"
+        saved_before = jobdir.latest_complete(root)
+        with log.open("w") as out:
+            proc = subprocess.Popen(trainer_command(job, ranks), stdout=out, stderr=subprocess.STDOUT,
+                                    env=trainer_env(), start_new_session=True)
+            if attempt < len(chain) - 1:
+                target = (saved_before or 0) + 3  # a checkpoint passed, and a step after it lost
+                assert _wait(lambda t=target, path=log: _logged_step(path) >= t, proc), log.read_text()[-3000:]
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=120)
+        text = log.read_text()
+        if saved_before is not None:
+            assert f"resumed from {root / f'step-{saved_before}'} (step {saved_before})" in text, text[-2000:]
+    assert proc.returncode == 0, text[-3000:]
+    final, reference = losses(job), losses(twin)
+    assert sorted(final) == list(range(1, 9))
+    for step, loss in reference.items():
+        assert abs(final[step] - loss) <= 1e-5, (step, final[step], loss)
+
+
 def test_nan_loss_before_any_checkpoint_stops_with_a_message_and_saves_nothing_of_it(tmp_path: Path,
                                                                                       corpus: Path) -> None:
     job = make_job(tmp_path, "diverges", corpus, "model.init_std=1e30", "optim.grad_clip=null")
@@ -395,34 +486,19 @@ def test_init_from_restores_what_it_is_asked_for(tmp_path: Path, corpus: Path) -
     assert sorted(no_step) == list(range(1, 9)) and no_step[1]["lr"] == pytest.approx(3e-3 / 2)
 
 
-def test_compiled_blocks_train_as_eager_blocks(tmp_path: Path, corpus: Path, fp32_reference) -> None:
-    """`torch.compile` per block in the training path (Inductor's C++ backend on CPU), with selective activation
-    checkpointing: the same fp32 training as eager, to float32 reordering."""
-    compiled = numerics(make_job(tmp_path, "compiled", corpus, "train.mixed_precision=fp32", "parallel.compile=true",
-                                 "parallel.activation_checkpoint=selective"), 1, tmp_path / "compiled.json")
+def test_compiled_blocks_train_as_eager_blocks_and_in_bf16_within_its_rounding(tmp_path: Path, corpus: Path,
+                                                                               fp32_reference) -> None:
+    """`torch.compile` per block in the training path (Inductor's C++ backend on CPU): with selective activation
+    checkpointing, the same fp32 training as eager, to float32 reordering (1e-4); in bf16 under autocast (one GPU's
+    path), within bf16's rounding of it (`_within_bf16_rounding`). Both runs in one launch."""
+    jobs = [make_job(tmp_path, "compiled", corpus, "train.mixed_precision=fp32", "parallel.compile=true",
+                     "parallel.activation_checkpoint=selective"),
+            make_job(tmp_path, "bf16", corpus, "train.mixed_precision=bf16", "parallel.compile=true")]
+    rounding = bf16_rounding(jobs[1])
+    compiled, bf16 = numerics(jobs, 1, [tmp_path / "compiled.json", tmp_path / "bf16.json"])
     for step, (e, c) in enumerate(zip(fp32_reference("dense"), compiled, strict=True), 1):
         assert abs(c[0] - e[0]) <= 1e-4, f"compiled: step {step} loss {c[0]} vs eager {e[0]}"
-
-
-BF16_LAYOUTS = {name: ("dense", ranks, overrides) for name, (ranks, overrides) in LAYOUTS.items()}
-BF16_LAYOUTS["1 process"] = ("dense", 1, ["parallel.compile=true"])  # one GPU's path: autocast, compiled blocks
-BF16_LAYOUTS["MoE on FSDP2, compiled"] = ("moe", 2, ["parallel.dp_shard=2", "parallel.compile=true"])  # grouped mm
-MODELS = {"dense": [], "moe": MOE}
-
-
-@pytest.fixture(scope="session")
-def fp32_reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
-    """model -> the fp32 one-process losses and norms, run once per test process (the layouts equal it to 1e-5)."""
-    cache: dict[str, list[list[float]]] = {}
-
-    def reference(model: str) -> list[list[float]]:
-        if model not in cache:
-            where = tmp_path_factory.mktemp(f"fp32-{model}")
-            job = make_job(where, "fp32", corpus, "train.mixed_precision=fp32", *MODELS[model])
-            cache[model] = numerics(job, 1, where / "fp32.json")
-        return cache[model]
-
-    return reference
+    _within_bf16_rounding(bf16, fp32_reference("dense"), *rounding, "1 process, compiled")
 
 
 def bf16_rounding(job: Path) -> tuple[float, float, float]:
@@ -464,28 +540,27 @@ def bf16_rounding(job: Path) -> tuple[float, float, float]:
             ((rounded_grad - exact_grad).norm() / exact_grad.norm()).item())
 
 
-@pytest.mark.parametrize("layout", list(BF16_LAYOUTS))
-def test_bf16_tracks_fp32_within_its_rounding_in_every_layout(tmp_path: Path, corpus: Path, fp32_reference,
-                                                              layout: str) -> None:
-    """bf16 training (FSDP2's policy, bf16 parameters and fp32 reductions; autocast without FSDP) against the fp32
-    run, every step, within a tolerance derived from bf16's rounding of this model, to first order:
+def test_experts_compiled_in_bf16_on_fsdp_track_fp32_within_its_rounding(tmp_path: Path, corpus: Path,
+                                                                           fp32_reference) -> None:
+    """The GPU path of a mixture of experts: compiled blocks running the experts as grouped matmuls in bf16 under
+    FSDP2's policy (bf16 parameters, fp32 reductions) on 2 ranks, against the fp32 one-process run, every step,
+    within a tolerance derived from bf16's rounding of this model, to first order:
 
         |L_bf16(t) - L_fp32(t)| <= |b| + 4σ + ε · Σ_{s<t} |L_fp32(s+1) - L_fp32(s)|
 
     b and σ: the mean and standard error of the loss's rounding error on the first step (same weights, so the
     forward's rounding alone); ε: the gradient's relative rounding error, which makes each update off by about ε of
     itself, so the trajectories part by about ε of the loss change the updates made. All three are measured on the
-    job's own model and first batch (`bf16_rounding`). Every layout is within this of fp32, so the layouts agree with
-    each other within twice it. And the run must show bf16 at all: some step differs from fp32 by more than σ
-    (the fp32 layouts agree to 1e-5; control: a policy with fp32 parameters fails here)."""
-    model, ranks, overrides = BF16_LAYOUTS[layout]
-    job = make_job(tmp_path, "bf16", corpus, "train.mixed_precision=bf16", f"cluster.devices_per_node={ranks}",
-                   *MODELS[model], *overrides)
-    reference = fp32_reference(model)
+    job's own model and first batch (`bf16_rounding`). Every layout is held to this (the dense ones in
+    `test_a_layout_trains_as_one_process_and_in_bf16_within_its_rounding`), so the layouts agree with each other
+    within twice it. And the run must show bf16 at all: some step differs from fp32 by more than σ (the fp32 layouts
+    agree to 1e-5; control: a policy with fp32 parameters fails here)."""
+    job = make_job(tmp_path, "bf16", corpus, "train.mixed_precision=bf16", "cluster.devices_per_node=2",
+                   "parallel.dp_shard=2", "parallel.compile=true", *MOE)
     bias, sigma, epsilon = bf16_rounding(job)
     assert 0 < sigma < 1e-3 and 0 < epsilon < 0.05  # what bf16's 8 significant bits give a model this size
-    got = numerics(job, ranks, tmp_path / "bf16.json")
-    _within_bf16_rounding(got, reference, bias, sigma, epsilon, layout)
+    _within_bf16_rounding(numerics(job, 2, tmp_path / "bf16.json"), fp32_reference("moe"), bias, sigma, epsilon,
+                          "MoE on FSDP2, compiled")
 
 
 def _within_bf16_rounding(got: list[list[float]], reference: list[list[float]], bias: float, sigma: float,

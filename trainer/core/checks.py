@@ -51,8 +51,18 @@ def parallel_problems(cfg: AnvilConfig) -> list[str]:
         problems.append("model.mup.zero_query: a zero query projection meets model.qk_norm's normalisation (0/0); "
                         "with QK-norm the logits keep their size anyway: leave zero_query off")
     if p.ep > 1:
-        problems.append(f"parallel.ep: expert parallelism ({p.ep}) is not supported yet; set parallel.ep=1 (experts "
-                        "are sharded by FSDP over the data-parallel ranks, and parallel.tp > 1 works with them)")
+        if not m.moe.experts:
+            problems.append(f"parallel.ep: expert parallelism ({p.ep}) needs experts (model.moe.experts); set "
+                            "parallel.ep=1 for a dense model")
+        elif m.moe.experts % p.ep:
+            problems.append(f"parallel.ep: {m.moe.experts} experts (model.moe.experts) cannot be split evenly over "
+                            f"{p.ep} ranks; use a divisor of {m.moe.experts}")
+        if cfg.dp_shard % p.ep:
+            problems.append(f"parallel.ep: the experts' ranks are FSDP ranks, and {p.ep} does not divide "
+                            f"parallel.dp_shard = {cfg.dp_shard}; use a divisor of it")
+        if p.compile:
+            problems.append("parallel.compile: blocks with expert parallelism do not compile yet (the all-to-all's "
+                            "sizes are known only at run time); set parallel.compile=false or parallel.ep=1")
     if m.moe.experts:
         if cfg.precision == "bf16" and (m.dim % 8 or m.expert_hidden % 8):
             problems.append(f"model.moe.expert_dim: the grouped expert matmul in bf16 needs model.dim ({m.dim}) and "

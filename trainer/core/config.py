@@ -382,8 +382,9 @@ class ParallelConfig(Section):
     tp: int = Field(default=1, ge=1)
     """Tensor-parallel degree (within a node), with sequence parallelism."""
     ep: int = Field(default=1, ge=1)
-    """Expert-parallel degree: only 1 for now. Experts are sharded by FSDP over the data-parallel ranks and, with
-    `tp` > 1, every TP rank runs all experts on the gathered sequence."""
+    """Expert-parallel degree: each MoE layer's experts split over `ep` of the FSDP ranks (`dp_shard`), tokens sent
+    to their experts' ranks by all-to-all; FSDP shards what each holds over the rest. 1: every rank holds (a shard
+    of) every expert. With `tp` > 1, every TP rank runs its experts on the gathered sequence."""
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward: every block (`full`), or all but matmul/attention outputs (`selective`)."""
     compile: bool = False

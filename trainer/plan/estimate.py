@@ -78,6 +78,8 @@ def layout_text(cfg: AnvilConfig) -> str:
         parts.append(f"HSDP {p.dp_replicate}×{cfg.dp_shard}")
     elif cfg.dp_shard > 1:
         parts.append(f"FSDP {cfg.dp_shard}")
+    if p.ep > 1:
+        parts.append(f"EP {p.ep} (experts over {p.ep} of them)")
     if p.tp > 1:
         parts.append(f"TP {p.tp}")
     return " × ".join(parts) or "one rank, whole model"

@@ -62,7 +62,8 @@ class Trainer:
         self.profiler = StepProfiler(cfg.metrics.profile_steps, job, rank, device, self.metrics.line)
         self.flops = flops_per_token(cfg.model, cfg.data.seq_len)
         self.window = StepWindow(device, layout.tp, self.flops, cfg.cluster.mfu_peak_tflops,
-                                 (len(self.model.mixtures()), cfg.model.moe.experts), self._reduce_dp)
+                                 (len(self.model.mixtures()), cfg.model.moe.experts), self._reduce_dp,
+                                 layout.ep)
         try:
             self.heldout = heldout_set(cfg) if cfg.eval.every else None
         except EvalError as exc:
@@ -213,8 +214,8 @@ class Trainer:
         if self.step == 0:
             self.metrics.print_plan(self.cfg.model, self.model.named_parameters())
         self.metrics.line(
-            f"{model_size(self.cfg.model, self.flops)}; mesh dp_replicate×dp_shard×tp = "
-            f"{'×'.join(map(str, self.layout.mesh.shape))}; {self.dtype} compute; {self.accum} micro-batch(es) of "
+            f"{model_size(self.cfg.model, self.flops)}; {self.layout.describe()}; {self.dtype} compute; "
+            f"{self.accum} micro-batch(es) of "
             f"{self.cfg.train.micro_batch_size} per step; training steps {self.step + 1}..{self.cfg.train.steps}")
 
     def run(self) -> int:

@@ -53,8 +53,8 @@ class StepWindow:
     balancing loss and each expert's token count). Emptied by the row it gives, and by a rollback."""
 
     def __init__(self, device: torch.device, tp: int, flops_per_token: float, peak_tflops: float | None,
-                 experts: tuple[int, int], reduce_dp: Callable[[torch.Tensor], torch.Tensor]):
-        self.device, self.tp, self.flops, self.peak = device, tp, flops_per_token, peak_tflops
+                 experts: tuple[int, int], reduce_dp: Callable[[torch.Tensor], torch.Tensor], ep: int = 1):
+        self.device, self.tp, self.flops, self.peak, self.ep = device, tp, flops_per_token, peak_tflops, ep
         self.reduce_dp = reduce_dp
         self.load = torch.zeros(experts, dtype=torch.long, device=device)
         """Token-expert assignments per MoE layer and expert (this rank's)."""
@@ -88,14 +88,18 @@ class StepWindow:
 
     def _experts(self) -> dict[str, float]:
         """Per MoE layer, the smallest and largest share of the token-expert assignments an expert got (1/experts
-        each when balanced), and the balancing loss (1 when balanced); nothing for a dense model."""
+        each when balanced), under expert parallelism the same for the EP ranks (each computes its experts' share:
+        1/ep when balanced), and the balancing loss (1 when balanced); nothing for a dense model."""
         if not len(self.load):
             return {}
         load = self.reduce_dp(self.load.clone()).double()
         share = load / load.sum(dim=1, keepdim=True).clamp(min=1)
         row = {"moe/balance_loss": self.reduce_dp(self.balance.clone()).item() / self.steps}
-        for i, layer in enumerate(share.tolist()):
+        per_rank = share.view(share.shape[0], self.ep, -1).sum(-1).tolist()
+        for i, (layer, ranks) in enumerate(zip(share.tolist(), per_rank, strict=True)):
             row[f"moe/layer{i}/load_min"], row[f"moe/layer{i}/load_max"] = min(layer), max(layer)
+            if self.ep > 1:
+                row[f"moe/layer{i}/ep_rank_min"], row[f"moe/layer{i}/ep_rank_max"] = min(ranks), max(ranks)
         return row
 
 

@@ -167,12 +167,17 @@ class GroupedExperts(nn.Module):
         which holds the same tensors as any split of them."""
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """`x`: token rows sorted by expert, `counts[e]` of them for expert e; returns each row's expert output.
-        In bf16 (GPU, or CPU under autocast) one grouped matmul per weight runs every expert with no host sync, and
-        compiles; in fp32 (exact CPU numerics) a plain loop over the experts does."""
+        """`x`: token rows sorted by expert, `counts[e]` of them for expert e; returns each row's expert output."""
+        return self.compute(x, counts, self.w1, self.w2, self.w3)
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
+                ) -> torch.Tensor:
+        """The experts whose stacked weights are given (all of them, or one rank's under expert parallelism) on
+        their rows. In bf16 (GPU, or CPU under autocast) one grouped matmul per weight runs every expert with no host
+        sync, and compiles; in fp32 (exact CPU numerics) a plain loop over the experts does."""
         if torch.is_autocast_enabled(x.device.type):  # what autocast would do to a matmul
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = (w.to(x.dtype) for w in (w1, w2, w3))
         if x.dtype == torch.bfloat16 and self.grouped_mm:
             offsets = counts.cumsum(0).to(torch.int32)
             gate = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets)

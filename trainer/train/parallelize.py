@@ -1,10 +1,11 @@
 """Parallelisms applied to the plain model, in torchtitan's fixed order: kernels (the device's: Liger, the experts'
-matmul) → TP/SP → activation checkpointing → per-block compile → FSDP2 / HSDP; then materialise and initialise.
+matmul) → TP/SP → EP → activation checkpointing → per-block compile → FSDP2 / HSDP; then materialise and initialise.
 Nothing changes the model after `build_model`.
 
-One 3-D DeviceMesh `(dp_replicate, dp_shard, tp)` describes every layout; TP ranks of one data-parallel
-group read the same batches. Initialisation fills each parameter from its full, seeded value (see
-`model.initial_value`), so every layout starts from the same model, bit for bit.
+One 4-D DeviceMesh `(dp_replicate, dp_shard_mod_ep, ep, tp)` describes every layout, with `dp_shard` the flattened
+`dp_shard_mod_ep × ep` (expert parallelism splits the FSDP ranks: experts over `ep`, their shards over the rest); TP
+ranks of one data-parallel group read the same batches. Initialisation fills each parameter from its full, seeded
+value (see `model.initial_value`), so every layout starts from the same model, bit for bit.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from trainer.core.config import AnvilConfig, ModelConfig, ParallelConfig
 from trainer.core.errors import AnvilError
 from trainer.train import liger
+from trainer.train.expert_parallel import apply_ep
 from trainer.train.gpu import GpuPaths
 from trainer.train.model import GroupedExperts, MoE, Transformer, grouped_mm_runs
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Layout:
     dp_size: int
     tp_rank: int
     tp: int
+    replicate: int = 1
+    """HSDP's replicas (`parallel.dp_replicate`)."""
+    ep: int = 1
 
     @property
     def fsdp(self) -> bool:
@@ -54,19 +59,29 @@ class Layout:
 
     def dp_groups(self) -> list:
         """Process groups to sum over for a data-parallel reduction (the dimensions larger than one)."""
-        return [self.mesh.get_group(d) for d in ("dp_replicate", "dp_shard") if self.mesh.size(MESH_DIMS.index(d)) > 1]
+        sizes = {"dp_replicate": self.replicate, "dp_shard": self.dp_size // self.replicate}
+        return [self.mesh[d].get_group() for d, size in sizes.items() if size > 1]
 
-    def all_groups(self) -> list:
-        return [self.mesh.get_group(d) for d in MESH_DIMS]
+    def fsdp_mesh(self, experts: bool = False) -> DeviceMesh:
+        """What FSDP shards over: every data-parallel rank (HSDP: replicas × shards); for experts under expert
+        parallelism, the ranks that hold the same experts."""
+        shard = "dp_shard_mod_ep" if experts else "dp_shard"
+        return self.mesh["dp_replicate", shard] if self.replicate > 1 else self.mesh[shard]
+
+    def describe(self) -> str:
+        sizes = {"dp_replicate": self.replicate, "dp_shard": self.dp_size // self.replicate, "ep": self.ep,
+                 "tp": self.tp}
+        return f"mesh {'×'.join(sizes)} = {'×'.join(map(str, sizes.values()))}"
 
 
 def build_layout(cfg: AnvilConfig, device_type: str) -> Layout:
     p = cfg.parallel
-    shape = (p.dp_replicate, cfg.dp_shard, p.tp)
+    shape = (p.dp_replicate, cfg.dp_shard // p.ep, p.ep, p.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-    replicate, shard, tp_rank = (mesh.get_local_rank(d) for d in MESH_DIMS)
-    return Layout(mesh, dp_rank=replicate * shape[1] + shard, dp_size=shape[0] * shape[1], tp_rank=tp_rank,
-                  tp=shape[2])
+    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    replicate, shard, tp_rank = (mesh.get_local_rank(d) for d in ("dp_replicate", "dp_shard", "tp"))
+    return Layout(mesh, dp_rank=replicate * cfg.dp_shard + shard, dp_size=p.dp_replicate * cfg.dp_shard,
+                  tp_rank=tp_rank, tp=p.tp, replicate=p.dp_replicate, ep=p.ep)
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
@@ -144,10 +159,13 @@ def apply_compile(model: Transformer) -> None:
 
 
 def apply_fsdp(model: Transformer, layout: Layout, param_dtype: torch.dtype) -> None:
-    """FSDP2 per block, then the root (embeddings, final norm, head); HSDP when dp_replicate > 1."""
-    replicate = layout.mesh.size(0) > 1
-    mesh = layout.mesh["dp_replicate", "dp_shard"] if replicate else layout.mesh["dp_shard"]
+    """FSDP2 per block, then the root (embeddings, final norm, head); HSDP when dp_replicate > 1. Under expert
+    parallelism each layer's experts first, over the ranks that hold the same experts."""
+    mesh = layout.fsdp_mesh()
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if layout.ep > 1:
+        for moe in model.mixtures():
+            fully_shard(moe.grouped, mesh=layout.fsdp_mesh(experts=True), mp_policy=policy)
     for block in model.layers.values():
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -215,6 +233,8 @@ def parallelized(model_cfg: ModelConfig, parallel: ParallelConfig, layout: Layou
     apply_kernels(model, parallel, layout.tp, device, param_dtype, use_liger, say, planning)
     if layout.tp > 1:
         apply_tp(model, layout.mesh["tp"])
+    if layout.ep > 1:
+        apply_ep(model, layout.mesh["ep"])
     if parallel.activation_checkpoint != "none":
         apply_activation_checkpointing(model, parallel.activation_checkpoint)
     if parallel.compile:

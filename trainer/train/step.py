@@ -28,7 +28,7 @@ def autocast_for(layout: Layout, device: torch.device, dtype: torch.dtype) -> co
 
 def sync_gradients(model: Transformer, layout: Layout, last: bool) -> None:
     """Before micro-batch backward passes: reduce-scatter every time; all-reduce across replicas on the last only."""
-    if layout.fsdp and layout.mesh.size(0) > 1:
+    if layout.fsdp and layout.replicate > 1:
         model.set_requires_all_reduce(last)
 
 
