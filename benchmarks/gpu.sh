@@ -59,17 +59,17 @@ part() {
 }
 
 if [ -n "$smoke" ]; then
-    part 120 tests "$python" -m pytest -q --collect-only -p no:cacheprovider tests/test_gpu_paths.py -k "not device_run"
+    part 90 tests "$python" -m pytest -q --collect-only -p no:cacheprovider tests/test_gpu_paths.py -k "not device_run"
 else
-    part 120 tests "$python" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py -k "not device_run"
+    part 90 tests "$python" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py -k "not device_run"
 fi
 summary=$(grep -E "passed|failed|error|tests? collected" "$out/tests.log" | tail -n 1)
 "$python" -c 'import json, sys; print(json.dumps({"part": "tests", "summary": sys.argv[1] or "no summary: see tests.log"}))' \
     "$summary" >> "$out/results.jsonl"
 bench=(--out "$out" --work "$work")
 if [ -n "$smoke" ]; then bench+=(--smoke); fi
-part 270 anvil "$python" benchmarks/gpu.py anvil "${bench[@]}"
-part 90 torchtitan "$python" benchmarks/gpu.py torchtitan "${bench[@]}"
+part 250 anvil "$python" benchmarks/gpu.py anvil "${bench[@]}"
+part 80 torchtitan "$python" benchmarks/gpu.py torchtitan "${bench[@]}"
 part 45 loader "$python" benchmarks/gpu.py loader "${bench[@]}"
-part 100 checkpoint "$python" benchmarks/gpu.py checkpoint "${bench[@]}"
+part 90 checkpoint "$python" benchmarks/gpu.py checkpoint "${bench[@]}"
 "$python" benchmarks/gpu.py summary "${bench[@]}" | tee "$out/summary.txt"
