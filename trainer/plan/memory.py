@@ -126,7 +126,10 @@ def trace(cfg: AnvilConfig, fake: bool = True) -> Memory:
     # Compiled blocks are traced eager: compiling under fake tensors would cost minutes, and a compiled block's fused
     # kernels save activations, so the eager figure is the bound.
     parallel = cfg.parallel.model_copy(update={"compile": False}) if fake else cfg.parallel
-    model = parallelized(cfg.model, parallel, layout, device, dtype, seq_len=cfg.data.seq_len, planning=fake)
+    # Expert parallelism: both trace an even routing (fake tensors hold none, and the real step is held to the same
+    # computation); a router's imbalance moves a rank's peak by its share of the dispatched rows.
+    model = parallelized(cfg.model, parallel, layout, device, dtype, seq_len=cfg.data.seq_len,
+                         planning=fake or cfg.parallel.ep > 1)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         materialise(model, layout, device, seed=0, fake=fake)
         gpu = GpuPaths.of_cluster(cfg.cluster.device)

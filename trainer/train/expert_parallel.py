@@ -63,10 +63,12 @@ def expert_parallel_forward(self: GroupedExperts, x: torch.Tensor, counts: torch
     # How many rows each rank sends each of my experts: one all-to-all of the per-expert counts, then to the host
     # (the all-to-all of rows needs its split sizes there: one sync per MoE layer, as in every EP implementation).
     if self.even_split:  # the planner's fake tensors hold no counts: every rank sends each rank an equal share
-        share = x.shape[0] // ep
-        received = torch.full((ep, local), share // local, dtype=counts.dtype, device=counts.device)
-        received[:, : share % local] += 1
-        send = recv = [share] * ep
+        rows = x.shape[0]
+        send = [rows // ep + (r < rows % ep) for r in range(ep)]
+        mine = send[dist.get_rank(group)]
+        recv = [mine] * ep
+        received = torch.full((ep, local), mine // local, dtype=counts.dtype, device=counts.device)
+        received[:, : mine % local] += 1
     else:
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=group)
