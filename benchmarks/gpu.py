@@ -140,7 +140,7 @@ def throughput(shape: SimpleNamespace, model_cfg, median: float, dev: torch.devi
     tokens = shape.batch * shape.seq / median
     peak = peak_tflops(dev)
     mfu = tokens * flops_per_token(model_cfg, shape.seq) / (peak * 1e12) if peak else None
-    memory = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else memory_gib(dev)
+    memory = memory_gib(dev)  # the CUDA allocator's peak on a GPU, the resident set's on a CPU
     return {"tokens_per_s": round(tokens, 1), "step_s": round(median, 5),
             "mfu": None if mfu is None else round(mfu, 4), "peak_memory_gib": round(memory, 2)}
 

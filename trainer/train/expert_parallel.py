@@ -56,31 +56,29 @@ def apply_ep(model: Transformer, ep_mesh: DeviceMesh) -> None:
 
 def expert_parallel_forward(self: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """`x`: this rank's token rows sorted by (global) expert, `counts[e]` for expert e; returns each row's output, in
-    the same order. Leaves `sent` (rows this rank sent to each EP rank, itself included) for tests and metrics."""
+    the same order. Leaves `sent` (rows this rank sent to each EP rank, itself included) for the tests."""
     group = self.ep_group
     ep = dist.get_world_size(group)
     local = counts.shape[0] // ep
     # How many rows each rank sends each of my experts: one all-to-all of the per-expert counts, then to the host
     # (the all-to-all of rows needs its split sizes there: one sync per MoE layer, as in every EP implementation).
     if self.even_split:  # the planner's fake tensors hold no counts: every rank sends each rank an equal share
-        rows = x.shape[0]
-        send = [rows // ep + (r < rows % ep) for r in range(ep)]
+        total = x.shape[0]
+        send = [total // ep + (r < total % ep) for r in range(ep)]
         mine = send[dist.get_rank(group)]
         recv = [mine] * ep
         received = torch.full((ep, local), mine // local, dtype=counts.dtype, device=counts.device)
         received[:, : mine % local] += 1
+        order = torch.arange(sum(recv), device=x.device)  # the rows' order costs the same memory whatever it is
     else:
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=group)
         received = received.view(ep, local)  # [source rank, my expert]
         send, recv = torch.stack([counts.view(ep, local).sum(1), received.sum(1)]).tolist()
+        expert_of = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(ep), received.flatten())
+        order = expert_of.argsort(stable=True)  # the received rows by (my expert, source)
     self.sent = torch.tensor(send)
     rows = all_to_all_single_autograd(x.contiguous(), recv, send, group)  # ordered by (source, my expert)
-    if self.even_split:  # the rows' order costs the same memory whatever it is
-        order = torch.arange(sum(recv), device=x.device)
-    else:
-        expert_of = torch.repeat_interleave(torch.arange(local, device=x.device).repeat(ep), received.flatten())
-        order = expert_of.argsort(stable=True)  # by (my expert, source)
     weights = [_ScaleGrad.apply(w.to_local() if isinstance(w, DTensor) else w, 1 / ep)
                for w in (self.w1, self.w2, self.w3)]
     out = self.compute(rows[order], received.sum(0), *weights)
