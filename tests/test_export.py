@@ -137,6 +137,27 @@ def test_convert_cli_names_what_is_missing(tmp_path: Path, corpus: Path, capsys)
     assert not (tmp_path / "moe").exists()
 
 
+@pytest.mark.parametrize(("moe", "qk_norm", "fragment"), [
+    ({"bias_update_rate": 0.001}, False, "bias_update_rate with model.moe.score=softmax: the transformers classes "
+                                         "with routing biases (Glm4Moe, DeepseekV3, Dots1) score with a sigmoid"),
+    ({"shared_experts": 1}, False, "Qwen2MoeForCausalLM, whose shared expert is gated"),
+    ({"shared_experts": 1, "shared_expert_gate": True}, True, "this model has QK-norm"),
+    ({"score": "sigmoid"}, True, "Glm4MoeForCausalLM, which has at least one shared expert (model.moe.shared_experts)"
+                                 ", ungated (model.moe.shared_expert_gate=false); this model has none"),
+    ({"score": "sigmoid", "shared_experts": 1, "shared_expert_gate": True}, False, "DeepseekV3ForCausalLM routes "
+                                                                                   "this way but its attention"),
+])
+def test_a_mixture_no_transformers_class_holds_is_refused_by_name(moe: dict, qk_norm: bool, fragment: str) -> None:
+    from trainer.core.config import ModelConfig
+    from trainer.export.hf import hf_family
+
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, qk_norm=qk_norm, moe={"experts": 4, "expert_dim": 48, **moe})
+    with pytest.raises(ExportError) as refused:
+        hf_family(cfg)
+    assert fragment in str(refused.value)
+    assert "nothing was written" in str(refused.value)
+
+
 @pytest.mark.parametrize(("tied", "family"), [(False, "gqa"), (True, "gqa"), (True, "qwen3"), (False, "moe-top2"),
                                              (True, "qk-moe-top1")])
 def test_hf_to_dcp_to_hf_is_bit_identical_and_starts_a_job(tmp_path: Path, corpus: Path, tied: bool,

@@ -13,7 +13,7 @@ from trainer.core.config import ModelConfig, MoeConfig, MupConfig
 from trainer.core.costs import flops_per_token, num_params
 from trainer.core.layers import load_config
 from trainer.export.hf import hf_name
-from trainer.train.model import Transformer, param_plan
+from trainer.train.model import Transformer, checkpointed_buffers, param_plan
 
 
 def build(cfg: ModelConfig, seq_len: int = 32, seed: int = 0) -> Transformer:
@@ -28,10 +28,14 @@ def build(cfg: ModelConfig, seq_len: int = 32, seed: int = 0) -> Transformer:
     ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128),
     ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, tie_embeddings=True),
     ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, moe=MoeConfig(experts=4, top_k=2, expert_dim=32)),
+    ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, moe=MoeConfig(
+        experts=4, top_k=2, expert_dim=32, score="sigmoid", bias_update_rate=0.01, shared_experts=2,
+        shared_expert_gate=True)),
 ])
 def test_builds_on_meta_counts_parameters_and_learns(cfg: ModelConfig) -> None:
     model = build(cfg)
     assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
+    assert set(model.state_dict()) == set(param_plan(cfg)) | set(checkpointed_buffers(cfg))
     tokens = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -90,6 +94,76 @@ def test_each_token_gets_the_renormalised_mix_of_its_top_k_experts(top_k: int) -
     torch.testing.assert_close(moe(x), out, rtol=0, atol=0)  # deterministic
 
 
+ROUTING = {
+    "softmax": MoeConfig(experts=5, top_k=2),
+    "softmax, biases, raw weights": MoeConfig(experts=5, top_k=2, bias_update_rate=0.01, normalize_top_k=False),
+    "sigmoid, biases, shared expert": MoeConfig(experts=5, top_k=2, score="sigmoid", bias_update_rate=0.01,
+                                                shared_experts=1),
+    "sigmoid, raw weights, gated shared expert": MoeConfig(experts=5, top_k=3, score="sigmoid",
+                                                           normalize_top_k=False, shared_experts=2,
+                                                           shared_expert_gate=True),
+}
+
+
+@pytest.mark.parametrize("moe_cfg", list(ROUTING.values()), ids=list(ROUTING))
+def test_routing_biases_choose_and_the_scores_mix_beside_the_shared_expert(moe_cfg: MoeConfig) -> None:
+    """Each token's output written from the definition (DeepSeek-V3's for sigmoid scores and biases, Qwen2-MoE's for
+    the gated shared expert): the k best of score + bias choose, the scores alone (renormalised or not) mix, the
+    shared expert adds its output for every token. The biases (large here, and one favouring the last expert) change
+    which experts a token gets; the control: without them the choice, and so the output, differs."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64, moe=moe_cfg,
+                      mup=MupConfig(enabled=True, base_dim=16))
+    moe = build(cfg).layers["0"].feed_forward
+    if moe.expert_bias is not None:
+        moe.expert_bias.copy_(torch.tensor([0.0, -0.2, 0.1, 0.0, 0.5]))
+    x = torch.randn(3, 7, cfg.dim, generator=torch.Generator().manual_seed(2))
+    out = moe(x)
+    g = moe.grouped
+    for b, t in itertools.product(range(3), range(7)):
+        token = x[b, t]
+        logits = moe.router.weight @ token * 0.5  # router_mult = 1/m = 16/32
+        scores = torch.sigmoid(logits) if moe_cfg.score == "sigmoid" else torch.softmax(logits, dim=0)
+        bias = moe.expert_bias if moe.expert_bias is not None else torch.zeros(5)
+        chosen = (scores + bias).topk(moe_cfg.top_k).indices.tolist()
+        weights = scores[chosen] / (scores[chosen].sum() if moe_cfg.normalize_top_k else 1.0)
+        want = sum(w * (g.w2[e] @ (F.silu(g.w1[e] @ token) * (g.w3[e] @ token)))
+                   for w, e in zip(weights, chosen, strict=True))
+        if moe.shared is not None:
+            s = moe.shared
+            shared = s.w2.weight @ (F.silu(s.w1.weight @ token) * (s.w3.weight @ token))
+            gate = torch.sigmoid(moe.shared_gate.weight @ token * 0.5) if moe_cfg.shared_expert_gate else 1.0
+            want = want + gate * shared
+        torch.testing.assert_close(out[b, t], want, rtol=1e-5, atol=1e-6)
+    if moe.expert_bias is not None:
+        moe.expert_bias.zero_()
+        assert not torch.allclose(moe(x), out, atol=1e-4)
+
+
+def test_balancing_biases_even_out_a_router_that_favours_one_expert() -> None:
+    """Auxiliary-loss-free balancing alone (no gradient, no balancing loss): a sigmoid router that sends every token
+    to expert 0 is evened out by its biases within 100 updates (the fullest expert under 1.5× its fair share); the
+    control without updates stays as skewed. Each update moves every bias by the rate, towards the mean load."""
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64, moe=MoeConfig(
+        experts=4, top_k=1, score="sigmoid", bias_update_rate=0.01))
+    moe = build(cfg).layers["0"].feed_forward
+    moe.update_bias(torch.tensor([10, 0, 5, 5]))
+    assert moe.expert_bias.tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.0])
+    x = torch.randn(64, 16, cfg.dim, generator=torch.Generator().manual_seed(3)) + 1.0  # a common direction
+    with torch.no_grad():
+        moe.router.weight[0] = 0.5  # expert 0 aligned with it: it wins every token
+
+    def fullest(updates: int) -> float:
+        moe.expert_bias.zero_()
+        for i in range(updates):
+            moe(x[i % 4 * 16:(i % 4 + 1) * 16])
+            moe.update_bias(moe.load)
+        moe(x)
+        return moe.load.max().item() / moe.load.sum().item() * 4
+
+    assert fullest(0) > 3.5  # nearly everything to one expert
+    assert fullest(100) < 1.5
+
+
 def test_moe_parameters_follow_mup_and_count_active_ones() -> None:
     cfg = ModelConfig(dim=256, n_layers=2, n_heads=4, vocab_size=128, init_std=0.02,
                       mup=MupConfig(enabled=True, base_dim=64), moe=MoeConfig(experts=4, top_k=1))
@@ -100,6 +174,13 @@ def test_moe_parameters_follow_mup_and_count_active_ones() -> None:
     assert experts.role == "hidden" and experts.lr_mult == 0.25 and experts.init_std == pytest.approx(0.01)
     assert router.role == "output" and router.lr_mult == 1.0 and model.layers["0"].feed_forward.router_mult == 0.25
     assert model.layers["0"].feed_forward.grouped.w2.std().item() == pytest.approx(0.01, rel=0.05)
+    # A shared expert's matrices are hidden weights; its gate's one logit is output-like (a 1/m multiplier).
+    shared = cfg.model_copy(update={"moe": MoeConfig(experts=4, top_k=1, shared_experts=2,
+                                                     shared_expert_gate=True)})
+    plan = param_plan(shared)
+    assert plan["layers.1.feed_forward.shared.w2.weight"] == experts
+    assert plan["layers.1.feed_forward.shared_gate.weight"] == router
+    assert num_params(shared, active=True) - num_params(cfg, active=True) == 2 * (3 * 256 * 2 * 704 + 256)
     # OLMoE-1B-7B's shape with its vocabulary: 6.9B parameters, 1.3B of them active (the OLMoE paper's numbers).
     olmoe = load_config(None, ["job.name=x", "model.flavor=olmoe-1B-7B", "model.vocab_size=50304"]).model
     assert num_params(olmoe) == pytest.approx(6.92e9, rel=0.01)

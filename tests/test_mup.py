@@ -94,14 +94,16 @@ def test_a_broken_mup_rule_is_caught(name: str, intact, monkeypatch: pytest.Monk
     assert any(where in failure for failure in result.failures), result.failures
 
 
-MOE = ["model.moe.experts=4", "model.moe.top_k=2"]
+MOE = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.shared_experts=1", "model.moe.shared_expert_gate=true"]
+"""Routed experts beside a gated shared one (Qwen2-MoE's)."""
 MOE_SPEC = CoordSpec(widths=(64, 128, 256, 512), steps=10, seeds=2, lr=1e-3)
 
 
 def test_a_mixture_of_experts_passes_the_coordinate_check_and_a_forgotten_router_rule_is_caught(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Experts are hidden weights, the router output-like (its logits × 1/m): under muP the experts' output and
-    the router's learned logits stay flat with width; under SP, or with the router's 1/m forgotten, they grow."""
+    """Experts (routed and shared) are hidden weights, the router and the shared expert's gate output-like (their
+    logits × 1/m): under muP the mixture's output and the router's learned logits stay flat with width; under SP, or
+    with the 1/m forgotten, they grow."""
     mup, sp = measure(MOE_SPEC, mup=True, extra=MOE), measure(MOE_SPEC, mup=False, extra=MOE)
     print("muP", worst(mup, "router_update"), worst(mup, "mlp"), "SP", worst(sp, "router_update"), worst(sp, "mlp"))
     assert any("router_update" in m for m in mup.slopes)

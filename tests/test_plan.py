@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import free_port, make_job, trainer_env
+from trainer.core.jobdir import JobDir
+from trainer.plan.estimate import all_to_all_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,7 +59,8 @@ def test_planned_memory_is_the_memory_of_a_real_step(tmp_path: Path, corpus: Pat
     (they agree to the byte here), and so do each phase's peak (forward/backward, optimizer step) and the resident
     parameters and optimizer state. Control: checkpointing lowers both peaks. Under expert parallelism both trace an
     even routing (the plan's assumption; a real router's imbalance moves a rank's peak by its share of the rows: seen
-    12 % above or below on these random batches)."""
+    12 % above or below on these random batches), and the plan's all-to-all bytes are those the real step's
+    collectives sent, recomputation included (control: checkpointing sends more; nothing is sent without EP)."""
     ranks, overrides = LAYOUTS[layout]
     jobs = {ac: make_job(tmp_path, f"ac-{ac}", corpus, f"cluster.devices_per_node={ranks}", *SHAPE, *overrides,
                          f"parallel.activation_checkpoint={ac}") for ac in ("none", "full")}
@@ -71,6 +74,12 @@ def test_planned_memory_is_the_memory_of_a_real_step(tmp_path: Path, corpus: Pat
         for part in ("parameters", "optimizer"):
             assert plan["resident"][part] == pytest.approx(got["resident"][part], rel=0.10), (ac, part)
     assert real[1]["peak"] < real[0]["peak"] and planned[1]["peak"] < planned[0]["peak"]
+    for job, got in zip(jobs.values(), real, strict=True):
+        cfg = JobDir(job).read_config()
+        t = cfg.train
+        passes = min(t.global_batch_size // (t.micro_batch_size * cfg.dp_size), 2)  # what the real trace runs
+        assert got["all_to_all_bytes"] == all_to_all_bytes(cfg, passes)
+    assert (real[1]["all_to_all_bytes"] > real[0]["all_to_all_bytes"]) == ("EP" in layout)
 
 
 FLOP_SHAPES = {

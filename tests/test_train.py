@@ -36,13 +36,20 @@ DENSE_LAYOUTS = ["FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC", "FSDP 
 MOE_LAYOUTS = ["FSDP2 on 2 ranks, full AC", "TP 2 ranks, selective AC", "FSDP 2 x TP 2", "EP 2", "EP 2 x FSDP 2",
                "EP 2 x TP 2"]
 
-MOE = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.expert_dim=48", "model.mup.enabled=true",
-       "model.mup.base_dim=32"]
-"""A small mixture of experts under muP (the router's logits scaled by 1/m)."""
+EXPERTS = ["model.moe.experts=4", "model.moe.top_k=2", "model.moe.expert_dim=48", "model.mup.enabled=true",
+           "model.mup.base_dim=32"]
+MOE = [*EXPERTS, "model.moe.shared_experts=1", "model.moe.shared_expert_gate=true"]
+"""A small mixture of experts under muP (the router's and the gate's logits scaled by 1/m), with a gated shared
+expert: Qwen2-MoE's."""
+SIGMOID_MOE = [*EXPERTS, "model.moe.score=sigmoid", "model.moe.bias_update_rate=0.003", "model.moe.shared_experts=2"]
+"""DeepSeek-V3's mixture: sigmoid scores, auxiliary-loss-free balancing (biases moved after every step by the global
+load: 3× DeepSeek-V3's rate, so that they change the routing within a few steps; at 0.01 they overshoot the small
+spread of these scores, and the loads flip back and forth), two ungated shared experts."""
+QK = ["model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2"]
 MODELS = {
     "dense": [],
     "moe": MOE,
-    "moe-qk": ["model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2", "data.document_positions=true", *MOE],
+    "moe-qk": [*QK, "data.document_positions=true", *SIGMOID_MOE],
 }
 
 
@@ -80,38 +87,53 @@ def _same_as_one_process(name: str, got: list[list[float]], reference: list[list
         assert abs(norm - ref_norm) <= 1e-4 * max(ref_norm, 1), f"{name}: step {step} norm {norm} vs {ref_norm}"
 
 
-@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
-def test_a_layout_trains_as_one_process_and_in_bf16_within_its_rounding(tmp_path: Path, corpus: Path,
-                                                                         fp32_reference, layout: str) -> None:
-    """In fp32, the losses (1e-5) and gradient norms of one process on the same global batches; in bf16 (FSDP's
-    policy, or autocast where there is no FSDP), within bf16's rounding of them (`_within_bf16_rounding`). Both runs
-    in one launch."""
-    ranks, overrides = LAYOUTS[layout]
-    jobs = [make_job(tmp_path, precision, corpus, f"train.mixed_precision={precision}",
-                     f"cluster.devices_per_node={ranks}", *overrides) for precision in ("fp32", "bf16")]
-    rounding = bf16_rounding(jobs[1])
-    fp32, bf16 = numerics(jobs, ranks, [tmp_path / "fp32.json", tmp_path / "bf16.json"])
+def _launched_together(ranks: int, layouts: list[str]) -> list[str]:
+    """The layouts of one world size: a test runs them in one launch (most of a launch is starting the ranks)."""
+    return [layout for layout in layouts if LAYOUTS[layout][0] == ranks]
+
+
+@pytest.mark.parametrize("ranks", [2, 4], ids=["2 ranks", "4 ranks"])
+def test_dense_layouts_train_as_one_process_and_in_bf16_within_its_rounding(tmp_path: Path, corpus: Path,
+                                                                            fp32_reference, ranks: int) -> None:
+    """FSDP 2 (full AC) and TP 2 (selective AC) on 2 ranks; FSDP 2 × TP 2 and HSDP 2 × 2 (accumulating) on 4. In fp32,
+    the losses (1e-5) and gradient norms of one process on the same global batches; in bf16 (FSDP's policy, or
+    autocast where there is no FSDP), within bf16's rounding of them (`_within_bf16_rounding`). Every run of a world
+    size in one launch."""
+    layouts = _launched_together(ranks, DENSE_LAYOUTS)
+    jobs = {(layout, precision): make_job(tmp_path / f"layout{i}", precision, corpus,
+                                          f"train.mixed_precision={precision}", f"cluster.devices_per_node={ranks}",
+                                          *LAYOUTS[layout][1])
+            for i, layout in enumerate(layouts) for precision in ("fp32", "bf16")}
+    results = dict(zip(jobs, numerics(list(jobs.values()), ranks, [job.with_suffix(".json") for job in jobs.values()]),
+                       strict=True))
     reference = fp32_reference("dense")
-    _same_as_one_process(layout, fp32, reference)
-    _within_bf16_rounding(bf16, reference, *rounding, layout)
+    for layout in layouts:
+        _same_as_one_process(layout, results[layout, "fp32"], reference)
+        _within_bf16_rounding(results[layout, "bf16"], reference, *bf16_rounding(jobs[layout, "bf16"]), layout)
 
 
-@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+@pytest.mark.parametrize("ranks", [2, 4], ids=["2 ranks", "4 ranks"])
 def test_qk_norm_masks_and_experts_train_as_one_process_in_every_layout(tmp_path: Path, corpus: Path,
-                                                                        fp32_reference, layout: str) -> None:
+                                                                        fp32_reference, ranks: int) -> None:
     """QK-norm with heads wider than dim / n_heads and grouped keys (the gains replicated over TP ranks), attention
-    kept inside each document of a packed row (data.document_positions), and a mixture of experts: sharded by FSDP;
-    with TP every rank routing the gathered sequence through unsplit experts; with EP the experts split over 2 ranks
-    (alone, with FSDP 2 sharding each EP rank's experts, with TP 2). The losses (1e-5) and gradient norms (the
-    balancing loss's gradient among them) of one process. Under EP 2 the all-to-all moves what the routers chose:
-    every rank sends each EP rank exactly the rows its routers gave that rank's experts, some to the other rank."""
-    ranks, overrides = LAYOUTS[layout]
-    job = make_job(tmp_path, "layout", corpus, f"cluster.devices_per_node={ranks}", "train.mixed_precision=fp32",
-                   *MODELS["moe-qk"], *overrides)
-    _same_as_one_process(layout, numerics(job, ranks, tmp_path / "layout.json"), fp32_reference("moe-qk"))
-    if layout == "EP 2":
+    kept inside each document of a packed row (data.document_positions), and DeepSeek-V3's mixture (sigmoid scores,
+    balancing biases moved by the global load after every step, shared experts): sharded by FSDP; with TP every rank
+    routing the gathered sequence through unsplit experts; with EP the experts split over 2 ranks (alone, with
+    FSDP 2 sharding each EP rank's experts, with TP 2). FSDP 2, TP 2 and EP 2 on 2 ranks, FSDP 2 × TP 2, EP 2 ×
+    FSDP 2 and EP 2 × TP 2 on 4, each world size in one launch. The losses (1e-5) and gradient norms (the balancing
+    loss's gradient among them) of one process: the biases, which choose the experts, move alike in every layout.
+    Under EP 2 the all-to-all moves what the routers chose: every rank sends each EP rank exactly the rows its
+    routers gave that rank's experts, some to the other rank."""
+    layouts = _launched_together(ranks, MOE_LAYOUTS)
+    jobs = [make_job(tmp_path / f"layout{i}", "layout", corpus, f"cluster.devices_per_node={ranks}",
+                     "train.mixed_precision=fp32", *MODELS["moe-qk"], *LAYOUTS[layout][1])
+            for i, layout in enumerate(layouts)]
+    outs = [job.with_suffix(".json") for job in jobs]
+    for layout, result in zip(layouts, numerics(jobs, ranks, outs), strict=True):
+        _same_as_one_process(layout, result, fp32_reference("moe-qk"))
+    if "EP 2" in layouts:
         moved = 0
-        for step in json.loads((tmp_path / "layout.json.experts").read_text()):  # 10 steps × 2 ranks
+        for step in json.loads(Path(f"{outs[layouts.index('EP 2')]}.experts").read_text()):  # 10 steps × 2 ranks
             for rank in step:
                 for sent, load in zip(rank["sent"], rank["load"], strict=True):
                     assert sent == [sum(load[:2]), sum(load[2:])], (sent, load)  # 4 experts: 2 per EP rank
@@ -304,15 +326,18 @@ def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_che
         assert abs(final[step] - loss) <= 1e-6, (step, final[step], loss)
 
 
-@pytest.mark.parametrize(("ranks", "chain"), [(4, [2, 4, 2]), (2, [2, 1, 2])], ids=["EP 2-4-2", "EP 2-1-2"])
-def test_expert_parallel_runs_killed_resume_at_other_ep_sizes_as_if_uninterrupted(
-        tmp_path: Path, corpus: Path, ranks: int, chain: list[int]) -> None:
+@pytest.mark.parametrize(("ranks", "chain", "model", "family"), [
+    (4, [2, 4, 2], MOE, "Qwen2MoeForCausalLM"), (2, [2, 1, 2], [*QK, *SIGMOID_MOE], "Glm4MoeForCausalLM")],
+    ids=["EP 2-4-2, gated shared expert", "EP 2-1-2, sigmoid, biases, QK-norm"])
+def test_expert_parallel_runs_killed_resume_at_other_ep_sizes_as_if_uninterrupted_and_export(
+        tmp_path: Path, corpus: Path, ranks: int, chain: list[int], model: list[str], family: str) -> None:
     """One job of a mixture of experts trained at each EP size of the chain in turn: every attempt but the last
     killed with kill -9 a few steps past a checkpoint, each resuming from the newest one, which the previous EP size
-    wrote (DCP reshards the experts: 2 → 4 → 2 on 4 ranks, 2 → 1 → 2 on 2). Every step's loss equals an
-    uninterrupted EP 2 twin's (fp32; the layouts themselves agree to 1e-5)."""
+    wrote (DCP reshards the experts: 2 → 4 → 2 on 4 ranks, 2 → 1 → 2 on 2; the balancing biases come back with the
+    model). Every step's loss equals an uninterrupted EP 2 twin's (fp32; the layouts themselves agree to 1e-5).
+    The final multi-rank checkpoint exports to the transformers class of its mixture (`export_matches`)."""
     settings = ["train.steps=8", "checkpoint.interval=2", "checkpoint.keep=2", f"cluster.devices_per_node={ranks}",
-                f"parallel.dp_shard={ranks}", "train.mixed_precision=fp32", *MOE]
+                f"parallel.dp_shard={ranks}", "train.mixed_precision=fp32", *model]
     twin = make_job(tmp_path, "twin", corpus, *settings, "parallel.ep=2")
     done = run_trainer(twin, ranks)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -340,6 +365,45 @@ def test_expert_parallel_runs_killed_resume_at_other_ep_sizes_as_if_uninterrupte
     assert sorted(final) == list(range(1, 9))
     for step, loss in reference.items():
         assert abs(final[step] - loss) <= 1e-5, (step, final[step], loss)
+    export_matches(job, jobdir.step_dir(root, 8), family, tmp_path)
+
+
+def export_matches(job: Path, step: Path, family: str, tmp_path: Path) -> None:
+    """The checkpoint exports as `family`, whose logits are the trainer's to 1e-5 (muP folded in); imported back and
+    exported again, every tensor is bit-identical. Where the model keeps balancing biases they are nonzero, and the
+    control, the export with them zeroed, gives other logits (they choose experts in transformers too)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from trainer.export.hf import export
+    from trainer.export.hf_import import import_hf, model_config
+    from trainer.train.model import Transformer
+
+    cfg = jobdir.JobDir(job).read_config()
+    ours = Transformer(cfg.model, cfg.data.seq_len)
+    state = {"model": ours.state_dict()}
+    dcp.load(state, checkpoint_id=str(step), no_dist=True)
+    ours.load_state_dict(state["model"])
+    out = export(cfg, step, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == family
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours.eval()(tokens)
+        assert (hf(tokens).logits - want).abs().max().item() <= 1e-5
+    again = export(cfg, import_hf(out, model_config(out, mup=cfg.model.mup), tmp_path / "imported"), tmp_path / "again")
+    first, second = (load_file(folder / "model-00001-of-00001.safetensors") for folder in (out, again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    biases = [k for k in first if k.endswith("e_score_correction_bias")]
+    if cfg.model.moe.bias_update_rate:
+        assert biases and any(first[k].abs().max() > 0 for k in biases)
+        save_file({k: torch.zeros_like(v) if k in biases else v for k, v in first.items()},
+                  str(out / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+        with torch.no_grad():
+            unbiased = AutoModelForCausalLM.from_pretrained(out).eval()(tokens).logits
+        assert (unbiased - want).abs().max().item() > 1e-3
 
 
 def test_nan_loss_before_any_checkpoint_stops_with_a_message_and_saves_nothing_of_it(tmp_path: Path,

@@ -233,7 +233,7 @@ class MoeConfig(Section):
     experts: int = Field(default=0, ge=0)
     """Experts per feed-forward layer (0: the dense SwiGLU, no mixture)."""
     top_k: int = Field(default=2, ge=1)
-    """Experts each token goes to: token-choice top-k over a softmax router."""
+    """Experts each token goes to: token-choice top-k over the router's scores (`score`)."""
     normalize_top_k: bool = True
     """Renormalise the k chosen probabilities to sum to one (Mixtral, Qwen3-MoE); false: mix with the router's
     probabilities as they are (OLMoE, Switch), the choice for top_k = 1, where renormalised weights are all 1 and the
@@ -244,11 +244,33 @@ class MoeConfig(Section):
     """Weight of the auxiliary load-balancing loss, sequence-wise: experts × Σ_e f_e·P_e per sequence (f: share of
     the sequence's token-expert assignments that went to e, P: mean router probability of e), averaged over
     sequences and layers; 1 when perfectly balanced. Stateless, so a resume needs nothing extra. 0: none."""
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    """How the router scores experts: a softmax over them (Mixtral, Qwen-MoE, OLMoE), or each on its own through a
+    sigmoid (DeepSeek-V3, GLM-4.5: experts do not compete for probability mass; with `normalize_top_k` the k chosen
+    scores are renormalised). The balancing loss uses the scores normalised to sum to one either way."""
+    bias_update_rate: float = Field(default=0.0, ge=0)
+    """Auxiliary-loss-free balancing (DeepSeek-V3): each expert has a bias added to its score when the top k are
+    chosen (never to the mixing weights); after every optimizer step it moves by this rate towards balance, up for an
+    expert that got fewer than the mean of the step's token-expert assignments over the whole data-parallel batch,
+    down for one that got more. DeepSeek-V3 used 0.001 with a sigmoid `score`. The biases are checkpointed with the
+    model. Like the scores it shifts, it is the same at every width under muP. 0: off (balance_coef may still
+    be set: DeepSeek-V3 keeps a tiny one)."""
+    shared_experts: int = Field(default=0, ge=0)
+    """Shared experts every token passes through beside its routed ones (DeepSeek, Qwen2-MoE), each as wide as a
+    routed expert: run as one SwiGLU `shared_experts × expert_dim` wide, so it grows with the width as the routed
+    experts do. Its matrices are hidden weights under muP, like theirs. 0: none."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert's output per token by a learned sigmoid gate (Qwen2-MoE); its one-logit projection is
+    output-like under muP (a 1/m multiplier, like the router's). False: added as is (DeepSeek, GLM-4.5)."""
 
     @model_validator(mode="after")
     def _experts_cover_top_k(self) -> MoeConfig:
         if self.experts and self.top_k > self.experts:
             raise ValueError(f"top_k = {self.top_k} exceeds experts = {self.experts}")
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ValueError("shared_expert_gate needs a shared expert: set shared_experts")
+        if not self.experts and (self.shared_experts or self.bias_update_rate):
+            raise ValueError("shared_experts and bias_update_rate belong to a mixture: set experts")
         return self
 
 
@@ -322,6 +344,11 @@ class ModelConfig(Section):
     def expert_hidden(self) -> int:
         """Each expert's SwiGLU hidden size."""
         return self.moe.expert_dim or self.ffn_hidden
+
+    @property
+    def shared_hidden(self) -> int:
+        """The shared experts' hidden size, as one SwiGLU (0: none)."""
+        return self.moe.shared_experts * self.expert_hidden
 
     @property
     def router_mult(self) -> float:

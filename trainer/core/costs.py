@@ -10,12 +10,15 @@ from trainer.core.config import ModelConfig
 
 
 def num_params(cfg: ModelConfig, embeddings: bool = True, active: bool = False) -> int:
-    """Parameters of the model; with `active`, only those a token uses (k experts of each mixture, and its router)."""
+    """Parameters of the model; with `active`, only those a token uses (k experts of each mixture, its router, and
+    its shared expert and gate)."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     norms = 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
-    if cfg.moe.experts:
-        experts = cfg.moe.top_k if active else cfg.moe.experts
-        ffn = experts * 3 * cfg.dim * cfg.expert_hidden + cfg.dim * cfg.moe.experts
+    moe = cfg.moe
+    if moe.experts:
+        experts = moe.top_k if active else moe.experts
+        ffn = (experts * 3 * cfg.dim * cfg.expert_hidden + cfg.dim * moe.experts + 3 * cfg.dim * cfg.shared_hidden
+               + (cfg.dim if moe.shared_expert_gate else 0))
     else:
         ffn = 3 * cfg.dim * cfg.ffn_hidden
     per_layer = cfg.dim * (2 * q + 2 * kv) + ffn + norms

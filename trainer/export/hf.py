@@ -1,5 +1,7 @@
-"""A DCP checkpoint step → a Hugging Face `LlamaForCausalLM` folder (`Qwen3ForCausalLM` with QK-norm) that vanilla
-`transformers` loads.
+"""A DCP checkpoint step → a Hugging Face folder that vanilla `transformers` loads: `LlamaForCausalLM`
+(`Qwen3ForCausalLM` with QK-norm); a mixture of experts as `MixtralForCausalLM` or `Qwen3MoeForCausalLM`, with a gated
+shared expert as `Qwen2MoeForCausalLM`, with sigmoid routing (and its balancing biases) as `Glm4MoeForCausalLM`
+(`hf_family` refuses by name what no class holds).
 
 Runs in one process whatever the training world size was, reading one tensor at a time from the DCP files
 (DCP reassembles each from the shards of every rank), so memory stays near the largest tensor plus one
@@ -9,7 +11,8 @@ output shard. muP's forward multipliers are folded into the weights, so no custo
   head is tied to the (now scaled) embedding table — tying survives;
 - the attention scale α_attn·√d_head0/d_head = α_attn/√d_head (heads keep their size) into `q_proj`:
   RoPE is linear in q, so scaling q's weights scales q·k exactly as the trainer does; with QK-norm into the query
-  norm's gain instead (the norm would undo a scaled projection).
+  norm's gain instead (the norm would undo a scaled projection);
+- the router's and the shared expert gate's logit multiplier (1/m) into their weights.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from trainer.core.config import AnvilConfig, ModelConfig
 from trainer.core.errors import AnvilError
 from trainer.core.files import staged_dir
 from trainer.core.jobdir import is_complete
-from trainer.train.model import param_plan
+from trainer.train.model import checkpointed_buffers, param_plan
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}
@@ -43,28 +46,40 @@ _EXPERTS = {"feed_forward.grouped.w1": "mlp.experts.gate_up_proj",
             "feed_forward.grouped.w2": "mlp.experts.down_proj"}
 """Grouped experts (transformers 5 stores them stacked too): gate and up projections concatenated, `[experts,
 2 · hidden, dim]`, gate first; down `[experts, dim, hidden]`."""
+_SHARED = {"qwen2_moe": {"feed_forward.shared.w1": "mlp.shared_expert.gate_proj",
+                         "feed_forward.shared.w3": "mlp.shared_expert.up_proj",
+                         "feed_forward.shared.w2": "mlp.shared_expert.down_proj",
+                         "feed_forward.shared_gate": "mlp.shared_expert_gate"},
+           "glm4_moe": {"feed_forward.shared.w1": "mlp.shared_experts.gate_proj",
+                        "feed_forward.shared.w3": "mlp.shared_experts.up_proj",
+                        "feed_forward.shared.w2": "mlp.shared_experts.down_proj",
+                        "feed_forward.expert_bias": "mlp.gate.e_score_correction_bias"}}
+"""The shared expert (and its gate, or the routing biases) in the families that have one."""
+GLM_BIAS = "feed_forward.expert_bias"
 
 
 class ExportError(AnvilError):
     """A checkpoint or output that cannot be exported; the message says which and why."""
 
 
-def hf_name(name: str) -> str:
-    """Our parameter name → the name in transformers' Llama."""
+def hf_name(name: str, model_type: str = "llama") -> str:
+    """Our parameter (or buffer) name → the name in the transformers class of `model_type`."""
     if name in _TOP:
         return _TOP[name]
     _, layer, rest = name.split(".", 2)
     if rest in _EXPERTS:
         return f"model.layers.{layer}.{_EXPERTS[rest]}"
+    if rest == GLM_BIAS:
+        return f"model.layers.{layer}.{_SHARED['glm4_moe'][rest]}"
     module, leaf = rest.rsplit(".", 1)
-    return f"model.layers.{layer}.{_BLOCK[module]}.{leaf}"
+    return f"model.layers.{layer}.{_SHARED.get(model_type, {}).get(module) or _BLOCK[module]}.{leaf}"
 
 
 _TOP_BACK = {v: k for k, v in _TOP.items()}
 _BLOCK_BACK = {v: k for k, v in _BLOCK.items()}
 
 
-def our_names(name: str) -> list[str]:
+def our_names(name: str, model_type: str = "llama") -> list[str]:
     """transformers' name → ours (the reverse of `hf_name`): two for the concatenated gate and up projections."""
     if name in _TOP_BACK:
         return [_TOP_BACK[name]]
@@ -72,8 +87,11 @@ def our_names(name: str) -> list[str]:
     grouped = [ours for ours, theirs in _EXPERTS.items() if theirs == rest]
     if grouped:
         return [f"layers.{layer}.{ours}" for ours in sorted(grouped)]
+    shared = {theirs: ours for ours, theirs in _SHARED.get(model_type, {}).items()}
+    if rest in shared:  # the routing biases: a buffer, no leaf
+        return [f"layers.{layer}.{shared[rest]}"]
     module, leaf = rest.rsplit(".", 1)
-    return [f"layers.{layer}.{_BLOCK_BACK[module]}.{leaf}"]
+    return [f"layers.{layer}.{shared.get(module) or _BLOCK_BACK[module]}.{leaf}"]
 
 
 def hf_family(cfg: ModelConfig) -> dict:
@@ -83,6 +101,8 @@ def hf_family(cfg: ModelConfig) -> dict:
     qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers,
              "layer_types": ["full_attention"] * cfg.n_layers}
     moe = cfg.moe
+    if moe.experts and (moe.shared_experts or moe.score == "sigmoid" or moe.bias_update_rate):
+        return _shared_or_biased_family(cfg)
     if cfg.qk_norm and moe.experts:  # Qwen3-MoE: QK-norm attention, every feed-forward a mixture
         family = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", **qwen3,
                   "num_experts": moe.experts, "num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.normalize_top_k,
@@ -99,6 +119,45 @@ def hf_family(cfg: ModelConfig) -> dict:
     elif cfg.qk_norm:  # Qwen3: Llama's blocks with a per-head RMSNorm on queries and keys before RoPE
         family = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qwen3}
     return family
+
+
+def _shared_or_biased_family(cfg: ModelConfig) -> dict:
+    """Mixtures with a shared expert, sigmoid scores or balancing biases: Qwen2-MoE (a gated shared expert, softmax
+    routing, Llama attention) and GLM-4.5-MoE (DeepSeek-V3's routing: sigmoid scores, biases, ungated shared experts;
+    Llama or QK-norm attention). DeepSeek-V3's own class has latent attention (MLA),
+    which this model's is not."""
+    moe = cfg.moe
+    none = ("nothing was written; transformers' DeepseekV3ForCausalLM routes this way but its attention is latent "
+            "(MLA), not this model's" if moe.score == "sigmoid" else "nothing was written")
+    common = {"num_experts_per_tok": moe.top_k, "norm_topk_prob": moe.normalize_top_k,
+              "moe_intermediate_size": cfg.expert_hidden, "router_aux_loss_coef": moe.balance_coef,
+              "output_router_logits": False}
+    if moe.score == "softmax":
+        if moe.bias_update_rate:
+            raise ExportError("model.moe.bias_update_rate with model.moe.score=softmax: the transformers classes "
+                              "with routing biases (Glm4Moe, DeepseekV3, Dots1) score with a sigmoid; set "
+                              f"model.moe.score=sigmoid to export ({none})")
+        if not moe.shared_expert_gate or cfg.qk_norm:
+            raise ExportError(
+                "model.moe.shared_experts with softmax routing exports as Qwen2MoeForCausalLM, whose shared expert "
+                "is gated (model.moe.shared_expert_gate=true) and whose attention has no QK-norm (model.qk_norm="
+                f"false); this model has {'QK-norm' if cfg.qk_norm else 'an ungated shared expert'} ({none})")
+        return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", **common,
+                "num_experts": moe.experts, "shared_expert_intermediate_size": cfg.shared_hidden,
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": False, "use_sliding_window": False,
+                "sliding_window": None, "max_window_layers": cfg.n_layers,
+                "layer_types": ["full_attention"] * cfg.n_layers}
+    if moe.shared_expert_gate or not moe.shared_experts:
+        raise ExportError(
+            "model.moe.score=sigmoid exports as Glm4MoeForCausalLM, which has at least one shared expert "
+            "(model.moe.shared_experts), ungated (model.moe.shared_expert_gate=false); this model has "
+            f"{'a gated shared expert' if moe.shared_expert_gate else 'none'} ({none})")
+    if moe.experts < 2:
+        raise ExportError(f"model.moe.experts: Glm4MoeForCausalLM routes over at least 2 experts ({none})")
+    return {"architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", **common,
+            "n_routed_experts": moe.experts, "n_shared_experts": moe.shared_experts,
+            "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "first_k_dense_replace": 0,
+            "use_qk_norm": cfg.qk_norm, "partial_rotary_factor": 1.0, "num_mtp_layers": 0}
 
 
 def hf_config(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, bos_id: int | None, eos_id: int | None
@@ -150,14 +209,15 @@ def folded(cfg: ModelConfig, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor * (cfg.output_mult / cfg.input_mult if cfg.tie_embeddings else cfg.output_mult)
     if name.endswith("attention.q_norm.weight" if cfg.qk_norm else "attention.wq.weight"):
         return tensor * cfg.attn_mult  # the trainer's softmax scale over HF's 1/√d_head
-    if name.endswith("feed_forward.router.weight"):
+    if name.endswith(("feed_forward.router.weight", "feed_forward.shared_gate.weight")):
         return tensor * cfg.router_mult
     return tensor
 
 
 def hf_tensors(step_dir: Path, cfg: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     keys = checkpoint_keys(step_dir)
-    expected = set(param_plan(cfg))
+    expected = set(param_plan(cfg)) | set(checkpointed_buffers(cfg))
+    model_type = hf_family(cfg)["model_type"]
     if set(keys) != expected:
         missing, extra = sorted(expected - set(keys))[:3], sorted(set(keys) - expected)[:3]
         raise ExportError(f"{step_dir} does not hold this job's model (missing {missing}, unexpected {extra})")
@@ -170,7 +230,11 @@ def hf_tensors(step_dir: Path, cfg: ModelConfig, dtype: torch.dtype) -> Iterator
         tensor = read(name)
         if name.endswith("grouped.w1"):
             tensor = torch.cat([tensor, read(name.removesuffix("w1") + "w3")], dim=1)
-        yield hf_name(name), tensor.to(dtype).contiguous()
+        if name.endswith("router.weight") and model_type == "glm4_moe" and not cfg.moe.bias_update_rate:
+            bias = name.removesuffix("router.weight") + "expert_bias"  # the class has biases: none is zero
+            yield hf_name(bias), torch.zeros(cfg.moe.experts)
+        out_dtype = torch.float32 if name.endswith("expert_bias") else dtype  # fp32 in the class too
+        yield hf_name(name, model_type), tensor.to(out_dtype).contiguous()
 
 
 def _position(name: str) -> tuple[int, str]:

@@ -145,6 +145,9 @@ def plan_table(plan: Plan) -> Table:
         table.add_row("speed", "not planned: cluster.mfu_peak_tflops is not set")
     table.add_row("checkpoint", f"{plan.checkpoint_gib:.1f} GiB, {plan.checkpoint_seconds:.0f} s to write at "
                                 f"{a['checkpoint_gbps']:g} GB/s (assumed)")
+    if plan.all_to_all_gib:
+        table.add_row("all-to-all", f"{_gib(plan.all_to_all_gib * GIB)} sent per rank and step by expert parallelism "
+                                    "(routing evenly; a rank receives about as much)")
     if plan.data is not None:
         for ds in plan.data["datasets"]:
             if not ds["files"]:

@@ -3,7 +3,8 @@ footers and (from `trainer.plan.memory`, in a process with torch) its measured m
 launch side composes, prints and stores it (`jobs/<name>/plan.json`).
 
 What is measured: memory (PyTorch's tracker under fake tensors), FLOPs per token (the count torch's FLOP counter
-agrees with), the corpus's rows and bytes. What is assumed, and said with every plan: the MFU a job reaches, the
+agrees with), the corpus's rows and bytes; what is counted: the bytes expert parallelism's all-to-alls move (what a
+real step sends, under an even routing). What is assumed, and said with every plan: the MFU a job reaches, the
 checkpoint file system's bandwidth, the runtime's memory outside tensors and the allocator's fragmentation.
 """
 
@@ -48,6 +49,9 @@ class Plan:
     device_hours: float | None = None
     checkpoint_gib: float = 0.0
     checkpoint_seconds: float = 0.0
+    all_to_all_gib: float = 0.0
+    """What each rank sends to other ranks by expert parallelism's all-to-alls per step (and receives about as much):
+    `all_to_all_bytes`."""
     data: dict[str, Any] | None = None
     memory: dict[str, Any] | None = None
     memory_skipped: str | None = None
@@ -69,6 +73,25 @@ class Plan:
         """Whether the plan stops a submission: any problem, unless `force` and the one problem is the fit (data that
         cannot feed its workers would fail at the first step whatever is forced)."""
         return bool(self.problems) and not (force and self.fits is False and len(self.problems) == 1)
+
+
+def all_to_all_bytes(cfg: AnvilConfig, micro_batches: int | None = None) -> int:
+    """Bytes rank 0 sends to other ranks by all-to-all in `micro_batches` forward and backward passes (default: one
+    step's) under expert parallelism, routing evenly (the planner's assumption): in each MoE layer a dispatch sends
+    the rows of its tokens (one per chosen expert: micro-batch × seq_len × top_k rows of `dim` activations, an equal
+    share to each EP rank) and a combine sends back the rows it received; backward sends the gradients of both the
+    other way, and activation checkpointing (full or selective) runs the forward's pair again. 0 without EP."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    if p.ep == 1 or not m.moe.experts:
+        return 0
+    if micro_batches is None:
+        micro_batches = t.global_batch_size // (t.micro_batch_size * cfg.dp_size)
+    rows = t.micro_batch_size * cfg.data.seq_len * m.moe.top_k
+    kept = -(-rows // p.ep)  # rank 0's own share (the even split gives the first ranks the remainder)
+    pair = (rows - kept) + (p.ep - 1) * kept  # a dispatch and a combine
+    passes = 3 if p.activation_checkpoint != "none" else 2
+    element = 2 if cfg.precision == "bf16" else 4
+    return m.n_layers * micro_batches * passes * pair * m.dim * element
 
 
 def layout_text(cfg: AnvilConfig) -> str:
@@ -114,6 +137,7 @@ def base_plan(cfg: AnvilConfig) -> Plan:
     size = CHECKPOINT_BYTES_PER_PARAM * plan.parameters
     plan.checkpoint_gib = size / GIB
     plan.checkpoint_seconds = size / (a.checkpoint_gbps * 1e9)
+    plan.all_to_all_gib = all_to_all_bytes(cfg) / GIB
     plan.data = data_plan(cfg)
     plan.problems += row_group_problems(cfg, plan.data)
     return plan

@@ -205,6 +205,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if load is not None and self.cfg.model.moe.bias_update_rate:  # loss-free balancing, by the global load
+            for moe, layer in zip(self.model.mixtures(), self._reduce_dp(load.clone()), strict=True):
+                moe.update_bias(layer)  # the same sums on every rank: the biases stay identical
         return {"loss": loss, "grad_norm": norm, "lr": lr, "tokens": global_tokens, "balance": balance_sum,
                 "expert_load": load}
 

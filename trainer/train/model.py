@@ -140,12 +140,13 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """A SwiGLU: the dense model's feed-forward, or a mixture's shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        hidden = cfg.ffn_hidden
-        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -204,28 +205,49 @@ def grouped_mm_runs(device: torch.device) -> bool:
 
 
 class MoE(nn.Module):
-    """Token-choice top-k mixture of SwiGLU experts: a softmax router picks k experts per token, their outputs are
-    mixed with the k probabilities (renormalised to sum to one unless `moe.normalize_top_k` is off). Each forward
-    leaves two statistics for the trainer (overwritten, never accumulated, so an activation-checkpointing
+    """Token-choice top-k mixture of SwiGLU experts: a router scores the experts (softmax, or sigmoid each), the k
+    best scores (plus each expert's balancing bias, where `moe.bias_update_rate` keeps one) pick a token's experts,
+    whose outputs are mixed with their scores (renormalised to sum to one unless `moe.normalize_top_k` is off); a
+    shared expert, where there is one, adds its output for every token (through a sigmoid gate if asked). Each
+    forward leaves two statistics for the trainer (overwritten, never accumulated, so an activation-checkpointing
     recompute changes nothing): `balance`, the sum over this batch's sequences of the sequence-wise balancing loss
     (with its gradient), and `load`, how many token-expert assignments each expert got."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.experts, self.top_k, self.normalize = cfg.moe.experts, cfg.moe.top_k, cfg.moe.normalize_top_k
+        moe = cfg.moe
+        self.experts, self.top_k, self.normalize, self.score = moe.experts, moe.top_k, moe.normalize_top_k, moe.score
         self.router = nn.Linear(cfg.dim, self.experts, bias=False)
         self.router_mult = cfg.router_mult
         self.grouped = GroupedExperts(self.experts, cfg.dim, cfg.expert_hidden)
+        self.shared = FeedForward(cfg.dim, cfg.shared_hidden) if moe.shared_experts else None
+        self.shared_gate = nn.Linear(cfg.dim, 1, bias=False) if moe.shared_expert_gate else None
+        self.bias_update_rate = moe.bias_update_rate
+        self.expert_bias: torch.Tensor | None
+        """Added to the scores when the experts are chosen (auxiliary-loss-free balancing), fp32; a buffer, so it is
+        checkpointed with the model and identical on every rank (`update_bias` moves it by the global load)."""
+        self.register_buffer("expert_bias", torch.zeros(self.experts) if self.bias_update_rate else None)
         self.balance: torch.Tensor | None = None
         self.load: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """After an optimizer step: `load`, the step's token-expert assignments per expert over every data-parallel
+        rank and micro-batch. An expert above the mean moves down by the rate, one below it up (DeepSeek-V3)."""
+        load = load.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         tokens = x.reshape(-1, dim)
-        probs = F.softmax(self.router(tokens).float() * self.router_mult, dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
+        logits = self.router(tokens).float() * self.router_mult
+        scores = logits.sigmoid() if self.score == "sigmoid" else F.softmax(logits, dim=-1)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        chosen = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(-1, chosen)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        probs = scores if self.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
         flat = chosen.flatten()
         order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
         per_sequence = torch.zeros(batch, self.experts, device=x.device).scatter_add_(
@@ -235,6 +257,12 @@ class MoE(nn.Module):
         rows = self.grouped(tokens[token_of], counts)
         rows = rows * weights.flatten()[order].unsqueeze(-1).to(rows.dtype)
         out = torch.zeros_like(tokens).index_add_(0, token_of, rows.to(tokens.dtype))
+        if self.shared is not None:
+            shared = self.shared(tokens)
+            if self.shared_gate is not None:
+                gate = torch.sigmoid(self.shared_gate(tokens).float() * self.router_mult)
+                shared = gate.to(shared.dtype) * shared
+            out = out + shared.to(out.dtype)
         share = per_sequence / (length * self.top_k)
         self.balance = self.experts * (share * probs.view(batch, length, -1).mean(dim=1)).sum()
         self.load = counts.detach()
@@ -247,7 +275,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = MoE(cfg) if cfg.moe.experts else FeedForward(cfg)
+        self.feed_forward = MoE(cfg) if cfg.moe.experts else FeedForward(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 documents=None) -> torch.Tensor:
@@ -328,6 +356,9 @@ class Transformer(nn.Module):
                                device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for moe in self.mixtures():
+            if moe.expert_bias is not None:
+                moe.expert_bias.zero_()
 
 
 def plain_name(name: str) -> str:
@@ -347,6 +378,11 @@ def initial_value(name: str, shape: tuple[int, ...], entry: ParamPlan, seed: int
         return torch.zeros(shape, device=device)
     generator = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     return torch.empty(shape, device=device).normal_(0.0, entry.init_std, generator=generator)
+
+
+def checkpointed_buffers(cfg: ModelConfig) -> list[str]:
+    """The model's state beside its parameters, by name: each mixture's balancing biases where they are kept."""
+    return [f"layers.{i}.feed_forward.expert_bias" for i in range(cfg.n_layers)] if cfg.moe.bias_update_rate else []
 
 
 @dataclass(frozen=True)
@@ -382,6 +418,11 @@ def param_plan(cfg: ModelConfig) -> dict[str, ParamPlan]:
             plan[f"layers.{i}.{name}"] = hidden
         if cfg.moe.experts:  # output-like: its logits carry a 1/m multiplier, like the readout's
             plan[f"layers.{i}.feed_forward.router.weight"] = ParamPlan("output", std, 1.0, 1.0)
+        if cfg.moe.shared_experts:
+            for name in ("w1", "w2", "w3"):
+                plan[f"layers.{i}.feed_forward.shared.{name}.weight"] = hidden
+        if cfg.moe.shared_expert_gate:  # one logit per token: output-like, like the router
+            plan[f"layers.{i}.feed_forward.shared_gate.weight"] = ParamPlan("output", std, 1.0, 1.0)
         norms = ("attention_norm", "ffn_norm") + (("attention.q_norm", "attention.k_norm") if cfg.qk_norm else ())
         for name in norms:
             plan[f"layers.{i}.{name}.weight"] = ParamPlan("vector", None, 1.0, 0.0)
