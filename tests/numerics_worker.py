@@ -10,10 +10,11 @@ Under expert parallelism, each step's rows sent by every rank to every EP rank a
 (the last micro-batch's) go to `<out>.experts`: `[step][rank] = {"ep_rank", "sent": [layer][ep rank],
 "load": [layer][expert]}`.
 
-A third argument names a control: `fp32-parameters`, for the bf16 tests: FSDP's mixed-precision policy is built with
-fp32 parameters whatever the trainer asks, as a policy gone wrong would (the job asks for bf16 and silently trains
-in fp32); `local-routing`, for expert parallelism: every router strongly prefers this rank's own experts, so no
-token needs to travel."""
+A third argument names a control (one for every job, or comma-separated, one per job): `fp32-parameters`, for the
+bf16 tests: FSDP's mixed-precision policy is built with fp32 parameters whatever the trainer asks, as a policy gone
+wrong would (the job asks for bf16 and silently trains in fp32); `local-routing`, for expert parallelism: every
+router strongly prefers this rank's own experts, so no token needs to travel; `first-half`: every router strongly
+prefers the first half of the experts, whatever the layout (under EP 2 the second EP rank's experts get no token)."""
 
 from __future__ import annotations
 
@@ -34,15 +35,16 @@ from trainer.train.parallelize import build_layout
 def main(job_dirs: str, outs: str, control: str = "") -> None:
     """`job_dirs`, `outs`: comma-separated, one output per job; the jobs run one after another in this launch (one
     process start for several runs of a layout: they must share its world size)."""
-    if control == "fp32-parameters":
+    jobs = job_dirs.split(",")
+    controls = control.split(",") if "," in control else [control] * len(jobs)
+    if "fp32-parameters" in controls:
         from trainer.train import parallelize
 
         policy = parallelize.MixedPrecisionPolicy
         parallelize.MixedPrecisionPolicy = lambda **kw: policy(**{**kw, "param_dtype": torch.float32})
-    jobs = job_dirs.split(",")
     ranks = init_distributed(JobDir(Path(jobs[0])).read_config())
-    for job_dir, out in zip(jobs, outs.split(","), strict=True):
-        run(JobDir(Path(job_dir)), out, ranks.rank, control)
+    for job_dir, out, job_control in zip(jobs, outs.split(","), controls, strict=True):
+        run(JobDir(Path(job_dir)), out, ranks.rank, job_control)
     dist.destroy_process_group()
 
 
@@ -54,8 +56,8 @@ def run(job: JobDir, out: str, rank: int, control: str, steps: int = 10) -> None
     t = cfg.train
     per_rank = t.global_batch_size // layout.dp_size
     batches = iter(build_loader(cfg.data, t.seed, 0, 1, t.global_batch_size))
-    if control == "local-routing":
-        _route_locally(trainer, layout)
+    if control in ("local-routing", "first-half"):
+        _prefer(trainer, layout, local=control == "local-routing")
     record, monitored, experts = [], [], []
     for _ in range(steps):
         batch = next(batches)
@@ -83,13 +85,13 @@ def run(job: JobDir, out: str, rank: int, control: str, steps: int = 10) -> None
             Path(f"{out}.experts").write_text(json.dumps(experts))
 
 
-def _route_locally(trainer: Trainer, layout) -> None:
-    """Each router's logits for this rank's own experts raised far above the others."""
+def _prefer(trainer: Trainer, layout, local: bool) -> None:
+    """Each router's logits raised far above the others for this rank's own experts (`local`) or the first half."""
     for moe in trainer.model.mixtures():
-        local = moe.experts // layout.ep
-        first = layout.mesh.get_local_rank("ep") * local
+        size = moe.experts // layout.ep if local else moe.experts // 2
+        first = layout.mesh.get_local_rank("ep") * size if local else 0
         bias = torch.zeros(moe.experts)
-        bias[first:first + local] = 1e4
+        bias[first:first + size] = 1e4
 
         def hook(module, args, output, bias=bias):
             return output + bias.to(output.dtype)

@@ -110,7 +110,8 @@ def test_routing_biases_choose_and_the_scores_mix_beside_the_shared_expert(moe_c
     """Each token's output written from the definition (DeepSeek-V3's for sigmoid scores and biases, Qwen2-MoE's for
     the gated shared expert): the k best of score + bias choose, the scores alone (renormalised or not) mix, the
     shared expert adds its output for every token. The biases (large here, and one favouring the last expert) change
-    which experts a token gets; the control: without them the choice, and so the output, differs."""
+    which experts a token gets; the controls: without them the choice, and so the output, differs; without the shared
+    expert's output too."""
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64, moe=moe_cfg,
                       mup=MupConfig(enabled=True, base_dim=16))
     moe = build(cfg).layers["0"].feed_forward
@@ -137,6 +138,11 @@ def test_routing_biases_choose_and_the_scores_mix_beside_the_shared_expert(moe_c
     if moe.expert_bias is not None:
         moe.expert_bias.zero_()
         assert not torch.allclose(moe(x), out, atol=1e-4)
+    if moe.shared is not None:  # the control of the shared expert's part: without its output, other outputs
+        before = moe(x)
+        with torch.no_grad():
+            moe.shared.w2.weight.zero_()
+        assert not torch.allclose(moe(x), before, atol=1e-4)
 
 
 def test_balancing_biases_even_out_a_router_that_favours_one_expert() -> None:

@@ -52,34 +52,41 @@ def measure_real(jobs: list[Path], ranks: int, out: Path) -> list[dict]:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_planned_memory_is_the_memory_of_a_real_step(tmp_path: Path, corpus: Path, layout: str) -> None:
-    """With and without activation checkpointing: the planner's peak (fake tensors, a fake process group, 6 blocks
-    extrapolated from 3 and 4) within 10 % of the peak the same tracker measures on real tensors in a real gloo group
-    (they agree to the byte here), and so do each phase's peak (forward/backward, optimizer step) and the resident
-    parameters and optimizer state. Control: checkpointing lowers both peaks. Under expert parallelism both trace an
-    even routing (the plan's assumption; a real router's imbalance moves a rank's peak by its share of the rows: seen
-    12 % above or below on these random batches), and the plan's all-to-all bytes are those the real step's
-    collectives sent, recomputation included (control: checkpointing sends more; nothing is sent without EP)."""
-    ranks, overrides = LAYOUTS[layout]
-    jobs = {ac: make_job(tmp_path, f"ac-{ac}", corpus, f"cluster.devices_per_node={ranks}", *SHAPE, *overrides,
-                         f"parallel.activation_checkpoint={ac}") for ac in ("none", "full")}
-    planned = [p["memory"] for p in plan_memory(list(jobs.values()))]
-    real = measure_real(list(jobs.values()), ranks, tmp_path / "real.json")
-    for ac, plan, got in zip(jobs, planned, real, strict=True):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["1 rank", "2 ranks"])
+def test_planned_memory_is_the_memory_of_a_real_step(tmp_path: Path, corpus: Path, ranks: int) -> None:
+    """Every layout of the world size (1 rank; FSDP 2, TP 2, MoE on FSDP 2, MoE on EP 2), with and without activation
+    checkpointing, planned in one planner process and measured in one launch: the planner's peak (fake tensors, a
+    fake process group, 6 blocks extrapolated from 3 and 4) within 10 % of the peak the same tracker measures on real
+    tensors in a real gloo group (they agree to the byte here), and so do each phase's peak (forward/backward,
+    optimizer step) and the resident parameters and optimizer state. Control: checkpointing lowers both peaks. Under
+    expert parallelism both trace an even routing (the plan's assumption; a real router's imbalance moves a rank's
+    peak by its share of the rows: seen 12 % above or below on these random batches), and the plan's all-to-all bytes
+    are those the real step's collectives sent, recomputation included (control: checkpointing sends more; nothing is
+    sent without EP)."""
+    jobs = {(layout, ac): make_job(tmp_path / f"layout{i}", f"ac-{ac}", corpus, f"cluster.devices_per_node={ranks}",
+                                   *SHAPE, *overrides, f"parallel.activation_checkpoint={ac}")
+            for i, (layout, (size, overrides)) in enumerate(LAYOUTS.items()) if size == ranks
+            for ac in ("none", "full")}
+    planned = dict(zip(jobs, (p["memory"] for p in plan_memory(list(jobs.values()))), strict=True))
+    real = dict(zip(jobs, measure_real(list(jobs.values()), ranks, tmp_path / "real.json"), strict=True))
+    for (layout, ac), job in jobs.items():
+        plan, got = planned[layout, ac], real[layout, ac]
         assert plan["traced_layers"] == [3, 4] and got["traced_layers"] == [6]
-        assert plan["peak"] == pytest.approx(got["peak"], rel=0.10), ac
+        assert plan["peak"] == pytest.approx(got["peak"], rel=0.10), (layout, ac)
         for phase in ("passes", "step"):  # the optimizer step is traced apart under fake tensors: held to it too
-            assert plan["phases"][phase]["total"] == pytest.approx(got["phases"][phase]["total"], rel=0.10), (ac, phase)
+            assert plan["phases"][phase]["total"] == pytest.approx(got["phases"][phase]["total"], rel=0.10), (
+                layout, ac, phase)
         for part in ("parameters", "optimizer"):
-            assert plan["resident"][part] == pytest.approx(got["resident"][part], rel=0.10), (ac, part)
-    assert real[1]["peak"] < real[0]["peak"] and planned[1]["peak"] < planned[0]["peak"]
-    for job, got in zip(jobs.values(), real, strict=True):
+            assert plan["resident"][part] == pytest.approx(got["resident"][part], rel=0.10), (layout, ac, part)
         cfg = JobDir(job).read_config()
         t = cfg.train
         passes = min(t.global_batch_size // (t.micro_batch_size * cfg.dp_size), 2)  # what the real trace runs
-        assert got["all_to_all_bytes"] == all_to_all_bytes(cfg, passes)
-    assert (real[1]["all_to_all_bytes"] > real[0]["all_to_all_bytes"]) == ("EP" in layout)
+        assert got["all_to_all_bytes"] == all_to_all_bytes(cfg, passes), (layout, ac)
+    for layout in {layout for layout, _ in jobs}:
+        assert real[layout, "full"]["peak"] < real[layout, "none"]["peak"], layout
+        assert planned[layout, "full"]["peak"] < planned[layout, "none"]["peak"], layout
+        sent = real[layout, "full"]["all_to_all_bytes"] > real[layout, "none"]["all_to_all_bytes"]
+        assert sent == ("EP" in layout), layout
 
 
 FLOP_SHAPES = {

@@ -141,16 +141,24 @@ def test_qk_norm_masks_and_experts_train_as_one_process_in_every_layout(tmp_path
         assert moved > 0
 
 
-def test_expert_parallelism_with_routers_kept_local_sends_nothing_and_trains_otherwise(
+def test_expert_parallelism_with_routers_kept_local_sends_nothing_and_an_idle_rank_takes_part(
         tmp_path: Path, corpus: Path, fp32_reference) -> None:
     """The control of the EP layouts' token count: routers that keep every token on its own rank send nothing to
-    the other EP rank, and the losses differ from one process's by far more than the layouts do."""
-    job = make_job(tmp_path, "local", corpus, "cluster.devices_per_node=2", "train.mixed_precision=fp32",
-                   *MODELS["moe-qk"], *LAYOUTS["EP 2"][1])
-    local = numerics(job, 2, tmp_path / "local.json", control="local-routing")
+    the other EP rank, and the losses differ from one process's by far more than the layouts do. And routers that
+    send every token to the first half of the experts leave the second EP rank's experts with no token at all: that
+    rank still takes part in every all-to-all (with empty parts), and EP 2 trains as one process does with the same
+    routers (1e-5)."""
+    jobs = [make_job(tmp_path, name, corpus, "cluster.devices_per_node=2", "train.mixed_precision=fp32",
+                     *MODELS["moe-qk"], *LAYOUTS["EP 2"][1]) for name in ("local", "idle")]
+    local, idle = numerics(jobs, 2, [tmp_path / "local.json", tmp_path / "idle.json"],
+                           control="local-routing,first-half")
     steps = json.loads((tmp_path / "local.json.experts").read_text())
     assert all(sent[1 - rank["ep_rank"]] == 0 for step in steps for rank in step for sent in rank["sent"])
     assert max(abs(a[0] - b[0]) for a, b in zip(local, fp32_reference("moe-qk"), strict=True)) > 1e-4
+    steps = json.loads((tmp_path / "idle.json.experts").read_text())
+    assert all(sent[1] == 0 < sent[0] for step in steps for rank in step for sent in rank["sent"])
+    one = make_job(tmp_path, "one", corpus, "train.mixed_precision=fp32", *MODELS["moe-qk"])
+    _same_as_one_process("EP 2, one EP rank idle", idle, numerics(one, 1, tmp_path / "one.json", control="first-half"))
 
 
 def test_expert_loads_are_a_function_of_the_seed_and_match_a_count_of_the_routers_choices(
