@@ -14,19 +14,24 @@ A third argument names a control (one for every job, or comma-separated, one per
 bf16 tests: FSDP's mixed-precision policy is built with fp32 parameters whatever the trainer asks, as a policy gone
 wrong would (the job asks for bf16 and silently trains in fp32); `local-routing`, for expert parallelism: every
 router strongly prefers this rank's own experts, so no token needs to travel; `first-half`: every router strongly
-prefers the first half of the experts, whatever the layout (under EP 2 the second EP rank's experts get no token)."""
+prefers the first half of the experts, whatever the layout (under EP 2 the second EP rank's experts get no token);
+for pipelines, `stages-reversed`: the stages hold their layers in the wrong order (the first stage the last layers),
+and `microbatch-dropped`: the last micro-batch of every step reaches the schedule without its labels."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
 from trainer.core.jobdir import JobDir
 from trainer.data.loader import build_loader
+from trainer.train import pipeline
 from trainer.train.distributed import init_distributed
 from trainer.train.loop import Trainer
 from trainer.train.parallelize import build_layout
@@ -49,6 +54,21 @@ def main(job_dirs: str, outs: str, control: str = "") -> None:
 
 
 def run(job: JobDir, out: str, rank: int, control: str, steps: int = 10) -> None:
+    with contextlib.ExitStack() as stack:
+        if control == "stages-reversed":
+            layers = pipeline.stage_layers
+            stack.enter_context(mock.patch.object(pipeline, "stage_layers", lambda cfg: layers(cfg)[::-1]))
+        if control == "microbatch-dropped":
+            step = pipeline.Pipeline.step
+
+            def dropped(self, micros, *args):
+                last = {**micros[-1], "labels": torch.full_like(micros[-1]["labels"], -100)}
+                return step(self, [*micros[:-1], last], *args)
+            stack.enter_context(mock.patch.object(pipeline.Pipeline, "step", dropped))
+        _run(job, out, rank, control, steps)
+
+
+def _run(job: JobDir, out: str, rank: int, control: str, steps: int) -> None:
     cfg = job.read_config()
     torch.manual_seed(cfg.train.seed)
     layout = build_layout(cfg, "cpu")

@@ -113,3 +113,43 @@ def test_a_checkpoints_metadata_at_scale_covers_every_tensor_once() -> None:
     plans[3].items[:] = [item for item in plans[3].items if item.type.name != "SHARD"]
     _, lost = global_metadata(plans)
     assert any("missing" in problem for problem in coverage_problems(lost, shapes))
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flattened", "as written before pipelines"])
+def test_an_optimizer_saved_flattened_or_not_restores_its_moments(tmp_path: Path, flat: bool) -> None:
+    """Checkpoints hold the optimizer under each parameter's name (`checkpoint.FLAT`: pipeline stages on different
+    ranks hold different parameters); those written before hold it by group index, and still restore: the format is
+    read from the checkpoint. Control: read as the other format, the load fails and says so."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from trainer.core.config import OptimConfig
+    from trainer.train.optim import build_optimizer
+
+    def fresh(seed: int) -> tuple[Transformer, torch.optim.Optimizer]:
+        m = model(seed=seed)
+        return m, build_optimizer(m, m.cfg, OptimConfig())
+
+    trained, optimizer = fresh(1)
+    trained(torch.randint(0, 64, (2, 16))).square().mean().backward()
+    optimizer.step()
+    step = jobdir.step_dir(tmp_path, 1)
+    model_state, optim_state = get_state_dict(trained, optimizer,
+                                              options=StateDictOptions(flatten_optimizer_state_dict=flat))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(step), no_dist=True)
+    jobdir.mark_complete(step, {"step": 1})
+    assert checkpoint.optimizer_flat(step) is flat
+
+    restored, into = fresh(2)
+    parts = checkpoint.Parts(restored, into, None, None, print, lambda *_: None)
+    checkpoint.load_parts(tmp_path, 1, {"model", "optimizer"}, parts)
+    for (name, param), theirs in zip(restored.named_parameters(), trained.parameters(), strict=True):
+        assert torch.equal(param, theirs), name
+        assert torch.equal(into.state[param]["exp_avg_sq"], optimizer.state[theirs]["exp_avg_sq"]), name
+    assert [g["lr_mult"] for g in into.param_groups] == [g["lr_mult"] for g in optimizer.param_groups]
+
+    other, wrong = fresh(3)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(checkpoint.CheckpointError, match="Missing key"):
+        patch.setattr(checkpoint, "optimizer_flat", lambda path: not flat)
+        checkpoint.load_parts(tmp_path, 1, {"model", "optimizer"}, checkpoint.Parts(other, wrong, None, None, print,
+                                                                                    lambda *_: None))

@@ -275,3 +275,43 @@ def test_a_job_nothing_rescues_says_so(corpus: Path) -> None:
     assert small.fits is False and small.searched and small.alternatives == []
     assert "none of the changes tried fits" in small.problems[0] and "use more nodes" in small.problems[0]
     assert roomy.fits is True and not roomy.searched and roomy.problems == []
+
+
+def test_pipeline_stages_balance_their_flops_and_the_plan_prints_them_with_the_bubble() -> None:
+    """The split (`core.stages`) makes the most expensive stage as cheap as any split of the layers can (checked
+    against every split), the head's FLOPs counted with the last stage: with a large vocabulary it holds fewer
+    layers (control: with a small one the split is even). The plan prints the stages and the bubble."""
+    import itertools
+
+    from rich.console import Console
+
+    from trainer.core.layers import load_config
+    from trainer.core.stages import bubble, layer_costs, stage_layers
+    from trainer.launch.planning import plan_jobs, plan_table
+
+    def config(vocab: int):
+        return load_config(None, ["job.name=x", "model.dim=256", "model.n_layers=12", f"model.vocab_size={vocab}",
+                                  "cluster.devices_per_node=4", "parallel.pp=4", "train.global_batch_size=32",
+                                  "train.micro_batch_size=4"], environ={})
+
+    big = config(131072)
+    block, first, last = layer_costs(big)
+
+    def worst(sizes) -> float:
+        return max(n * block + (first if i == 0 else 0) + (last if i == len(sizes) - 1 else 0)
+                   for i, n in enumerate(sizes))
+
+    splits = [(a, b - a, c - b, 12 - c) for a, b, c in itertools.combinations(range(1, 12), 3)]
+    got = [len(r) for r in stage_layers(big)]
+    assert [r.start for r in stage_layers(big)] == [0, got[0], got[0] + got[1], 12 - got[3]]
+    assert worst(got) == min(worst(s) for s in splits) < worst((3, 3, 3, 3))
+    assert got[-1] < got[0]
+    assert [len(r) for r in stage_layers(config(512))] == [3, 3, 3, 3]
+
+    plan = plan_jobs([big], memory=False)[0]
+    fraction, _ = bubble(big)
+    assert fraction == pytest.approx(3 / (8 + 3))  # 4 ranks, 8 micro-batches
+    console = Console(width=300, record=True)
+    console.print(plan_table(plan))
+    text = console.export_text()
+    assert "PP 4" in text and f"1f1b, 4 stages (layers 0–{got[0] - 1}, " in text and "bubble 27% of a step" in text

@@ -48,6 +48,7 @@ spread of these scores, and the loads flip back and forth), two ungated shared e
 QK = ["model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2"]
 MODELS = {
     "dense": [],
+    "pp": ["model.n_layers=4"],
     "moe": MOE,
     "moe-qk": [*QK, "data.document_positions=true", *SIGMOID_MOE],
 }
@@ -139,6 +140,56 @@ def test_qk_norm_masks_and_experts_train_as_one_process_in_every_layout(tmp_path
                     assert sent == [sum(load[:2]), sum(load[2:])], (sent, load)  # 4 experts: 2 per EP rank
                     moved += sent[1 - rank["ep_rank"]]
         assert moved > 0
+
+
+PIPELINES = {
+    "PP 2, GPipe": (2, ["parallel.pp_schedule=gpipe"]),
+    "PP 2, 1F1B": (2, ["parallel.pp_schedule=1f1b"]),
+    "PP 2, interleaved 1F1B": (2, ["parallel.pp_schedule=interleaved-1f1b", "parallel.pp_stages_per_rank=2"]),
+    "PP 2, looped BFS": (2, ["parallel.pp_schedule=looped-bfs", "parallel.pp_stages_per_rank=2"]),
+    "PP 2, interleaved zero bubble": (2, ["parallel.pp_schedule=interleaved-zero-bubble",
+                                          "parallel.pp_stages_per_rank=2"]),
+    "PP 2, ZBV zero bubble": (2, ["parallel.pp_schedule=zbv-zero-bubble", "parallel.pp_stages_per_rank=2"]),
+    "PP 2, DualPipeV": (2, ["parallel.pp_schedule=dualpipev", "parallel.pp_stages_per_rank=2"]),
+    "PP 2, 1F1B, layers split 1 + 3": (2, ["parallel.pp_schedule=1f1b", "parallel.pp_split=[1]"]),
+    "PP 2 x FSDP 2, GPipe": (4, ["parallel.dp_shard=2", "parallel.pp_schedule=gpipe"]),
+    "PP 2 x FSDP 2, 1F1B, full AC": (4, ["parallel.dp_shard=2", "parallel.activation_checkpoint=full"]),
+    "PP 2 x FSDP 2, interleaved 1F1B": (4, ["parallel.dp_shard=2", "parallel.pp_schedule=interleaved-1f1b",
+                                            "parallel.pp_stages_per_rank=2"]),
+    "PP 2 x FSDP 2, looped BFS": (4, ["parallel.dp_shard=2", "parallel.pp_schedule=looped-bfs",
+                                      "parallel.pp_stages_per_rank=2"]),
+    "PP 2 x TP 2, 1F1B": (4, ["parallel.tp=2"]),
+    "PP 2 x TP 2, interleaved 1F1B": (4, ["parallel.tp=2", "parallel.pp_schedule=interleaved-1f1b",
+                                          "parallel.pp_stages_per_rank=2"]),
+    "PP 2 x TP 2, interleaved zero bubble": (4, ["parallel.tp=2", "parallel.pp_schedule=interleaved-zero-bubble",
+                                                 "parallel.pp_stages_per_rank=2"]),
+    "PP 2 x TP 2, ZBV zero bubble": (4, ["parallel.tp=2", "parallel.pp_schedule=zbv-zero-bubble",
+                                         "parallel.pp_stages_per_rank=2"]),
+    "PP 2 x TP 2, DualPipeV": (4, ["parallel.tp=2", "parallel.pp_schedule=dualpipev",
+                                   "parallel.pp_stages_per_rank=2"]),
+}
+"""Pipeline layouts (4 layers, 2 pipeline ranks): every schedule on 2 ranks, and composed with FSDP and TP on 4."""
+
+
+@pytest.mark.parametrize("ranks", [2, 4], ids=["2 ranks", "4 ranks"])
+def test_every_pipeline_schedule_trains_as_one_process(tmp_path: Path, corpus: Path, fp32_reference,
+                                                      ranks: int) -> None:
+    """Each pipeline layout of the world size (`PIPELINES`: GPipe, 1F1B, interleaved 1F1B and looped BFS with 2
+    stages per rank, the zero-bubble schedules, a split by hand; with FSDP 2 and with TP 2) gives one process's
+    losses (1e-5) and gradient norms, in one launch. On 2 ranks, the controls: the stages holding their layers in
+    the wrong order, and a micro-batch dropped from every step, differ by far more."""
+    layouts = [name for name, (size, _) in PIPELINES.items() if size == ranks]
+    controls = ["stages-reversed", "microbatch-dropped"] if ranks == 2 else []
+    jobs = [make_job(tmp_path / f"layout{i}", "pp", corpus, f"cluster.devices_per_node={ranks}",
+                     "train.mixed_precision=fp32", *MODELS["pp"], "parallel.pp=2", *overrides)
+            for i, overrides in enumerate([*(PIPELINES[name][1] for name in layouts), *([[]] * len(controls))])]
+    results = numerics(jobs, ranks, [job.with_suffix(".json") for job in jobs],
+                       control=",".join([""] * len(layouts) + controls))
+    reference = fp32_reference("pp")
+    for layout, result in zip(layouts, results, strict=False):
+        _same_as_one_process(layout, result, reference)
+    for control, result in zip(controls, results[len(layouts):], strict=True):
+        assert max(abs(a[0] - b[0]) for a, b in zip(result, reference, strict=True)) > 1e-3, control
 
 
 def test_expert_parallelism_with_routers_kept_local_sends_nothing_and_an_idle_rank_takes_part(
@@ -339,28 +390,53 @@ def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_che
     ids=["EP 2-4-2, gated shared expert", "EP 2-1-2, sigmoid, biases, QK-norm"])
 def test_expert_parallel_runs_killed_resume_at_other_ep_sizes_as_if_uninterrupted_and_export(
         tmp_path: Path, corpus: Path, ranks: int, chain: list[int], model: list[str], family: str) -> None:
-    """One job of a mixture of experts trained at each EP size of the chain in turn: every attempt but the last
-    killed with kill -9 a few steps past a checkpoint, each resuming from the newest one, which the previous EP size
-    wrote (DCP reshards the experts: 2 → 4 → 2 on 4 ranks, 2 → 1 → 2 on 2; the balancing biases come back with the
-    model). Every step's loss equals an uninterrupted EP 2 twin's (fp32; the layouts themselves agree to 1e-5).
-    The final multi-rank checkpoint exports to the transformers class of its mixture (`export_matches`)."""
+    """One job of a mixture of experts trained at each EP size of the chain in turn (`resharded_run`: DCP reshards
+    the experts: 2 → 4 → 2 on 4 ranks, 2 → 1 → 2 on 2; the balancing biases come back with the model). Every step's
+    loss equals an uninterrupted EP 2 twin's (fp32; the layouts themselves agree to 1e-5). The final multi-rank
+    checkpoint exports to the transformers class of its mixture (`export_matches`)."""
     settings = ["train.steps=8", "checkpoint.interval=2", "checkpoint.keep=2", f"cluster.devices_per_node={ranks}",
                 f"parallel.dp_shard={ranks}", "train.mixed_precision=fp32", *model]
-    twin = make_job(tmp_path, "twin", corpus, *settings, "parallel.ep=2")
+    job = resharded_run(tmp_path, corpus, ranks, settings, [{"ep": ep} for ep in chain])
+    export_matches(job, jobdir.step_dir(job / "checkpoints", 8), family, tmp_path)
+
+
+def test_a_pipeline_killed_resumes_at_other_pipeline_layouts_as_if_uninterrupted_and_exports(
+        tmp_path: Path, corpus: Path) -> None:
+    """One job on 4 ranks trained as PP 2 × TP 2 (1F1B), then PP 4, then PP 2 × TP 2 again (interleaved 1F1B, 2
+    stages per rank, split by hand), then no pipeline (TP 4): each attempt but the last killed with kill -9 past a
+    checkpoint the previous layout wrote (`resharded_run`; one data-parallel rank throughout: a resume at another
+    data-parallel size continues the data, but not in the twin's batches). Every step's loss equals an
+    uninterrupted PP 2 × TP 2 twin's; the final checkpoint exports as a Llama with the trainer's logits
+    (`export_matches`)."""
+    settings = ["train.steps=8", "checkpoint.interval=2", "checkpoint.keep=2", "cluster.devices_per_node=4",
+                "train.mixed_precision=fp32", *MODELS["pp"], "parallel.pp=2", "parallel.tp=2"]
+    layouts = [{"pp": 4, "tp": 1},
+               {"pp": 2, "tp": 2, "pp_schedule": "interleaved-1f1b", "pp_stages_per_rank": 2, "pp_split": [1, 2, 3]},
+               {"pp": 1, "tp": 4, "pp_schedule": "1f1b", "pp_stages_per_rank": 1, "pp_split": None}]
+    job = resharded_run(tmp_path, corpus, 4, settings, [{}, *layouts])
+    export_matches(job, jobdir.step_dir(job / "checkpoints", 8), "LlamaForCausalLM", tmp_path)
+
+
+def resharded_run(tmp_path: Path, corpus: Path, ranks: int, settings: list[str], layouts: list[dict]) -> Path:
+    """One job trained in one layout after another (each a change to the `parallel` section): every attempt but the
+    last killed with kill -9 a few steps past a checkpoint, each resuming from the newest one, which the previous
+    layout wrote. Every step's loss must equal an uninterrupted twin's, in the first layout (fp32). Returns the
+    job."""
+    twin = make_job(tmp_path, "twin", corpus, *settings)
     done = run_trainer(twin, ranks)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    job = make_job(tmp_path, "resharded", corpus, *settings, "parallel.ep=2")
+    job = make_job(tmp_path, "resharded", corpus, *settings)
     root = job / "checkpoints"
-    for attempt, ep in enumerate(chain):
+    for attempt, layout in enumerate(layouts):
         config = json.loads((job / "config.json").read_text())
-        config["parallel"]["ep"] = ep
+        config["parallel"].update(layout)
         (job / "config.json").write_text(json.dumps(config))
         log = tmp_path / f"attempt{attempt}.log"
         saved_before = jobdir.latest_complete(root)
         with log.open("w") as out:
             proc = subprocess.Popen(trainer_command(job, ranks), stdout=out, stderr=subprocess.STDOUT,
                                     env=trainer_env(), start_new_session=True)
-            if attempt < len(chain) - 1:
+            if attempt < len(layouts) - 1:
                 target = (saved_before or 0) + 3  # a checkpoint passed, and a step after it lost
                 assert _wait(lambda t=target, path=log: _logged_step(path) >= t, proc), log.read_text()[-3000:]
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -373,7 +449,7 @@ def test_expert_parallel_runs_killed_resume_at_other_ep_sizes_as_if_uninterrupte
     assert sorted(final) == list(range(1, 9))
     for step, loss in reference.items():
         assert abs(final[step] - loss) <= 1e-5, (step, final[step], loss)
-    export_matches(job, jobdir.step_dir(root, 8), family, tmp_path)
+    return job
 
 
 def export_matches(job: Path, step: Path, family: str, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.core.config import AnvilConfig, format_walltime, walltime_seconds
+from trainer.core.config import PP_SCHEDULES, AnvilConfig, format_walltime, walltime_seconds
 
 
 def parallel_problems(cfg: AnvilConfig) -> list[str]:
@@ -24,17 +24,21 @@ def parallel_problems(cfg: AnvilConfig) -> list[str]:
     world = cfg.world_size
     problems = []
     alloc = f"cluster.nodes × cluster.devices_per_node = {c.nodes} × {c.devices_per_node} = {world} ranks"
+    # The pipeline's degree is named only where there is one.
+    names, sizes = ("pp", "dp_replicate", "tp")[p.pp == 1:], (p.pp, p.dp_replicate, p.tp)[p.pp == 1:]
     if p.dp_shard == -1:
-        if world % (p.dp_replicate * p.tp):
+        if world % math.prod(sizes):
             problems.append(
-                f"parallel: {alloc}, not divisible by parallel.dp_replicate × parallel.tp = "
-                f"{p.dp_replicate} × {p.tp}; change one of them"
+                f"parallel: {alloc}, not divisible by {' × '.join(f'parallel.{n}' for n in names)} = "
+                f"{' × '.join(map(str, sizes))}; change one of them"
             )
-    elif p.dp_replicate * p.dp_shard * p.tp != world:
+    elif math.prod(sizes) * p.dp_shard != world:
+        names, sizes = (*names[:-1], "dp_shard", "tp"), (*sizes[:-1], p.dp_shard, p.tp)
         problems.append(
-            f"parallel: dp_replicate × dp_shard × tp = {p.dp_replicate} × {p.dp_shard} × {p.tp} = "
-            f"{p.dp_replicate * p.dp_shard * p.tp}, but {alloc}; make them equal (or set parallel.dp_shard=-1)"
+            f"parallel: {' × '.join(names)} = {' × '.join(map(str, sizes))} = {math.prod(sizes)}, but {alloc}; make "
+            "them equal (or set parallel.dp_shard=-1)"
         )
+    problems += pipeline_problems(cfg)
     kv_heads = m.kv_heads
     if m.n_heads % p.tp:
         problems.append(f"model.n_heads: {m.n_heads} heads cannot be split over parallel.tp = {p.tp} ranks")
@@ -89,6 +93,58 @@ def parallel_problems(cfg: AnvilConfig) -> list[str]:
                 f"train.global_batch_size: {t.global_batch_size} is not a multiple of train.micro_batch_size × "
                 f"data-parallel ranks = {t.micro_batch_size} × {dp} = {per_step} (e.g. use {fits})"
             )
+    return problems
+
+
+def pipeline_problems(cfg: AnvilConfig) -> list[str]:
+    """A pipeline's layout: its stages, their layers, its micro-batches, and what it cannot carry (yet)."""
+    p, m = cfg.parallel, cfg.model
+    if p.pp == 1:
+        return ([f"parallel.{name}: set without a pipeline (parallel.pp = 1); set parallel.pp, or leave it out"
+                 for name in ("pp_split", "pp_stages_per_rank") if getattr(p, name) != (None if name == "pp_split"
+                                                                                           else 1)])
+    problems = []
+    kind, stages, micro = PP_SCHEDULES[p.pp_schedule], cfg.pp_stages, cfg.accumulation
+    if kind == "single" and p.pp_stages_per_rank != 1:
+        problems.append(f"parallel.pp_stages_per_rank: {p.pp_schedule} runs one stage per rank; set it to 1, or "
+                        "choose an interleaved schedule (parallel.pp_schedule=interleaved-1f1b)")
+    if kind == "v" and p.pp_stages_per_rank != 2:
+        problems.append(f"parallel.pp_stages_per_rank: {p.pp_schedule} places two stages on each rank, in a V; "
+                        "set it to 2")
+    if p.pp_split is not None:
+        if len(p.pp_split) != stages - 1 or p.pp_split != sorted(set(p.pp_split)) or not all(
+                0 < i < m.n_layers for i in p.pp_split):
+            problems.append(f"parallel.pp_split: {p.pp_split} must be {stages - 1} increasing layer indices between "
+                            f"1 and {m.n_layers - 1} (where each of the {stages} stages but the first begins)")
+    elif m.n_layers < stages:
+        problems.append(f"model.n_layers: {m.n_layers} layers cannot fill {stages} pipeline stages (parallel.pp × "
+                        "parallel.pp_stages_per_rank); use fewer stages")
+    micro_field = "train.global_batch_size / (train.micro_batch_size × data-parallel ranks)"
+    if p.pp_schedule in ("1f1b", "dualpipev") and micro < stages:
+        problems.append(f"train.global_batch_size: {p.pp_schedule} needs at least as many micro-batches as stages "
+                        f"({stages}), and {micro_field} = {micro}; raise the batch or lower train.micro_batch_size")
+    if kind == "looped" and micro % p.pp and micro > p.pp:
+        problems.append(f"train.global_batch_size: {p.pp_schedule} takes its micro-batches in rounds of "
+                        f"parallel.pp = {p.pp}, and {micro_field} = {micro}; make it a multiple of {p.pp}")
+    if p.pp_schedule in ("interleaved-zero-bubble", "zbv-zero-bubble", "dualpipev") and cfg.dp_size > 1:
+        problems.append(f"parallel.pp_schedule: {p.pp_schedule} computes weight gradients after FSDP has reduced them "
+                        f"(torch's split backward), so with {cfg.dp_size} data-parallel ranks they come out wrong; "
+                        "use 1f1b or interleaved-1f1b, or no data parallelism beside the pipeline")
+    cannot = {
+        "model.tie_embeddings": (m.tie_embeddings, "the embedding sits in the first stage and the head in the last; "
+                                                   "untie them"),
+        "model.moe.experts": (m.moe.experts, "a mixture's balancing loss is added in every stage, and a schedule "
+                                             "takes the last stage's loss only; set model.moe.experts=0"),
+        "data.document_positions": (cfg.data.document_positions, "a schedule hands the first stage its inputs only, "
+                                                                  "and every stage needs the document positions"),
+        "eval.every": (cfg.eval.every, "the held-out evaluation runs the whole model in one process; set "
+                                       "eval.every=0 and evaluate an export"),
+        "metrics.mup_monitors": (cfg.metrics.mup_monitors, "the monitors watch the whole model in one process"),
+        "train.liger": (cfg.train.liger, "the fused loss needs the head and the labels in one module"),
+    }
+    for field, (used, why) in cannot.items():
+        if used:
+            problems.append(f"{field}: not with a pipeline (parallel.pp = {p.pp}): {why}")
     return problems
 
 

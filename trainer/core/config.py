@@ -401,17 +401,38 @@ class ModelConfig(Section):
         return self.attn_mult / math.sqrt(self.head_dim)
 
 
+PP_SCHEDULES = {"gpipe": "single", "1f1b": "single", "interleaved-1f1b": "looped", "looped-bfs": "looped",
+                "interleaved-zero-bubble": "looped", "zbv-zero-bubble": "v", "dualpipev": "v"}
+"""Each pipeline schedule, by how it places stages on ranks: one each, several looped round the ranks, two in a V."""
+
+
 class ParallelConfig(Section):
     dp_replicate: int = Field(default=1, ge=1)
     """Data-parallel replicas (HSDP's replicate dimension; plain DDP-style across groups)."""
     dp_shard: int = Field(default=-1, ge=-1)
-    """FSDP shard group size; -1 uses every rank left after `dp_replicate` and `tp`."""
+    """FSDP shard group size; -1 uses every rank left after `pp`, `dp_replicate` and `tp`."""
     tp: int = Field(default=1, ge=1)
     """Tensor-parallel degree (within a node), with sequence parallelism."""
     ep: int = Field(default=1, ge=1)
     """Expert-parallel degree: each MoE layer's experts split over `ep` of the FSDP ranks (`dp_shard`), tokens sent
     to their experts' ranks by all-to-all; FSDP shards what each holds over the rest. 1: every rank holds (a shard
     of) every expert. With `tp` > 1, every TP rank runs its experts on the gathered sequence."""
+    pp: int = Field(default=1, ge=1)
+    """Pipeline-parallel degree: the model split by layers into `pp × pp_stages_per_rank` stages, each rank of a
+    pipeline holding its stages (the first the embedding, the last the final norm and head); activations pass from
+    stage to stage, micro-batch by micro-batch (`train.global_batch_size / (micro_batch_size × data-parallel ranks)`
+    of them per step), in the order of `pp_schedule`. 1: no pipeline."""
+    pp_schedule: Literal[tuple(PP_SCHEDULES)] = "1f1b"  # type: ignore[valid-type]
+    """The pipeline schedule (torch.distributed.pipelining's): `gpipe` and `1f1b` run one stage per rank;
+    `interleaved-1f1b`, `looped-bfs` and `interleaved-zero-bubble` several (`pp_stages_per_rank`, looped over the
+    ranks); `zbv-zero-bubble` and `dualpipev` two, in a V (rank r holds stages r and 2·pp − 1 − r). The zero-bubble
+    ones split each backward into its input and weight parts to fill the bubble."""
+    pp_stages_per_rank: int = Field(default=1, ge=1)
+    """Stages each pipeline rank holds (several: an interleaved schedule, a smaller bubble, more messages)."""
+    pp_split: list[int] | None = None
+    """Where each stage but the first begins (its first layer's index: `pp × pp_stages_per_rank − 1` increasing
+    indices); None: the layers split to balance each stage's training FLOPs per token, the head's (and the
+    embedding's lookup) counted with the first and last stage."""
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward: every block (`full`), or all but matmul/attention outputs (`selective`)."""
     compile: bool = False
@@ -684,7 +705,18 @@ class AnvilConfig(Section):
         p = self.parallel
         if p.dp_shard != -1:
             return p.dp_shard
-        return max(self.world_size // (p.dp_replicate * p.tp), 1)
+        return max(self.world_size // (p.pp * p.dp_replicate * p.tp), 1)
+
+    @property
+    def pp_stages(self) -> int:
+        """Pipeline stages in all: `pp × pp_stages_per_rank` (1 without a pipeline)."""
+        return self.parallel.pp * self.parallel.pp_stages_per_rank
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank (a pipeline's micro-batches)."""
+        t = self.train
+        return max(t.global_batch_size // (t.micro_batch_size * self.dp_size), 1)
 
     @property
     def dp_size(self) -> int:

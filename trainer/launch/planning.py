@@ -78,7 +78,15 @@ def plan_jobs(cfgs: Sequence[AnvilConfig], memory: bool, alternatives: bool = Tr
             plan.memory_skipped = ("memory not planned: cluster.device_memory_gib is not set (a CPU profile); "
                                    "submit.py --plan measures it")
         return plans
-    for plan, cfg, found in zip(plans, cfgs, measure(cfgs, alternatives), strict=True):
+    piped = [cfg.parallel.pp > 1 for cfg in cfgs]
+    found_all = iter(measure([cfg for cfg, pp in zip(cfgs, piped, strict=True) if not pp], alternatives)
+                     if not all(piped) else [])
+    for plan, cfg, pp in zip(plans, cfgs, piped, strict=True):
+        if pp:
+            plan.memory_skipped = ("memory not planned: pipeline layouts (parallel.pp > 1) are not traced yet (a "
+                                   "stage holds the activations of the micro-batches its schedule keeps in flight)")
+            continue
+        found = next(found_all)
         if "memory" not in found:
             plan.memory_skipped = found.get("skipped") or f"memory not planned: {found.get('error')}"
             continue
@@ -145,6 +153,12 @@ def plan_table(plan: Plan) -> Table:
         table.add_row("speed", "not planned: cluster.mfu_peak_tflops is not set")
     table.add_row("checkpoint", f"{plan.checkpoint_gib:.1f} GiB, {plan.checkpoint_seconds:.0f} s to write at "
                                 f"{a['checkpoint_gbps']:g} GB/s (assumed)")
+    if plan.pipeline is not None:
+        pipe = plan.pipeline
+        stages = ", ".join(f"{a}–{b}" if a != b else f"{a}" for a, b in pipe["stages"])
+        table.add_row("pipeline", f"{pipe['schedule']}, {len(pipe['stages'])} stages (layers {stages}), "
+                                  f"{pipe['microbatches']} micro-batches per step; bubble {pipe['bubble']:.0%} of a "
+                                  f"step: {pipe['bubble_how']}")
     if plan.all_to_all_gib:
         table.add_row("all-to-all", f"{_gib(plan.all_to_all_gib * GIB)} sent per rank and step by expert parallelism "
                                     "(routing evenly; a rank receives about as much)")

@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.core.checks import parallel_problems
 from trainer.core.config import AnvilConfig
 from trainer.core.costs import flops_per_token, num_params
+from trainer.core.stages import bubble, rank_stages, stage_layers
 from trainer.plan.corpus import dataset_size
 
 GIB = 2**30
@@ -49,6 +51,9 @@ class Plan:
     device_hours: float | None = None
     checkpoint_gib: float = 0.0
     checkpoint_seconds: float = 0.0
+    pipeline: dict[str, Any] | None = None
+    """With `parallel.pp` > 1: each stage's layers, which stages each pipeline rank holds, the schedule, its
+    micro-batches and the share of a step a rank idles (`stages.bubble`)."""
     all_to_all_gib: float = 0.0
     """What each rank sends to other ranks by expert parallelism's all-to-alls per step (and receives about as much):
     `all_to_all_bytes`."""
@@ -85,7 +90,7 @@ def all_to_all_bytes(cfg: AnvilConfig, micro_batches: int | None = None) -> int:
     if p.ep == 1 or not m.moe.experts:
         return 0
     if micro_batches is None:
-        micro_batches = t.global_batch_size // (t.micro_batch_size * cfg.dp_size)
+        micro_batches = cfg.accumulation
     rows = t.micro_batch_size * cfg.data.seq_len * m.moe.top_k
     kept = -(-rows // p.ep)  # rank 0's own share (the even split gives the first ranks the remainder)
     pair = (rows - kept) + (p.ep - 1) * kept  # a dispatch and a combine
@@ -103,6 +108,8 @@ def layout_text(cfg: AnvilConfig) -> str:
         parts.append(f"FSDP {cfg.dp_shard}")
     if p.ep > 1:
         parts.append(f"EP {p.ep} (experts over {p.ep} of them)")
+    if p.pp > 1:
+        parts.insert(0, f"PP {p.pp}")
     if p.tp > 1:
         parts.append(f"TP {p.tp}")
     return " × ".join(parts) or "one rank, whole model"
@@ -122,7 +129,7 @@ def base_plan(cfg: AnvilConfig) -> Plan:
     plan = Plan(
         job=cfg.job.name, world_size=cfg.world_size, layout=layout_text(cfg), precision=cfg.precision,
         activation_checkpoint=cfg.parallel.activation_checkpoint, compile=cfg.parallel.compile,
-        micro_batch_size=t.micro_batch_size, accumulation=t.global_batch_size // (t.micro_batch_size * cfg.dp_size),
+        micro_batch_size=t.micro_batch_size, accumulation=cfg.accumulation,
         parameters=num_params(cfg.model), active_parameters=num_params(cfg.model, active=True),
         flops_per_token=flops, tokens_per_step=tokens, steps=t.steps,
         assumptions={"mfu": a.mfu, "peak_tflops": c.mfu_peak_tflops, "checkpoint_gbps": a.checkpoint_gbps,
@@ -138,6 +145,12 @@ def base_plan(cfg: AnvilConfig) -> Plan:
     plan.checkpoint_gib = size / GIB
     plan.checkpoint_seconds = size / (a.checkpoint_gbps * 1e9)
     plan.all_to_all_gib = all_to_all_bytes(cfg) / GIB
+    if cfg.parallel.pp > 1 and not parallel_problems(cfg):
+        fraction, how = bubble(cfg)
+        plan.pipeline = {"schedule": cfg.parallel.pp_schedule, "microbatches": cfg.accumulation,
+                         "stages": [[r.start, r.stop - 1] for r in stage_layers(cfg)],
+                         "ranks": [rank_stages(cfg, r) for r in range(cfg.parallel.pp)], "bubble": fraction,
+                         "bubble_how": how}
     plan.data = data_plan(cfg)
     plan.problems += row_group_problems(cfg, plan.data)
     return plan

@@ -334,6 +334,21 @@ PARTS = {"model": "model weights", "optim": "optimizer state", "train": "step co
 """The top-level entries of a checkpoint's state (besides the loader states) and what they hold."""
 
 
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+"""How the optimizer is saved: its state and hyperparameters under each parameter's name. Ranks holding different
+parameters (pipeline stages) then never write the same key (unflattened, each rank's first group would be
+`param_groups.0`), and any layout reads them back."""
+
+
+def optimizer_flat(path: Path) -> bool:
+    """Whether a checkpoint holds its optimizer flattened (`FLAT`; those written before pipelines did not)."""
+    try:
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except (OSError, ValueError, EOFError):
+        return True  # `load` names what is wrong with it
+    return not any(key.startswith("optim.param_groups.0.") for key in keys)
+
+
 def load(root: Path, step: int, state: dict[str, Any]) -> list[dict]:
     """Load `state` in place from step `step`; returns the loader states of all DP ranks that saved one."""
     path = step_dir(root, step)
@@ -383,7 +398,7 @@ class Parts:
 
     def state(self, train: dict) -> dict[str, Any]:
         """The tensors to save (model and optimizer, sharded as they are) and the training position as JSON."""
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=FLAT)
         return {"model": model_state, "optim": optim_state, "train": json.dumps(train).encode()}
 
 
@@ -416,8 +431,9 @@ def load_parts(root: Path, step: int, names: set[str], parts: Parts) -> dict:
     """Load the named parts of checkpoint `step` (see `checkpoint.init_restore`); returns the training position it
     recorded (step, tokens seen, the step guard's history) where `step` is named, else {}."""
     state: dict = {}
+    options = StateDictOptions(flatten_optimizer_state_dict=optimizer_flat(step_dir(root, step)))
     if names & {"model", "optimizer"}:
-        state["model"], optim_state = get_state_dict(parts.model, parts.optimizer)
+        state["model"], optim_state = get_state_dict(parts.model, parts.optimizer, options=options)
         if "optimizer" in names:
             state["optim"] = optim_state
     if names & {"scheduler", "step"}:
@@ -428,7 +444,8 @@ def load_parts(root: Path, step: int, names: set[str], parts: Parts) -> dict:
         # restored schedule's, or the fresh one's).
         keep = ("weight_decay", "betas", "eps") + (() if "scheduler" in names else ("lr", "initial_lr"))
         config = [{k: g[k] for k in keep if k in g} for g in parts.optimizer.param_groups]
-        set_state_dict(parts.model, parts.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(parts.model, parts.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)
         for group, values in zip(parts.optimizer.param_groups, config, strict=True):
             group.update(values)
     elif "model" in names:

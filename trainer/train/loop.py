@@ -30,6 +30,7 @@ from trainer.train.metrics import MetricsLogger, StepWindow, model_size
 from trainer.train.monitors import MupMonitor
 from trainer.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.train.parallelize import Layout, build_model
+from trainer.train.pipeline import Pipeline, build_pipeline
 from trainer.train.preemption import PreemptionWatch
 from trainer.train.profiling import StepProfiler
 from trainer.train.step import autocast_for, micro_step, sync_gradients
@@ -51,8 +52,12 @@ class Trainer:
         loader = build_loader(cfg.data, cfg.data_seed, layout.dp_rank, layout.dp_size,
                               t.micro_batch_size * self.accum, pin_memory=self.gpu.pinned_batches)
         self.data = StepBatches(loader, t.micro_batch_size, self.accum, device, finite=cfg.data.epochs is not None)
-        self.model = build_model(cfg.model, cfg.parallel, layout, device, self.dtype, seq_len=cfg.data.seq_len,
-                                 seed=t.seed, use_liger=t.liger, say=self.metrics.line)
+        self.pipeline: Pipeline | None = None
+        if layout.pp > 1:  # this rank's stages, named as one model, and the schedule that runs them
+            self.model, self.pipeline = build_pipeline(cfg, layout, device, self.dtype, self.metrics.line)
+        else:
+            self.model = build_model(cfg.model, cfg.parallel, layout, device, self.dtype,
+                                     seq_len=cfg.data.seq_len, seed=t.seed, use_liger=t.liger, say=self.metrics.line)
         self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=self.gpu.fused_adamw)
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.parts = checkpoint.Parts(self.model, self.optimizer, self.scheduler, loader, self.metrics.line,
@@ -101,7 +106,8 @@ class Trainer:
             self.finish_pending_save()
             state = self.parts.state({"step": self.step, "tokens_seen": self.tokens_seen,
                                       "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict()})
-            loader_states = {self.layout.dp_rank: self.data.loader.state_dict()} if self.layout.tp_rank == 0 else {}
+            first = self.layout.tp_rank == 0 and self.layout.pp_rank == 0  # one copy of each data-parallel rank's
+            loader_states = {self.layout.dp_rank: self.data.loader.state_dict()} if first else {}
             checkpoint.check_space(root, self.step, state)
             with checkpoint.storage_errors(root, self.step):
                 self.pending = checkpoint.save(root, self.step, state, loader_states, keep=self.cfg.checkpoint.keep,
@@ -184,6 +190,11 @@ class Trainer:
             torch.tensor([local_tokens], device=self.device, dtype=torch.float64)).item())  # a sync with the GPU
         loss_sum, balance_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         load = None
+        if self.pipeline is not None:  # the loss is the last stage's: summed over the pipeline's ranks
+            micros = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
+            loss_sum = self.pipeline.step(micros, global_tokens, self.autocast)
+            dist.all_reduce(loss_sum, group=self.layout.mesh["pp"].get_group())
+            micro_batches = []
         for i, mb in enumerate(micro_batches):
             sync_gradients(self.model, self.layout, last=i == len(micro_batches) - 1)
             micro = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
@@ -193,7 +204,8 @@ class Trainer:
             if out.load is not None:
                 balance_sum += out.balance
                 load = out.load if load is None else load + out.load
-        grad_norm = clip_grad_norm(list(self.model.parameters()), self.cfg.optim.grad_clip or math.inf)
+        grad_norm = clip_grad_norm(list(self.model.parameters()), self.cfg.optim.grad_clip or math.inf,
+                                   self.layout.mesh["pp"].get_group() if self.layout.pp > 1 else None)
         loss, norm = torch.stack([self._reduce_dp(loss_sum), grad_norm.float()]).tolist()  # one sync with the host
         problem = self.guard.problem(self.step + 1, loss, norm)
         if problem is not None:
@@ -215,7 +227,7 @@ class Trainer:
 
     def _announce(self) -> None:
         if self.step == 0:
-            self.metrics.print_plan(self.cfg.model, self.model.named_parameters())
+            self.metrics.print_plan(self.cfg.model)
         self.metrics.line(
             f"{model_size(self.cfg.model, self.flops)}; {self.layout.describe()}; {self.dtype} compute; "
             f"{self.accum} micro-batch(es) of "

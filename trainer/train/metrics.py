@@ -13,7 +13,7 @@ import os
 import resource
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from trainer.core.jobdir import JobDir
 from trainer.train.checkpoint import STORAGE_ERRNOS, StorageError, newest_whole
 from trainer.train.distributed import log
 from trainer.train.gpu import GpuPaths
-from trainer.train.model import param_plan, plain_name
+from trainer.train.model import Transformer, param_plan
 
 
 def memory_gib(device: torch.device) -> float:
@@ -206,11 +206,13 @@ class MetricsLogger:
         self._wandb("finish")
         self.run = None
 
-    def print_plan(self, model: ModelConfig, parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """The muP plan, one row per role: what each kind of parameter gets."""
+    def print_plan(self, model: ModelConfig) -> None:
+        """The muP plan, one row per role: what each kind of parameter of the whole model gets (whatever part of it
+        this rank holds: shapes from a model on the meta device)."""
         if not self.enabled:
             return
-        shapes = {plain_name(n): tuple(p.shape) for n, p in parameters}
+        with torch.device("meta"):
+            shapes = {name: tuple(p.shape) for name, p in Transformer(model, 1).named_parameters()}
         table = Table(title="parameter plan (muP)" if model.mup.enabled else "parameter plan (SP)")
         for column in ("role", "tensors", "parameters", "init std", "lr mult", "wd mult"):
             table.add_column(column, justify="left" if column == "role" else "right")

@@ -303,6 +303,9 @@ class Transformer(nn.Module):
         self.flex_attention = False
         """Document masks as one FlexAttention block mask per forward (`GpuPaths.flex_attention`, set by
         `build_model` on a GPU); else an explicit mask."""
+        self.sequence_shards = 1
+        """Parts the sequence is split into between blocks (TP's sequence parallelism, set by `apply_tp`): a pipeline
+        stage without the embedding receives one part of each row."""
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -311,18 +314,24 @@ class Transformer(nn.Module):
 
         With `fused_loss` set (Liger on GPU) and `labels` given: the summed loss instead, computed from the
         hidden states and the head's weight without materialising the logits.
+
+        A pipeline stage (`keep_stage`) without the embedding takes the previous stage's hidden states
+        `[batch, length, dim]` for `tokens`; one without the head returns its hidden states.
         """
         documents = None
         if positions is None:
-            cos, sin = self.rope_cos[: tokens.shape[1]], self.rope_sin[: tokens.shape[1]]
+            length = tokens.shape[1] * (1 if self.tok_embeddings is not None else self.sequence_shards)
+            cos, sin = self.rope_cos[:length], self.rope_sin[:length]
         else:  # per-document positions: RoPE restarts, and attention stays inside each document
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
             documents = document_ids(positions)
             if self.flex_attention:
                 documents = document_block_mask(documents)
-        h = self.embedded(self.tok_embeddings(tokens) * self.input_mult)
+        h = tokens if self.tok_embeddings is None else self.embedded(self.tok_embeddings(tokens) * self.input_mult)
         for layer in self.layers.values():
             h = layer(h, cos, sin, documents)
+        if self.norm is None:
+            return h
         h = self.norm(h) * self.output_mult
         if labels is not None and self.fused_loss is not None:
             weight = self.tok_embeddings.weight if self.output is None else self.output.weight
@@ -330,6 +339,18 @@ class Transformer(nn.Module):
         if self.output is None:
             return self.logits(F.linear(h, self.tok_embeddings.weight))
         return self.logits(self.output(h))  # through the module, so that a tensor-parallel plan on it applies
+
+    def keep_stage(self, layers: range, first: bool, last: bool) -> None:
+        """Make this model one pipeline stage (on the meta device, before anything is applied): only `layers`
+        (keeping their names, so checkpoints and the plan see one model whatever the stages), the embedding if
+        `first`, the final norm and head if `last`."""
+        for name in list(self.layers):
+            if int(name) not in layers:
+                del self.layers[name]
+        if not first:
+            self.tok_embeddings = None
+        if not last:
+            self.norm = self.output = None
 
     def mixtures(self) -> list[MoE]:
         """The MoE layers, in order (none in a dense model); found through any wrapper applied from outside."""

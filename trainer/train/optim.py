@@ -10,6 +10,7 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.lr_scheduler import LambdaLR
@@ -58,10 +59,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total: int, optim: OptimCo
     return LambdaLR(optimizer, lambda step: lr_factor(step, total, optim))
 
 
-def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, pipeline: dist.ProcessGroup | None = None
+                   ) -> torch.Tensor:
     """`clip_grad_norm_` for parameters that live on different device meshes (experts not split over TP next to
-    TP-split weights, which one foreach norm refuses): each mesh's norm made whole, then combined. Returns the
-    total norm, a plain tensor."""
+    TP-split weights, which one foreach norm refuses): each mesh's norm made whole, then combined; with `pipeline`,
+    over the stages of every rank of that group too. Returns the total norm, a plain tensor."""
     groups: dict[object, list[nn.Parameter]] = defaultdict(list)
     for param in parameters:
         if param.grad is not None:
@@ -71,6 +73,10 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> torch.Ten
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if pipeline is not None:  # each rank holds some stages: the model's norm is over all of them
+        squared = total.square()
+        dist.all_reduce(squared, group=pipeline)
+        total = squared.sqrt()
     for mesh, params in groups.items():
         whole = total if mesh is None else DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, whole, foreach=True)

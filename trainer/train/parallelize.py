@@ -1,11 +1,12 @@
-"""Parallelisms applied to the plain model, in torchtitan's fixed order: kernels (the device's: Liger, the experts'
-matmul) → TP/SP → EP → activation checkpointing → per-block compile → FSDP2 / HSDP; then materialise and initialise.
-Nothing changes the model after `build_model`.
+"""Parallelisms applied to the plain model, in torchtitan's fixed order: the pipeline stage's layers kept → kernels
+(the device's: Liger, the experts' matmul) → TP/SP → EP → activation checkpointing → per-block compile → FSDP2 / HSDP;
+then materialise and initialise. Nothing changes the model after `build_model`.
 
-One 4-D DeviceMesh `(dp_replicate, dp_shard_mod_ep, ep, tp)` describes every layout, with `dp_shard` the flattened
-`dp_shard_mod_ep × ep` (expert parallelism splits the FSDP ranks: experts over `ep`, their shards over the rest); TP
-ranks of one data-parallel group read the same batches. Initialisation fills each parameter from its full, seeded
-value (see `model.initial_value`), so every layout starts from the same model, bit for bit.
+One 5-D DeviceMesh `(pp, dp_replicate, dp_shard_mod_ep, ep, tp)` describes every layout, with `dp_shard` the
+flattened `dp_shard_mod_ep × ep` (expert parallelism splits the FSDP ranks: experts over `ep`, their shards over the
+rest); TP ranks of one data-parallel group, and the pipeline ranks of one, read the same batches. Initialisation
+fills each parameter from its full, seeded value (see `model.initial_value`), so every layout starts from the same
+model, bit for bit.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from trainer.train.expert_parallel import apply_ep
 from trainer.train.gpu import GpuPaths
 from trainer.train.model import GroupedExperts, MoE, Transformer, grouped_mm_runs
 
-MESH_DIMS = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class Layout:
     replicate: int = 1
     """HSDP's replicas (`parallel.dp_replicate`)."""
     ep: int = 1
+    pp: int = 1
+    pp_rank: int = 0
 
     @property
     def fsdp(self) -> bool:
@@ -69,28 +72,30 @@ class Layout:
         return self.mesh["dp_replicate", shard] if self.replicate > 1 else self.mesh[shard]
 
     def describe(self) -> str:
-        sizes = {"dp_replicate": self.replicate, "dp_shard": self.dp_size // self.replicate, "ep": self.ep,
-                 "tp": self.tp}
+        sizes = {"pp": self.pp, "dp_replicate": self.replicate, "dp_shard": self.dp_size // self.replicate,
+                 "ep": self.ep, "tp": self.tp}
         return f"mesh {'×'.join(sizes)} = {'×'.join(map(str, sizes.values()))}"
 
 
 def build_layout(cfg: AnvilConfig, device_type: str) -> Layout:
     p = cfg.parallel
-    shape = (p.dp_replicate, cfg.dp_shard // p.ep, p.ep, p.tp)
+    shape = (p.pp, p.dp_replicate, cfg.dp_shard // p.ep, p.ep, p.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
     mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
-    replicate, shard, tp_rank = (mesh.get_local_rank(d) for d in ("dp_replicate", "dp_shard", "tp"))
+    pp_rank, replicate, shard, tp_rank = (mesh.get_local_rank(d) for d in ("pp", "dp_replicate", "dp_shard", "tp"))
     return Layout(mesh, dp_rank=replicate * cfg.dp_shard + shard, dp_size=p.dp_replicate * cfg.dp_shard,
-                  tp_rank=tp_rank, tp=p.tp, replicate=p.dp_replicate, ep=p.ep)
+                  tp_rank=tp_rank, tp=p.tp, replicate=p.dp_replicate, ep=p.ep, pp=p.pp, pp_rank=pp_rank)
 
 
 def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
     """Megatron-style TP with sequence parallelism: activations between blocks are sharded on the sequence."""
-    parallelize_module(model, tp_mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-    })
+    plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+    # A pipeline stage holds what it holds; between stages, the sequence-sharded hidden states travel as they are.
+    model.sequence_shards = tp_mesh.size()
+    parallelize_module(model, tp_mesh, {name: style for name, style in plan.items()
+                                        if getattr(model, name) is not None})
     for block in model.layers.values():
         if block.attention.q_norm is not None:
             # Each rank holds whole heads (dimension 2 of [batch, seq, heads, head size]); the shared gains are
@@ -214,22 +219,27 @@ def apply_kernels(model: Transformer, parallel: ParallelConfig, tp: int, device:
 
 def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, layout: Layout, device: torch.device,
                 param_dtype: torch.dtype, *, seq_len: int, seed: int, use_liger: bool = False,
-                say: Callable[[str], None] = lambda _: None) -> Transformer:
+                say: Callable[[str], None] = lambda _: None, stage: tuple[range, bool, bool] | None = None
+                ) -> Transformer:
     """Meta model → kernels → parallelisms in order → memory on `device` → the weights seeded by `seed`. `say`
-    hears what the kernels step decided."""
+    hears what the kernels step decided; `stage`: one pipeline stage's layers, and whether it is the first and the
+    last (`Transformer.keep_stage`)."""
     model = parallelized(model_cfg, parallel, layout, device, param_dtype, seq_len=seq_len, use_liger=use_liger,
-                         say=say)
+                         say=say, stage=stage)
     materialise(model, layout, device, seed)
     return model
 
 
 def parallelized(model_cfg: ModelConfig, parallel: ParallelConfig, layout: Layout, device: torch.device,
                  param_dtype: torch.dtype, *, seq_len: int, use_liger: bool = False,
-                 say: Callable[[str], None] = lambda _: None, planning: bool = False) -> Transformer:
+                 say: Callable[[str], None] = lambda _: None, planning: bool = False,
+                 stage: tuple[range, bool, bool] | None = None) -> Transformer:
     """The first half of `build_model`: the model on the meta device with every parallelism applied, no memory yet.
     `planning`: for the planner, which materialises it under fake tensors."""
     with torch.device("meta"):
         model = Transformer(model_cfg, seq_len)
+    if stage is not None:
+        model.keep_stage(*stage)
     apply_kernels(model, parallel, layout.tp, device, param_dtype, use_liger, say, planning)
     if layout.tp > 1:
         apply_tp(model, layout.mesh["tp"])

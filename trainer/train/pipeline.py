@@ -1,0 +1,103 @@
+"""Pipeline parallelism: this rank's stages of the model, each built by `build_model` (its layers kept, then every
+other parallelism in the usual order), a schedule of torch.distributed.pipelining that runs a step's micro-batches
+through the stages of all pipeline ranks, and `Stages`, one module with the whole model's names over this rank's
+stages: the optimizer's groups (muP's, by name), checkpoints (DCP reshards them to any other pipeline, or none) and
+the plan see one model whatever the split.
+
+The loss is the trainer's (a sum over every token of the global batch divided by their count, times the
+data-parallel scale), computed by the last stage for each micro-batch; the schedule's own gradient scaling is off.
+Which layers each stage holds and which rank holds which stages come from the config (`trainer.core.stages`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
+
+from trainer.core.config import PP_SCHEDULES, AnvilConfig
+from trainer.core.stages import rank_stages, stage_layers
+from trainer.train.model import MoE, Transformer
+from trainer.train.parallelize import Layout, build_model
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
+             "looped-bfs": ScheduleLoopedBFS, "interleaved-zero-bubble": ScheduleInterleavedZeroBubble,
+             "zbv-zero-bubble": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
+"""`parallel.pp_schedule` → torch's class."""
+
+
+class Stages(nn.Module):
+    """This rank's stages as one module named as the whole model is (`layers.{i}` keep their indices): what the
+    optimizer, checkpoints and the log see. The stages themselves run only through the schedule."""
+
+    def __init__(self, parts: list[Transformer]):
+        super().__init__()
+        self.tok_embeddings = next((p.tok_embeddings for p in parts if p.tok_embeddings is not None), None)
+        self.layers = nn.ModuleDict({name: layer for part in parts for name, layer in part.layers.items()})
+        self.norm = next((p.norm for p in parts if p.norm is not None), None)
+        self.output = next((p.output for p in parts if p.output is not None), None)
+        object.__setattr__(self, "parts", parts)  # not submodules: their parameters are named above
+        self.fused_loss = None
+
+    def mixtures(self) -> list[MoE]:
+        return [m for part in self.parts for m in part.mixtures()]
+
+
+class Pipeline:
+    """The schedule over this rank's stages, and one optimizer step's forward and backward through it."""
+
+    def __init__(self, cfg: AnvilConfig, layout: Layout, parts: list[Transformer], stage_ids: list[int],
+                 device: torch.device):
+        group = layout.mesh["pp"].get_group()
+        stages = [PipelineStage(part, sid, cfg.pp_stages, device, group=group)
+                  for part, sid in zip(parts, stage_ids, strict=True)]
+        schedule = SCHEDULES[cfg.parallel.pp_schedule]
+        single = PP_SCHEDULES[cfg.parallel.pp_schedule] == "single"
+        self.schedule = schedule(stages[0] if single else stages, n_microbatches=cfg.accumulation,
+                                 loss_fn=self._loss, scale_grads=False)
+        self.first, self.last = 0 in stage_ids, cfg.pp_stages - 1 in stage_ids
+        self.scale = layout.dp_size
+        self.global_tokens = 1
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's share of the step's mean loss, times the data-parallel scale (as `step.micro_step`)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               reduction="sum") / self.global_tokens * self.scale
+
+    def step(self, micro_batches: list[dict[str, torch.Tensor]], global_tokens: int,
+             autocast: contextlib.AbstractContextManager) -> torch.Tensor:
+        """Forward and backward of the step's micro-batches (already on the device) through every stage. Returns this
+        rank's part of the step's mean loss: its last stage's micro-batch losses summed (zero on other ranks)."""
+        self.global_tokens = global_tokens
+        tokens = torch.cat([mb["input_ids"] for mb in micro_batches])
+        labels = torch.cat([mb["labels"] for mb in micro_batches])
+        losses: list[torch.Tensor] = []
+        with autocast:
+            self.schedule.step(*((tokens,) if self.first else ()), target=labels if self.last else None,
+                               losses=losses)
+        if not losses:
+            return torch.zeros((), device=tokens.device)
+        return torch.stack([loss.detach() for loss in losses]).sum() / self.scale
+
+
+def build_pipeline(cfg: AnvilConfig, layout: Layout, device: torch.device, param_dtype: torch.dtype,
+                   say: Callable[[str], None]) -> tuple[Stages, Pipeline]:
+    """This rank's stages, each built and initialised as its part of the one seeded model, and their schedule."""
+    layers, ids = stage_layers(cfg), rank_stages(cfg, layout.pp_rank)
+    parts = [build_model(cfg.model, cfg.parallel, layout, device, param_dtype, seq_len=cfg.data.seq_len,
+                         seed=cfg.train.seed, use_liger=cfg.train.liger, say=say,
+                         stage=(layers[i], i == 0, i == cfg.pp_stages - 1)) for i in ids]
+    return Stages(parts), Pipeline(cfg, layout, parts, ids, device)
