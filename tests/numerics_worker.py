@@ -16,7 +16,9 @@ wrong would (the job asks for bf16 and silently trains in fp32); `local-routing`
 router strongly prefers this rank's own experts, so no token needs to travel; `first-half`: every router strongly
 prefers the first half of the experts, whatever the layout (under EP 2 the second EP rank's experts get no token);
 for pipelines, `stages-reversed`: the stages hold their layers in the wrong order (the first stage the last layers),
-and `microbatch-dropped`: the last micro-batch of every step reaches the schedule without its labels."""
+and `microbatch-dropped`: the last micro-batch of every step reaches the schedule without its labels; `nan-in-stages`:
+the last stage's loss is NaN at step 3, and the first stage's gradients at step 5 (each rank records the steps its
+guard rejected, to `<out>.rejected`: `[rank][step]`)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from trainer.core.jobdir import JobDir
 from trainer.data.loader import build_loader
 from trainer.train import pipeline
 from trainer.train.distributed import init_distributed
+from trainer.train.guard import StepRejected
 from trainer.train.loop import Trainer
 from trainer.train.parallelize import build_layout
 
@@ -65,7 +68,29 @@ def run(job: JobDir, out: str, rank: int, control: str, steps: int = 10) -> None
                 last = {**micros[-1], "labels": torch.full_like(micros[-1]["labels"], -100)}
                 return step(self, [*micros[:-1], last], *args)
             stack.enter_context(mock.patch.object(pipeline.Pipeline, "step", dropped))
+        if control == "nan-in-stages":
+            stack.enter_context(mock.patch.object(pipeline.Pipeline, "step", _poisoned(pipeline.Pipeline.step)))
         _run(job, out, rank, control, steps)
+
+
+def _poisoned(step):
+    """`Pipeline.step` that makes the last stage's logits (so its loss) NaN on its 3rd call, the first stage's
+    gradients on its 5th."""
+    calls = [0]
+
+    def poisoned(self, micros, *args):
+        calls[0] += 1
+        hooks = [stage.submod.output.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+                 for stage in self.stages if calls[0] == 3 and stage.submod.output is not None]
+        try:
+            loss = step(self, micros, *args)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if calls[0] == 5 and self.first:
+            next(p for p in self.stages[0].submod.parameters() if p.grad is not None).grad.fill_(float("nan"))
+        return loss
+    return poisoned
 
 
 def _run(job: JobDir, out: str, rank: int, control: str, steps: int) -> None:
@@ -78,15 +103,19 @@ def _run(job: JobDir, out: str, rank: int, control: str, steps: int) -> None:
     batches = iter(build_loader(cfg.data, t.seed, 0, 1, t.global_batch_size))
     if control in ("local-routing", "first-half"):
         _prefer(trainer, layout, local=control == "local-routing")
-    record, monitored, experts = [], [], []
-    for _ in range(steps):
+    record, monitored, experts, rejected = [], [], [], []
+    for number in range(1, steps + 1):
         batch = next(batches)
         mine = {k: v[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank] for k, v in batch.items()}
         micro = [{k: v[i:i + t.micro_batch_size] for k, v in mine.items()}
                  for i in range(0, per_rank, t.micro_batch_size)]
         if trainer.monitor is not None:  # metrics.mup_monitors: every step is watched here
             trainer.monitor.arm()
-        result = trainer.train_step(micro)
+        try:
+            result = trainer.train_step(micro)
+        except StepRejected:
+            rejected.append(number)
+            continue
         record.append([result["loss"], result["grad_norm"]])  # both global already
         if trainer.monitor is not None:
             monitored.append(trainer.monitor.collect())
@@ -97,8 +126,12 @@ def _run(job: JobDir, out: str, rank: int, control: str, steps: int) -> None:
             everyone = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, mine)
             experts.append(everyone)
+    everyone_rejected = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone_rejected, rejected)
     if rank == 0:
         Path(out).write_text(json.dumps(record))
+        if any(everyone_rejected):
+            Path(f"{out}.rejected").write_text(json.dumps(everyone_rejected))
         if monitored:
             Path(f"{out}.monitors").write_text(json.dumps(monitored))
         if experts:

@@ -48,7 +48,8 @@ spread of these scores, and the loads flip back and forth), two ungated shared e
 QK = ["model.qk_norm=true", "model.head_size=32", "model.n_kv_heads=2"]
 MODELS = {
     "dense": [],
-    "pp": ["model.n_layers=4"],
+    "pp": ["model.n_layers=4", "model.qk_norm=true", "model.head_size=32", "model.mup.enabled=true",
+           "model.mup.base_dim=32"],
     "moe": MOE,
     "moe-qk": [*QK, "data.document_positions=true", *SIGMOID_MOE],
 }
@@ -158,7 +159,10 @@ PIPELINES = {
                                             "parallel.pp_stages_per_rank=2"]),
     "PP 2 x FSDP 2, looped BFS": (4, ["parallel.dp_shard=2", "parallel.pp_schedule=looped-bfs",
                                       "parallel.pp_stages_per_rank=2"]),
+    "PP 2 x TP 2, GPipe": (4, ["parallel.tp=2", "parallel.pp_schedule=gpipe"]),
     "PP 2 x TP 2, 1F1B": (4, ["parallel.tp=2"]),
+    "PP 2 x TP 2, looped BFS": (4, ["parallel.tp=2", "parallel.pp_schedule=looped-bfs",
+                                    "parallel.pp_stages_per_rank=2"]),
     "PP 2 x TP 2, interleaved 1F1B": (4, ["parallel.tp=2", "parallel.pp_schedule=interleaved-1f1b",
                                           "parallel.pp_stages_per_rank=2"]),
     "PP 2 x TP 2, interleaved zero bubble": (4, ["parallel.tp=2", "parallel.pp_schedule=interleaved-zero-bubble",
@@ -168,7 +172,8 @@ PIPELINES = {
     "PP 2 x TP 2, DualPipeV": (4, ["parallel.tp=2", "parallel.pp_schedule=dualpipev",
                                    "parallel.pp_stages_per_rank=2"]),
 }
-"""Pipeline layouts (4 layers, 2 pipeline ranks): every schedule on 2 ranks, and composed with FSDP and TP on 4."""
+"""Pipeline layouts (4 layers with QK-norm under muP, 2 pipeline ranks): every schedule on 2 ranks, and composed with
+FSDP (all but the zero-bubble ones, refused) and TP on 4."""
 
 
 @pytest.mark.parametrize("ranks", [2, 4], ids=["2 ranks", "4 ranks"])
@@ -177,9 +182,11 @@ def test_every_pipeline_schedule_trains_as_one_process(tmp_path: Path, corpus: P
     """Each pipeline layout of the world size (`PIPELINES`: GPipe, 1F1B, interleaved 1F1B and looped BFS with 2
     stages per rank, the zero-bubble schedules, a split by hand; with FSDP 2 and with TP 2) gives one process's
     losses (1e-5) and gradient norms, in one launch. On 2 ranks, the controls: the stages holding their layers in
-    the wrong order, and a micro-batch dropped from every step, differ by far more."""
+    the wrong order, and a micro-batch dropped from every step, differ by far more; and the loss (owned by the last
+    stage) and the gradient norm reach every rank: a NaN loss made on the last stage, NaN gradients on the first,
+    are rejected by both ranks' guards at the same step."""
     layouts = [name for name, (size, _) in PIPELINES.items() if size == ranks]
-    controls = ["stages-reversed", "microbatch-dropped"] if ranks == 2 else []
+    controls = ["stages-reversed", "microbatch-dropped", "nan-in-stages"] if ranks == 2 else []
     jobs = [make_job(tmp_path / f"layout{i}", "pp", corpus, f"cluster.devices_per_node={ranks}",
                      "train.mixed_precision=fp32", *MODELS["pp"], "parallel.pp=2", *overrides)
             for i, overrides in enumerate([*(PIPELINES[name][1] for name in layouts), *([[]] * len(controls))])]
@@ -188,8 +195,12 @@ def test_every_pipeline_schedule_trains_as_one_process(tmp_path: Path, corpus: P
     reference = fp32_reference("pp")
     for layout, result in zip(layouts, results, strict=False):
         _same_as_one_process(layout, result, reference)
-    for control, result in zip(controls, results[len(layouts):], strict=True):
+    for control, result in zip(controls[:2], results[len(layouts):len(layouts) + 2], strict=True):
         assert max(abs(a[0] - b[0]) for a, b in zip(result, reference, strict=True)) > 1e-3, control
+    if ranks == 2:  # a NaN loss on the last stage and NaN gradients on the first: every rank's guard rejects both
+        rejected = json.loads(Path(f"{jobs[-1].with_suffix('.json')}.rejected").read_text())
+        assert rejected == [[3, 5], [3, 5]], rejected
+        _same_as_one_process("up to the poisoned step", results[-1][:2], reference[:2])
 
 
 def test_expert_parallelism_with_routers_kept_local_sends_nothing_and_an_idle_rank_takes_part(
@@ -406,15 +417,15 @@ def test_a_pipeline_killed_resumes_at_other_pipeline_layouts_as_if_uninterrupted
     stages per rank, split by hand), then no pipeline (TP 4): each attempt but the last killed with kill -9 past a
     checkpoint the previous layout wrote (`resharded_run`; one data-parallel rank throughout: a resume at another
     data-parallel size continues the data, but not in the twin's batches). Every step's loss equals an
-    uninterrupted PP 2 × TP 2 twin's; the final checkpoint exports as a Llama with the trainer's logits
-    (`export_matches`)."""
+    uninterrupted PP 2 × TP 2 twin's; the final checkpoint exports (QK-norm: a Qwen3; muP folded in) with the
+    trainer's logits (`export_matches`)."""
     settings = ["train.steps=8", "checkpoint.interval=2", "checkpoint.keep=2", "cluster.devices_per_node=4",
                 "train.mixed_precision=fp32", *MODELS["pp"], "parallel.pp=2", "parallel.tp=2"]
     layouts = [{"pp": 4, "tp": 1},
                {"pp": 2, "tp": 2, "pp_schedule": "interleaved-1f1b", "pp_stages_per_rank": 2, "pp_split": [1, 2, 3]},
                {"pp": 1, "tp": 4, "pp_schedule": "1f1b", "pp_stages_per_rank": 1, "pp_split": None}]
     job = resharded_run(tmp_path, corpus, 4, settings, [{}, *layouts])
-    export_matches(job, jobdir.step_dir(job / "checkpoints", 8), "LlamaForCausalLM", tmp_path)
+    export_matches(job, jobdir.step_dir(job / "checkpoints", 8), "Qwen3ForCausalLM", tmp_path)
 
 
 def resharded_run(tmp_path: Path, corpus: Path, ranks: int, settings: list[str], layouts: list[dict]) -> Path:

@@ -77,28 +77,30 @@ tell() {
     fi
 }
 
-# The trainer's own reason for stopping (its ERROR marker: `<kind>: <message>`), else what its exit code says.
-error_kind() {
-    local kind=""
-    if [ -s "$ERROR_FILE" ]; then kind=$(head -n 1 "$ERROR_FILE" 2>/dev/null | cut -d: -f1); fi
-    if [ -z "$kind" ]; then
-        case $1 in
-        2) kind=refused ;;
-        74) kind=disk ;;
-        76) kind=lost ;;
-        124) kind=hung ;;
-        *) if [ "$1" -gt 128 ]; then kind=killed; else kind=crash; fi ;;
-        esac
-    fi
-    echo "$kind"
-}
-trainer_error() {
-    if [ -s "$ERROR_FILE" ]; then
-        printf ' (%s)' "$(head -n 1 "$ERROR_FILE" 2>/dev/null | cut -c1-300)"
+# The trainer's own reason for stopping (its ERROR marker: `<kind>: <message>`), else what its exit code says: sets
+# TRAINER_KIND and TRAINER_ERROR (" (<reason>)", or empty). Builtins only, in this shell: when SLURM ends a job on a
+# node failure it sends TERM to every process of the job at this very moment, which kills a child process (a `head`,
+# a command substitution's subshell) and would leave the reason empty; this shell traps it.
+read_trainer_error() {
+    local line=""
+    if [ -s "$ERROR_FILE" ]; then IFS= read -r line <"$ERROR_FILE" 2>/dev/null || true; fi
+    TRAINER_KIND=${line%%:*}
+    TRAINER_ERROR=""
+    if [ -n "$line" ]; then
+        TRAINER_ERROR=" (${line:0:300})"
     elif [ "$1" -gt 128 ]; then
-        printf ' (killed by SIG%s)' "$(kill -l $(($1 - 128)) 2>/dev/null || echo "nal $(($1 - 128))")"
+        TRAINER_ERROR=" (killed by SIG$(kill -l $(($1 - 128)) 2>/dev/null || echo "nal $(($1 - 128))"))"
     elif [ "$1" = 74 ]; then
-        printf ' (disk: out of space or failing where the job writes; the trainer could not record more)'
+        TRAINER_ERROR=" (disk: out of space or failing where the job writes; the trainer could not record more)"
+    fi
+    if [ -z "$TRAINER_KIND" ]; then
+        case $1 in
+        2) TRAINER_KIND=refused ;;
+        74) TRAINER_KIND=disk ;;
+        76) TRAINER_KIND=lost ;;
+        124) TRAINER_KIND=hung ;;
+        *) if [ "$1" -gt 128 ]; then TRAINER_KIND=killed; else TRAINER_KIND=crash; fi ;;
+        esac
     fi
 }
 
@@ -189,7 +191,8 @@ report_environment() {
 # An attempt SLURM ended before its script could say how (a node failure requeues a job and kills the batch shell
 # at once) gets its end recorded now, with the reason its trainer left.
 if [ "$RESTART" -gt 0 ] && tail -n 1 "$EVENTS_FILE" 2>/dev/null | grep -q "\"event\": \"start\", \"job_id\": \"$SLURM_JOB_ID\""; then
-    RESTART=$((RESTART - 1)) event requeue "requeued by SLURM$(trainer_error 0)"
+    read_trainer_error 0
+    RESTART=$((RESTART - 1)) event requeue "requeued by SLURM$TRAINER_ERROR"
 fi
 # A new attempt starts clean: markers left by the previous one would mislead the trainer and status.
 mkdir -p "$JOB_DIR/logs" "$JOB_DIR/checkpoints" 2>/dev/null || true
@@ -281,7 +284,10 @@ if [ -n "$STOPPED_AT" ] || [ "$STEP_RC" -eq "$PREEMPTED_EXIT" ]; then
     esac
 elif [ -n "$SIGNAL" ] && [ "$SIGNAL" != USR2 ] && [ "$STEP_RC" -gt 128 ]; then
     # Asked to stop, then killed before the checkpoint was written: the newest whole checkpoint is where it resumes.
-    if [ "$LOCAL" = 0 ] && [ "$(slurm_ending)" = requeued ]; then requeued_by_slurm "$(trainer_error "$STEP_RC")"; fi
+    if [ "$LOCAL" = 0 ] && [ "$(slurm_ending)" = requeued ]; then
+        read_trainer_error "$STEP_RC"
+        requeued_by_slurm "$TRAINER_ERROR"
+    fi
     AFTER=$(($(date +%s) - SIGNAL_AT))
     if [ "$LOCAL" = 0 ] && [ "$AFTER" -le 5 ]; then
         WHY="srun killed the step as SIG$SIGNAL reached it (scancel --full signals srun too, and srun answers TERM and HUP by killing its tasks at once), so this step's checkpoint could not be written"
@@ -297,8 +303,9 @@ elif [ "$STEP_RC" -eq 0 ]; then
     event "done"
     echo "anvil: DONE" || true
 else
-    KIND=$(error_kind "$STEP_RC")
-    REASON="trainer exited with code $STEP_RC$(trainer_error "$STEP_RC")"
+    read_trainer_error "$STEP_RC"
+    KIND=$TRAINER_KIND
+    REASON="trainer exited with code $STEP_RC$TRAINER_ERROR"
     case " $REQUEUED_ERRORS " in *" $KIND "*) requeue "$REASON" ;; esac
     if [ "$RETRY_ON_FAILURE" = 1 ]; then
         requeue "$REASON"

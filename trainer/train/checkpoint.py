@@ -73,8 +73,10 @@ def size_of(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def storage_failure(exc: BaseException) -> OSError | None:
-    """The storage error inside a failed save (DCP wraps each rank's in a CheckpointException), or None."""
+def storage_failure(exc: BaseException, root: Path | None = None) -> OSError | None:
+    """The storage error inside a failed save (DCP wraps each rank's in a CheckpointException), or None. A write
+    that failed without one where `root`'s file system is full is its ENOSPC all the same: torch's writer of a
+    checkpoint's non-tensor items reports a short write as `RuntimeError: ... unexpected pos`."""
     found = [exc]
     if isinstance(exc, CheckpointException):
         found = [wrapped[0] for wrapped in exc.failures.values()]
@@ -83,6 +85,10 @@ def storage_failure(exc: BaseException) -> OSError | None:
             if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
                 return error
             error = error.__cause__ or error.__context__
+    if root is not None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(root if root.exists() else root.parent).free < SPACE_SLACK:
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root))
     return None
 
 
@@ -133,7 +139,7 @@ def storage_errors(root: Path, step: int) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:  # DCP reports failures as CheckpointException, a BaseException
-        error = storage_failure(exc)
+        error = storage_failure(exc, root)
         if error is None:
             raise
         if _rank() == 0:
@@ -452,9 +458,18 @@ def load_parts(root: Path, step: int, names: set[str], parts: Parts) -> dict:
         set_model_state_dict(parts.model, state["model"], options=StateDictOptions(strict=True))
     train = json.loads(state["train"]) if "train" in state else {}
     if "scheduler" in names:
-        parts.scheduler.load_state_dict(train["scheduler"])
-        for group, lr in zip(parts.optimizer.param_groups, parts.scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr  # the schedule's position sets the next step's LR (a fresh optimizer's is warmup's)
+        # The schedule's position sets the next step's LR (a fresh optimizer's is warmup's): each group's initial LR
+        # times the schedule's factor there. Only the position is taken from the checkpoint, not its per-group lists:
+        # another layout's ranks hold other groups (a pipeline stage holds some roles only).
+        scheduler, saved = parts.scheduler, train["scheduler"]
+        scheduler.last_epoch = saved["last_epoch"]
+        scheduler._step_count = saved.get("_step_count", saved["last_epoch"] + 1)
+        scheduler.base_lrs = [group["initial_lr"] for group in parts.optimizer.param_groups]
+        lrs = [base * factor(scheduler.last_epoch)
+               for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+        for group, lr in zip(parts.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
     if "data" in names:
         if not loader_states:
             raise CheckpointError(f"{step_dir(root, step)} holds no data position")

@@ -50,7 +50,6 @@ class Stages(nn.Module):
         self.norm = next((p.norm for p in parts if p.norm is not None), None)
         self.output = next((p.output for p in parts if p.output is not None), None)
         object.__setattr__(self, "parts", parts)  # not submodules: their parameters are named above
-        self.fused_loss = None
 
     def mixtures(self) -> list[MoE]:
         return [m for part in self.parts for m in part.mixtures()]
@@ -62,8 +61,9 @@ class Pipeline:
     def __init__(self, cfg: AnvilConfig, layout: Layout, parts: list[Transformer], stage_ids: list[int],
                  device: torch.device):
         group = layout.mesh["pp"].get_group()
-        stages = [PipelineStage(part, sid, cfg.pp_stages, device, group=group)
-                  for part, sid in zip(parts, stage_ids, strict=True)]
+        self.stages = [PipelineStage(part, sid, cfg.pp_stages, device, group=group)
+                       for part, sid in zip(parts, stage_ids, strict=True)]
+        stages = self.stages
         schedule = SCHEDULES[cfg.parallel.pp_schedule]
         single = PP_SCHEDULES[cfg.parallel.pp_schedule] == "single"
         self.schedule = schedule(stages[0] if single else stages, n_microbatches=cfg.accumulation,
