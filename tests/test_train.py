@@ -61,8 +61,16 @@ def numerics(job: Path | list[Path], ranks: int, out: Path | list[Path], control
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
            str(free_port()), str(REPO / "tests" / "numerics_worker.py"), ",".join(map(str, jobs)),
            ",".join(map(str, outs)), control]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=trainer_env(), cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # A session of its own: a launch that hangs is ended with all its ranks, which would otherwise outlive it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=trainer_env(),
+                            cwd=REPO, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the launch hung: {stdout[-2000:]}{stderr[-2000:]}") from None
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     results = [json.loads(path.read_text()) for path in outs]
     return results if isinstance(job, list) else results[0]
 
@@ -184,23 +192,27 @@ def test_every_pipeline_schedule_trains_as_one_process(tmp_path: Path, corpus: P
     losses (1e-5) and gradient norms, in one launch. On 2 ranks, the controls: the stages holding their layers in
     the wrong order, and a micro-batch dropped from every step, differ by far more; and the loss (owned by the last
     stage) and the gradient norm reach every rank: a NaN loss made on the last stage, NaN gradients on the first,
-    are rejected by both ranks' guards at the same step."""
+    are rejected by both ranks' guards at the same step. PP 2 in bf16 (autocast) trains within bf16's rounding of
+    fp32 (`_within_bf16_rounding`)."""
     layouts = [name for name, (size, _) in PIPELINES.items() if size == ranks]
     controls = ["stages-reversed", "microbatch-dropped", "nan-in-stages"] if ranks == 2 else []
+    bf16 = [[*PIPELINES["PP 2, 1F1B"][1], "train.mixed_precision=bf16"]] if ranks == 2 else []  # autocast
     jobs = [make_job(tmp_path / f"layout{i}", "pp", corpus, f"cluster.devices_per_node={ranks}",
                      "train.mixed_precision=fp32", *MODELS["pp"], "parallel.pp=2", *overrides)
-            for i, overrides in enumerate([*(PIPELINES[name][1] for name in layouts), *([[]] * len(controls))])]
+            for i, overrides in enumerate([*(PIPELINES[name][1] for name in layouts), *([[]] * len(controls)), *bf16])]
     results = numerics(jobs, ranks, [job.with_suffix(".json") for job in jobs],
-                       control=",".join([""] * len(layouts) + controls))
+                       control=",".join([""] * len(layouts) + controls + [""] * len(bf16)))
     reference = fp32_reference("pp")
     for layout, result in zip(layouts, results, strict=False):
         _same_as_one_process(layout, result, reference)
+    if bf16:
+        _within_bf16_rounding(results[-1], reference, *bf16_rounding(jobs[-1]), "PP 2, 1F1B, bf16")
     for control, result in zip(controls[:2], results[len(layouts):len(layouts) + 2], strict=True):
         assert max(abs(a[0] - b[0]) for a, b in zip(result, reference, strict=True)) > 1e-3, control
     if ranks == 2:  # a NaN loss on the last stage and NaN gradients on the first: every rank's guard rejects both
-        rejected = json.loads(Path(f"{jobs[-1].with_suffix('.json')}.rejected").read_text())
+        rejected = json.loads(Path(f"{jobs[-2].with_suffix('.json')}.rejected").read_text())
         assert rejected == [[3, 5], [3, 5]], rejected
-        _same_as_one_process("up to the poisoned step", results[-1][:2], reference[:2])
+        _same_as_one_process("up to the poisoned step", results[-2][:2], reference[:2])
 
 
 def test_expert_parallelism_with_routers_kept_local_sends_nothing_and_an_idle_rank_takes_part(

@@ -194,16 +194,16 @@ class Trainer:
             micros = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
             loss_sum = self.pipeline.step(micros, global_tokens, self.autocast)
             dist.all_reduce(loss_sum, group=self.layout.mesh["pp"].get_group())
-            micro_batches = []
-        for i, mb in enumerate(micro_batches):
-            sync_gradients(self.model, self.layout, last=i == len(micro_batches) - 1)
-            micro = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
-            out = micro_step(self.model, micro, global_tokens, self.layout.dp_size, self.autocast,
-                             self.cfg.model.moe.balance_coef, self.cfg.train.global_batch_size)
-            loss_sum += out.loss
-            if out.load is not None:
-                balance_sum += out.balance
-                load = out.load if load is None else load + out.load
+        else:
+            for i, mb in enumerate(micro_batches):
+                sync_gradients(self.model, self.layout, last=i == len(micro_batches) - 1)
+                micro = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+                out = micro_step(self.model, micro, global_tokens, self.layout.dp_size, self.autocast,
+                                 self.cfg.model.moe.balance_coef, self.cfg.train.global_batch_size)
+                loss_sum += out.loss
+                if out.load is not None:
+                    balance_sum += out.balance
+                    load = out.load if load is None else load + out.load
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.cfg.optim.grad_clip or math.inf,
                                    self.layout.mesh["pp"].get_group() if self.layout.pp > 1 else None)
         loss, norm = torch.stack([self._reduce_dp(loss_sum), grad_norm.float()]).tolist()  # one sync with the host
