@@ -69,10 +69,11 @@ def hf_name(name: str, model_type: str = "llama") -> str:
     _, layer, rest = name.split(".", 2)
     if rest in _EXPERTS:
         return f"model.layers.{layer}.{_EXPERTS[rest]}"
-    if rest == GLM_BIAS:
-        return f"model.layers.{layer}.{_SHARED['glm4_moe'][rest]}"
+    shared = _SHARED.get(model_type, {})
+    if rest in shared:  # the routing biases: a buffer, no leaf
+        return f"model.layers.{layer}.{shared[rest]}"
     module, leaf = rest.rsplit(".", 1)
-    return f"model.layers.{layer}.{_SHARED.get(model_type, {}).get(module) or _BLOCK[module]}.{leaf}"
+    return f"model.layers.{layer}.{shared.get(module) or _BLOCK[module]}.{leaf}"
 
 
 _TOP_BACK = {v: k for k, v in _TOP.items()}
@@ -232,7 +233,7 @@ def hf_tensors(step_dir: Path, cfg: ModelConfig, dtype: torch.dtype) -> Iterator
             tensor = torch.cat([tensor, read(name.removesuffix("w1") + "w3")], dim=1)
         if name.endswith("router.weight") and model_type == "glm4_moe" and not cfg.moe.bias_update_rate:
             bias = name.removesuffix("router.weight") + "expert_bias"  # the class has biases: none is zero
-            yield hf_name(bias), torch.zeros(cfg.moe.experts)
+            yield hf_name(bias, model_type), torch.zeros(cfg.moe.experts)
         out_dtype = torch.float32 if name.endswith("expert_bias") else dtype  # fp32 in the class too
         yield hf_name(name, model_type), tensor.to(out_dtype).contiguous()
 

@@ -63,10 +63,9 @@ class Pipeline:
         group = layout.mesh["pp"].get_group()
         self.stages = [PipelineStage(part, sid, cfg.pp_stages, device, group=group)
                        for part, sid in zip(parts, stage_ids, strict=True)]
-        stages = self.stages
         schedule = SCHEDULES[cfg.parallel.pp_schedule]
         single = PP_SCHEDULES[cfg.parallel.pp_schedule] == "single"
-        self.schedule = schedule(stages[0] if single else stages, n_microbatches=cfg.accumulation,
+        self.schedule = schedule(self.stages[0] if single else self.stages, n_microbatches=cfg.accumulation,
                                  loss_fn=self._loss, scale_grads=False)
         self.first, self.last = 0 in stage_ids, cfg.pp_stages - 1 in stage_ids
         self.scale = layout.dp_size
