@@ -61,6 +61,23 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def short_documents(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo corpus cut into documents of 120 characters, with its tokenizer: several documents to a row of the
+    tests' 64 tokens, where document masks change what a model computes (the demo's documents span many rows)."""
+    import pyarrow.parquet as pq
+
+    from trainer.data.tools import write_parquet
+
+    out = tmp_path_factory.mktemp("short-documents")
+    texts = [text for path in sorted((corpus / "train").glob("*.parquet"))
+             for text in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+    write_parquet((text[i:i + 120] for text in texts for i in range(0, len(text), 120)), out / "train",
+                  row_group_rows=64)
+    shutil.copy(corpus / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
 @pytest.fixture
 def tiny(corpus: Path) -> list[str]:
     """Overrides for a tiny model training on the demo corpus (a few seconds per run). One thread per rank: the

@@ -18,7 +18,11 @@ prefers the first half of the experts, whatever the layout (under EP 2 the secon
 for pipelines, `stages-reversed`: the stages hold their layers in the wrong order (the first stage the last layers),
 and `microbatch-dropped`: the last micro-batch of every step reaches the schedule without its labels; `nan-in-stages`:
 the last stage's loss is NaN at step 3, and the first stage's gradients at step 5 (each rank records the steps its
-guard rejected, to `<out>.rejected`: `[rank][step]`)."""
+guard rejected, to `<out>.rejected`: `[rank][step]`); `positions-first-stage-only`: the document positions reach the
+first stage and no other. For experts, `balance-untrained`: no layer sends its balancing loss's gradient back.
+
+With experts, each step's loads summed over the data-parallel ranks (`[step][layer][expert]`, the whole model's
+layers, as the trainer's step returns them) go to `<out>.loads`."""
 
 from __future__ import annotations
 
@@ -33,10 +37,11 @@ import torch.distributed as dist
 
 from trainer.core.jobdir import JobDir
 from trainer.data.loader import build_loader
-from trainer.train import pipeline
+from trainer.train import loop, pipeline
 from trainer.train.distributed import init_distributed
 from trainer.train.guard import StepRejected
 from trainer.train.loop import Trainer
+from trainer.train.model import Transformer
 from trainer.train.parallelize import build_layout
 
 
@@ -68,6 +73,14 @@ def run(job: JobDir, out: str, rank: int, control: str, steps: int = 10) -> None
                 last = {**micros[-1], "labels": torch.full_like(micros[-1]["labels"], -100)}
                 return step(self, [*micros[:-1], last], *args)
             stack.enter_context(mock.patch.object(pipeline.Pipeline, "step", dropped))
+        if control == "balance-untrained":
+            stack.enter_context(mock.patch.object(loop, "train_balance", lambda *args: None))
+        if control == "positions-first-stage-only":
+            forward = Transformer.forward
+
+            def first_only(self, tokens, positions=None, labels=None):
+                return forward(self, tokens, positions if self.tok_embeddings is not None else None, labels)
+            stack.enter_context(mock.patch.object(Transformer, "forward", first_only))
         if control == "nan-in-stages":
             stack.enter_context(mock.patch.object(pipeline.Pipeline, "step", _poisoned(pipeline.Pipeline.step)))
         _run(job, out, rank, control, steps)
@@ -103,7 +116,7 @@ def _run(job: JobDir, out: str, rank: int, control: str, steps: int) -> None:
     batches = iter(build_loader(cfg.data, t.seed, 0, 1, t.global_batch_size))
     if control in ("local-routing", "first-half"):
         _prefer(trainer, layout, local=control == "local-routing")
-    record, monitored, experts, rejected = [], [], [], []
+    record, monitored, experts, rejected, loads = [], [], [], [], []
     for number in range(1, steps + 1):
         batch = next(batches)
         mine = {k: v[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank] for k, v in batch.items()}
@@ -117,6 +130,8 @@ def _run(job: JobDir, out: str, rank: int, control: str, steps: int) -> None:
             rejected.append(number)
             continue
         record.append([result["loss"], result["grad_norm"]])  # both global already
+        if result["expert_load"] is not None:
+            loads.append(trainer._reduce_dp(result["expert_load"].clone()).tolist())
         if trainer.monitor is not None:
             monitored.append(trainer.monitor.collect())
         if layout.ep > 1:
@@ -136,6 +151,8 @@ def _run(job: JobDir, out: str, rank: int, control: str, steps: int) -> None:
             Path(f"{out}.monitors").write_text(json.dumps(monitored))
         if experts:
             Path(f"{out}.experts").write_text(json.dumps(experts))
+        if loads:
+            Path(f"{out}.loads").write_text(json.dumps(loads))
 
 
 def _prefer(trainer: Trainer, layout, local: bool) -> None:

@@ -209,8 +209,8 @@ BAD_INPUTS = [
      "parallel.pp_schedule: zbv-zero-bubble computes weight gradients after FSDP has reduced them"),
     (["job.name=x", "cluster.devices_per_node=2", "parallel.pp=2", "model.tie_embeddings=true"], {},
      "model.tie_embeddings: not with a pipeline (parallel.pp = 2): the embedding sits in the first stage"),
-    (["job.name=x", "cluster.devices_per_node=2", "parallel.pp=2", "model.moe.experts=4"], {},
-     "model.moe.experts: not with a pipeline (parallel.pp = 2): a mixture's balancing loss"),
+    (["job.name=x", "cluster.devices_per_node=2", "parallel.pp=2", "metrics.mup_monitors=true"], {},
+     "metrics.mup_monitors: not with a pipeline (parallel.pp = 2): the monitors watch the whole model"),
     (["job.name=x", "cluster.devices_per_node=3", "parallel.pp=2"], {},
      "parallel: cluster.nodes × cluster.devices_per_node = 1 × 3 = 3 ranks, not divisible by parallel.pp × "
      "parallel.dp_replicate × parallel.tp = 2 × 1 × 1"),

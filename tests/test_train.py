@@ -18,6 +18,7 @@ import pytest
 
 from tests.train_helpers import free_port, losses, make_job, run_trainer, trainer_command, trainer_env
 from trainer.core import jobdir
+from trainer.core.processes import children
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,8 @@ MODELS = {
            "model.mup.base_dim=32"],
     "moe": MOE,
     "moe-qk": [*QK, "data.document_positions=true", *SIGMOID_MOE],
+    "pp-moe": ["model.n_layers=4", "model.qk_norm=true", "model.head_size=32", "data.document_positions=true",
+               *SIGMOID_MOE],
 }
 
 
@@ -75,19 +78,31 @@ def numerics(job: Path | list[Path], ranks: int, out: Path | list[Path], control
     return results if isinstance(job, list) else results[0]
 
 
+SHORT_DOCUMENTS = {"pp-moe"}
+"""Models trained on the short-document corpus (the `short_documents` fixture): document masks matter there."""
+
+
 @pytest.fixture(scope="session")
-def fp32_reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+def fp32_reference(corpus: Path, short_documents: Path, tmp_path_factory: pytest.TempPathFactory):
     """model -> the fp32 one-process losses and norms, run once per test process (every layout equals it)."""
     cache: dict[str, list[list[float]]] = {}
+    folders: dict[str, Path] = {}
 
     def reference(model: str) -> list[list[float]]:
         if model not in cache:
-            where = tmp_path_factory.mktemp(f"fp32-{model}")
-            job = make_job(where, "fp32", corpus, "train.mixed_precision=fp32", *MODELS[model])
-            cache[model] = numerics(job, 1, where / "fp32.json")
+            folders[model] = tmp_path_factory.mktemp(f"fp32-{model}")
+            job = make_job(folders[model], "fp32", short_documents if model in SHORT_DOCUMENTS else corpus,
+                           "train.mixed_precision=fp32", *MODELS[model])
+            cache[model] = numerics(job, 1, folders[model] / "fp32.json")
             assert len(cache[model]) == 10 and cache[model][-1][0] < cache[model][0][0]  # it learns
         return cache[model]
 
+    def loads(model: str) -> list[list[list[int]]]:
+        """With experts: each step's loads, `[step][layer][expert]`."""
+        reference(model)
+        return json.loads((folders[model] / "fp32.json.loads").read_text())
+
+    reference.loads = loads
     return reference
 
 
@@ -161,6 +176,7 @@ PIPELINES = {
     "PP 2, ZBV zero bubble": (2, ["parallel.pp_schedule=zbv-zero-bubble", "parallel.pp_stages_per_rank=2"]),
     "PP 2, DualPipeV": (2, ["parallel.pp_schedule=dualpipev", "parallel.pp_stages_per_rank=2"]),
     "PP 2, 1F1B, layers split 1 + 3": (2, ["parallel.pp_schedule=1f1b", "parallel.pp_split=[1]"]),
+    "PP 2, 1F1B, compiled blocks": (2, ["parallel.pp_schedule=1f1b", "parallel.compile=true"]),
     "PP 2 x FSDP 2, GPipe": (4, ["parallel.dp_shard=2", "parallel.pp_schedule=gpipe"]),
     "PP 2 x FSDP 2, 1F1B, full AC": (4, ["parallel.dp_shard=2", "parallel.activation_checkpoint=full"]),
     "PP 2 x FSDP 2, interleaved 1F1B": (4, ["parallel.dp_shard=2", "parallel.pp_schedule=interleaved-1f1b",
@@ -179,40 +195,63 @@ PIPELINES = {
                                          "parallel.pp_stages_per_rank=2"]),
     "PP 2 x TP 2, DualPipeV": (4, ["parallel.tp=2", "parallel.pp_schedule=dualpipev",
                                    "parallel.pp_stages_per_rank=2"]),
+    "PP 2 x 2 replicas (HSDP)": (4, ["parallel.dp_replicate=2"]),
 }
-"""Pipeline layouts (4 layers with QK-norm under muP, 2 pipeline ranks): every schedule on 2 ranks, and composed with
-FSDP (all but the zero-bubble ones, refused) and TP on 4."""
+"""Pipeline layouts (4 layers with QK-norm under muP, 2 pipeline ranks): every schedule on 2 ranks, and one with
+compiled blocks; composed with FSDP (all but the zero-bubble ones, refused), TP and HSDP's replicas on 4."""
+MOE_PIPELINES = {
+    "PP 2, 1F1B, experts and masks": (2, ["parallel.pp_schedule=1f1b"]),
+    "PP 2, interleaved 1F1B, full AC, experts and masks": (2, ["parallel.pp_schedule=interleaved-1f1b",
+                                                               "parallel.pp_stages_per_rank=2",
+                                                               "parallel.activation_checkpoint=full"]),
+    "PP 2 x EP 2, experts and masks": (4, ["parallel.dp_shard=2", "parallel.ep=2"]),
+    "PP 2 x TP 2, experts and masks": (4, ["parallel.tp=2"]),
+}
+"""Pipeline layouts of DeepSeek-V3's mixture (balancing loss, biases moved by the global load, shared experts) with
+document masks (`MODELS["pp-moe"]`)."""
 
 
 @pytest.mark.parametrize("ranks", [2, 4], ids=["2 ranks", "4 ranks"])
-def test_every_pipeline_schedule_trains_as_one_process(tmp_path: Path, corpus: Path, fp32_reference,
-                                                      ranks: int) -> None:
+def test_every_pipeline_schedule_trains_as_one_process(tmp_path: Path, corpus: Path, short_documents: Path,
+                                                      fp32_reference, ranks: int) -> None:
     """Each pipeline layout of the world size (`PIPELINES`: GPipe, 1F1B, interleaved 1F1B and looped BFS with 2
-    stages per rank, the zero-bubble schedules, a split by hand; with FSDP 2 and with TP 2) gives one process's
-    losses (1e-5) and gradient norms, in one launch. On 2 ranks, the controls: the stages holding their layers in
-    the wrong order, and a micro-batch dropped from every step, differ by far more; and the loss (owned by the last
+    stages per rank, the zero-bubble schedules, a split by hand, compiled blocks; with FSDP 2, TP 2 and 2 replicas;
+    `MOE_PIPELINES`:
+    experts and document masks, with EP 2 and TP 2) gives one process's losses (1e-5) and gradient norms, in one
+    launch; with experts, the loads of every layer at every step are one process's exactly (collected from each
+    stage's forwards: the biases they move choose the experts). On 2 ranks, the controls: the stages holding their
+    layers in the wrong order, a micro-batch dropped from every step, the document positions kept from the second
+    stage, and the stages' balancing losses left untrained, each differ by far more; and the loss (owned by the last
     stage) and the gradient norm reach every rank: a NaN loss made on the last stage, NaN gradients on the first,
     are rejected by both ranks' guards at the same step. PP 2 in bf16 (autocast) trains within bf16's rounding of
     fp32 (`_within_bf16_rounding`)."""
-    layouts = [name for name, (size, _) in PIPELINES.items() if size == ranks]
-    controls = ["stages-reversed", "microbatch-dropped", "nan-in-stages"] if ranks == 2 else []
-    bf16 = [[*PIPELINES["PP 2, 1F1B"][1], "train.mixed_precision=bf16"]] if ranks == 2 else []  # autocast
-    jobs = [make_job(tmp_path / f"layout{i}", "pp", corpus, f"cluster.devices_per_node={ranks}",
-                     "train.mixed_precision=fp32", *MODELS["pp"], "parallel.pp=2", *overrides)
-            for i, overrides in enumerate([*(PIPELINES[name][1] for name in layouts), *([[]] * len(controls)), *bf16])]
-    results = numerics(jobs, ranks, [job.with_suffix(".json") for job in jobs],
-                       control=",".join([""] * len(layouts) + controls + [""] * len(bf16)))
-    reference = fp32_reference("pp")
-    for layout, result in zip(layouts, results, strict=False):
-        _same_as_one_process(layout, result, reference)
-    if bf16:
-        _within_bf16_rounding(results[-1], reference, *bf16_rounding(jobs[-1]), "PP 2, 1F1B, bf16")
-    for control, result in zip(controls[:2], results[len(layouts):len(layouts) + 2], strict=True):
-        assert max(abs(a[0] - b[0]) for a, b in zip(result, reference, strict=True)) > 1e-3, control
-    if ranks == 2:  # a NaN loss on the last stage and NaN gradients on the first: every rank's guard rejects both
-        rejected = json.loads(Path(f"{jobs[-2].with_suffix('.json')}.rejected").read_text())
-        assert rejected == [[3, 5], [3, 5]], rejected
-        _same_as_one_process("up to the poisoned step", results[-2][:2], reference[:2])
+    runs = [(name, "pp", overrides, "") for name, (size, overrides) in PIPELINES.items() if size == ranks]
+    runs += [(name, "pp-moe", overrides, "") for name, (size, overrides) in MOE_PIPELINES.items() if size == ranks]
+    if ranks == 2:
+        runs += [(f"control: {control}", model, [], control) for model, control in [
+            ("pp", "stages-reversed"), ("pp", "microbatch-dropped"), ("pp-moe", "positions-first-stage-only"),
+            ("pp-moe", "balance-untrained"), ("pp", "nan-in-stages")]]
+        runs.append(("PP 2, 1F1B, bf16", "pp", ["train.mixed_precision=bf16"], ""))  # autocast: no FSDP
+    jobs = [make_job(tmp_path / f"layout{i}", "pp", short_documents if model in SHORT_DOCUMENTS else corpus,
+                     f"cluster.devices_per_node={ranks}", "train.mixed_precision=fp32", *MODELS[model],
+                     "parallel.pp=2", *overrides)
+            for i, (_, model, overrides, _) in enumerate(runs)]
+    outs = [job.with_suffix(".json") for job in jobs]
+    results = numerics(jobs, ranks, outs, control=",".join(control for *_, control in runs))
+    for (name, model, _, control), job, out, result in zip(runs, jobs, outs, results, strict=True):
+        reference = fp32_reference(model)
+        if name.endswith("bf16"):
+            _within_bf16_rounding(result, reference, *bf16_rounding(job), name)
+        elif control == "nan-in-stages":  # a NaN loss on the last stage, NaN gradients on the first: both rejected
+            assert json.loads(Path(f"{out}.rejected").read_text()) == [[3, 5], [3, 5]]
+            _same_as_one_process("up to the poisoned step", result[:2], reference[:2])
+        elif control:  # the check the layouts pass fails
+            with pytest.raises(AssertionError):
+                _same_as_one_process(name, result, reference)
+        else:
+            _same_as_one_process(name, result, reference)
+            if model == "pp-moe":
+                assert json.loads(Path(f"{out}.loads").read_text()) == fp32_reference.loads(model), name
 
 
 def test_expert_parallelism_with_routers_kept_local_sends_nothing_and_an_idle_rank_takes_part(
@@ -351,6 +390,15 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
     raise AssertionError("the trainer neither progressed nor finished")
 
 
+def _rank(pid: int) -> int | None:
+    """The trainer rank a process of torchrun's is (its RANK), None if it is none or gone."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+
+
 def _saving(root: Path) -> bool:
     return any(path.is_dir() and not (path / jobdir.COMPLETE).exists() for path in root.glob("step-*"))
 
@@ -426,33 +474,40 @@ def test_expert_parallel_runs_killed_resume_at_other_ep_sizes_as_if_uninterrupte
 def test_a_pipeline_killed_resumes_at_other_pipeline_layouts_as_if_uninterrupted_and_exports(
         tmp_path: Path, corpus: Path) -> None:
     """One job on 4 ranks trained as PP 2 × TP 2 (1F1B), then PP 4, then PP 2 × TP 2 again (interleaved 1F1B, 2
-    stages per rank, split by hand), then no pipeline (TP 4): each attempt but the last killed with kill -9 past a
-    checkpoint the previous layout wrote (`resharded_run`; one data-parallel rank throughout: a resume at another
-    data-parallel size continues the data, but not in the twin's batches). Every step's loss equals an
-    uninterrupted PP 2 × TP 2 twin's; the final checkpoint exports (QK-norm: a Qwen3; muP folded in) with the
-    trainer's logits (`export_matches`)."""
+    stages per rank, split by hand), then no pipeline (TP 4): each attempt but the last stopped past a checkpoint
+    the previous layout wrote (`resharded_run`): by kill -9, but PP 4 by SIGTERM to its third rank alone (a middle
+    stage, neither the loss's owner nor rank 0), which every stage hears of, checkpointing the step reached. One
+    data-parallel rank throughout: a resume at another data-parallel size continues the data, but not in the twin's
+    batches. Every step's loss equals an uninterrupted PP 2 × TP 2 twin's; the final checkpoint exports (QK-norm: a
+    Qwen3; muP folded in) with the trainer's logits (`export_matches`)."""
     settings = ["train.steps=8", "checkpoint.interval=2", "checkpoint.keep=2", "cluster.devices_per_node=4",
                 "train.mixed_precision=fp32", *MODELS["pp"], "parallel.pp=2", "parallel.tp=2"]
-    layouts = [{"pp": 4, "tp": 1},
+    layouts = [{"pp": 4, "tp": 1, STOP: (signal.SIGTERM, 2)},
                {"pp": 2, "tp": 2, "pp_schedule": "interleaved-1f1b", "pp_stages_per_rank": 2, "pp_split": [1, 2, 3]},
                {"pp": 1, "tp": 4, "pp_schedule": "1f1b", "pp_stages_per_rank": 1, "pp_split": None}]
     job = resharded_run(tmp_path, corpus, 4, settings, [{}, *layouts])
     export_matches(job, jobdir.step_dir(job / "checkpoints", 8), "Qwen3ForCausalLM", tmp_path)
 
 
+STOP = "stop"
+"""A layout's key in `resharded_run`: `(signal, rank)`, the attempt is stopped by that signal to that rank alone."""
+
+
 def resharded_run(tmp_path: Path, corpus: Path, ranks: int, settings: list[str], layouts: list[dict]) -> Path:
     """One job trained in one layout after another (each a change to the `parallel` section): every attempt but the
-    last killed with kill -9 a few steps past a checkpoint, each resuming from the newest one, which the previous
-    layout wrote. Every step's loss must equal an uninterrupted twin's, in the first layout (fp32). Returns the
-    job."""
+    last stopped a few steps past a checkpoint, each resuming from the newest one, which the previous layout wrote.
+    Stopped with kill -9; or where the layout says (`STOP`), by a signal to one rank, after one step past the
+    checkpoint: then every rank stops at one step, which is checkpointed, and the next attempt resumes from it.
+    Every step's loss must equal an uninterrupted twin's, in the first layout (fp32). Returns the job."""
     twin = make_job(tmp_path, "twin", corpus, *settings)
     done = run_trainer(twin, ranks)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     job = make_job(tmp_path, "resharded", corpus, *settings)
     root = job / "checkpoints"
     for attempt, layout in enumerate(layouts):
+        stop = layout.get(STOP)
         config = json.loads((job / "config.json").read_text())
-        config["parallel"].update(layout)
+        config["parallel"].update({k: v for k, v in layout.items() if k != STOP})
         (job / "config.json").write_text(json.dumps(config))
         log = tmp_path / f"attempt{attempt}.log"
         saved_before = jobdir.latest_complete(root)
@@ -460,13 +515,21 @@ def resharded_run(tmp_path: Path, corpus: Path, ranks: int, settings: list[str],
             proc = subprocess.Popen(trainer_command(job, ranks), stdout=out, stderr=subprocess.STDOUT,
                                     env=trainer_env(), start_new_session=True)
             if attempt < len(layouts) - 1:
-                target = (saved_before or 0) + 3  # a checkpoint passed, and a step after it lost
+                target = (saved_before or 0) + (1 if stop else 3)  # a checkpoint passed (kill -9: a step lost)
                 assert _wait(lambda t=target, path=log: _logged_step(path) >= t, proc), log.read_text()[-3000:]
-                os.killpg(proc.pid, signal.SIGKILL)
+                if stop:
+                    sig, rank = stop
+                    os.kill(next(pid for pid in children(proc.pid) if _rank(pid) == rank), sig)
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=120)
         text = log.read_text()
         if saved_before is not None:
             assert f"resumed from {root / f'step-{saved_before}'} (step {saved_before})" in text, text[-2000:]
+        if stop:  # every rank agreed on one step, checkpointed it, and told the batch script why
+            reached = _logged_step(log)
+            assert f"preempted after step {reached} ({stop[0].name}); checkpoint saved" in text, text[-3000:]
+            assert jobdir.latest_complete(root) == reached and reached >= target
     assert proc.returncode == 0, text[-3000:]
     final, reference = losses(job), losses(twin)
     assert sorted(final) == list(range(1, 9))

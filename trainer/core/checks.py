@@ -133,10 +133,6 @@ def pipeline_problems(cfg: AnvilConfig) -> list[str]:
     cannot = {
         "model.tie_embeddings": (m.tie_embeddings, "the embedding sits in the first stage and the head in the last; "
                                                    "untie them"),
-        "model.moe.experts": (m.moe.experts, "a mixture's balancing loss is added in every stage, and a schedule "
-                                             "takes the last stage's loss only; set model.moe.experts=0"),
-        "data.document_positions": (cfg.data.document_positions, "a schedule hands the first stage its inputs only, "
-                                                                  "and every stage needs the document positions"),
         "eval.every": (cfg.eval.every, "the held-out evaluation runs the whole model in one process; set "
                                        "eval.every=0 and evaluate an export"),
         "metrics.mup_monitors": (cfg.metrics.mup_monitors, "the monitors watch the whole model in one process"),

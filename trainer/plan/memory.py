@@ -31,7 +31,7 @@ from trainer.core.config import AnvilConfig
 from trainer.train.gpu import GpuPaths
 from trainer.train.optim import build_optimizer, clip_grad_norm
 from trainer.train.parallelize import build_layout, materialise, parallelized
-from trainer.train.step import autocast_for, micro_step, sync_gradients
+from trainer.train.step import autocast_for, micro_step, sync_gradients, train_balance
 
 GIB = 2**30
 
@@ -130,6 +130,7 @@ def trace(cfg: AnvilConfig, fake: bool = True) -> Memory:
     # computation); a router's imbalance moves a rank's peak by its share of the dispatched rows.
     model = parallelized(cfg.model, parallel, layout, device, dtype, seq_len=cfg.data.seq_len,
                          planning=fake or cfg.parallel.ep > 1)
+    train_balance(model, cfg.model, layout.dp_size, t.global_batch_size)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         materialise(model, layout, device, seed=0, fake=fake)
         gpu = GpuPaths.of_cluster(cfg.cluster.device)
@@ -159,8 +160,7 @@ def trace(cfg: AnvilConfig, fake: bool = True) -> Memory:
                 if i:
                     tracker.reset_mod_stats()  # per-module figures are per pass; the peak stays
                 sync_gradients(model, layout, last=i == passes - 1)
-                micro_step(model, batch, micro * cfg.data.seq_len, layout.dp_size, autocast,
-                           cfg.model.moe.balance_coef, t.global_batch_size)
+                micro_step(model, batch, micro * cfg.data.seq_len, layout.dp_size, autocast, t.global_batch_size)
             passes_peak = _categories(tracker.get_tracker_snapshot("peak"))
             after_backward = _categories(tracker.get_tracker_snapshot())
         if fake:

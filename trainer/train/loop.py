@@ -27,13 +27,14 @@ from trainer.train.gpu import GpuPaths
 from trainer.train.guard import ROLLBACK_EVENT, StepGuard, StepRejected
 from trainer.train.heldout import EvalError, heldout_bits_per_byte, heldout_set
 from trainer.train.metrics import MetricsLogger, StepWindow, model_size
+from trainer.train.model import mixture_layers
 from trainer.train.monitors import MupMonitor
 from trainer.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.train.parallelize import Layout, build_model
 from trainer.train.pipeline import Pipeline, build_pipeline
 from trainer.train.preemption import PreemptionWatch
 from trainer.train.profiling import StepProfiler
-from trainer.train.step import autocast_for, micro_step, sync_gradients
+from trainer.train.step import autocast_for, micro_step, sync_gradients, train_balance
 from trainer.train.watchdog import Watchdog
 
 
@@ -58,6 +59,7 @@ class Trainer:
         else:
             self.model = build_model(cfg.model, cfg.parallel, layout, device, self.dtype,
                                      seq_len=cfg.data.seq_len, seed=t.seed, use_liger=t.liger, say=self.metrics.line)
+        train_balance(self.model, cfg.model, layout.dp_size, t.global_batch_size)
         self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim, fused=self.gpu.fused_adamw)
         self.scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim)
         self.parts = checkpoint.Parts(self.model, self.optimizer, self.scheduler, loader, self.metrics.line,
@@ -67,7 +69,8 @@ class Trainer:
         self.profiler = StepProfiler(cfg.metrics.profile_steps, job, rank, device, self.metrics.line)
         self.flops = flops_per_token(cfg.model, cfg.data.seq_len)
         self.window = StepWindow(device, layout.tp, self.flops, cfg.cluster.mfu_peak_tflops,
-                                 (len(self.model.mixtures()), cfg.model.moe.experts), self._reduce_dp,
+                                 (cfg.model.n_layers if cfg.model.moe.experts else 0, cfg.model.moe.experts),
+                                 self._reduce_dp,
                                  layout.ep)
         try:
             self.heldout = heldout_set(cfg) if cfg.eval.every else None
@@ -192,14 +195,13 @@ class Trainer:
         load = None
         if self.pipeline is not None:  # the loss is the last stage's: summed over the pipeline's ranks
             micros = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
-            loss_sum = self.pipeline.step(micros, global_tokens, self.autocast)
-            dist.all_reduce(loss_sum, group=self.layout.mesh["pp"].get_group())
+            loss_sum, balance_sum, load = self.pipeline.step(micros, global_tokens, self.autocast)
         else:
             for i, mb in enumerate(micro_batches):
                 sync_gradients(self.model, self.layout, last=i == len(micro_batches) - 1)
                 micro = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
                 out = micro_step(self.model, micro, global_tokens, self.layout.dp_size, self.autocast,
-                                 self.cfg.model.moe.balance_coef, self.cfg.train.global_batch_size)
+                                 self.cfg.train.global_batch_size)
                 loss_sum += out.loss
                 if out.load is not None:
                     balance_sum += out.balance
@@ -218,8 +220,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if load is not None and self.cfg.model.moe.bias_update_rate:  # loss-free balancing, by the global load
-            for moe, layer in zip(self.model.mixtures(), self._reduce_dp(load.clone()), strict=True):
-                moe.update_bias(layer)  # the same sums on every rank: the biases stay identical
+            total = self._reduce_dp(load.clone())
+            for index, moe in mixture_layers(self.model).items():  # a pipeline rank's layers, or all
+                moe.update_bias(total[index])  # the same sums on every rank: the biases stay identical
         return {"loss": loss, "grad_norm": norm, "lr": lr, "tokens": global_tokens, "balance": balance_sum,
                 "expert_load": load}
 

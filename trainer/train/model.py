@@ -204,14 +204,31 @@ def grouped_mm_runs(device: torch.device) -> bool:
     return True
 
 
+class _BalanceGradient(torch.autograd.Function):
+    """The identity on a layer's output forward; backward, the output's gradient, and `grad` for the layer's
+    balancing loss: that loss is trained where its layer runs, with no term in the objective (a pipeline stage's
+    loss is not the schedule's; the last stage's is)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, balance: torch.Tensor, grad: float) -> torch.Tensor:
+        ctx.grad, ctx.like = grad, (balance.dtype, balance.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        dtype, device = ctx.like
+        return grad_out, torch.full((), ctx.grad, dtype=dtype, device=device), None
+
+
 class MoE(nn.Module):
     """Token-choice top-k mixture of SwiGLU experts: a router scores the experts (softmax, or sigmoid each), the k
     best scores (plus each expert's balancing bias, where `moe.bias_update_rate` keeps one) pick a token's experts,
     whose outputs are mixed with their scores (renormalised to sum to one unless `moe.normalize_top_k` is off); a
     shared expert, where there is one, adds its output for every token (through a sigmoid gate if asked). Each
     forward leaves two statistics for the trainer (overwritten, never accumulated, so an activation-checkpointing
-    recompute changes nothing): `balance`, the sum over this batch's sequences of the sequence-wise balancing loss
-    (with its gradient), and `load`, how many token-expert assignments each expert got."""
+    recompute changes nothing): `balance`, the sum over this batch's sequences of the sequence-wise balancing loss,
+    and `load`, how many token-expert assignments each expert got. The balancing loss trains itself: its gradient
+    enters at the layer's output in backward (`balance_grad`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -229,6 +246,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(self.experts) if self.bias_update_rate else None)
         self.balance: torch.Tensor | None = None
         self.load: torch.Tensor | None = None
+        self.balance_grad = 0.0
+        """d objective / d `balance`, sent back through the output (`_BalanceGradient`); set by the trainer
+        (`step.train_balance`): `moe.balance_coef` × the loss's scale / (MoE layers × global batch)."""
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:
@@ -266,7 +286,10 @@ class MoE(nn.Module):
         share = per_sequence / (length * self.top_k)
         self.balance = self.experts * (share * probs.view(batch, length, -1).mean(dim=1)).sum()
         self.load = counts.detach()
-        return out.view(batch, length, dim)
+        out = out.view(batch, length, dim)
+        if self.balance_grad and torch.is_grad_enabled():
+            out = _BalanceGradient.apply(out, self.balance, self.balance_grad)
+        return out
 
 
 class Block(nn.Module):
@@ -380,6 +403,13 @@ class Transformer(nn.Module):
         for moe in self.mixtures():
             if moe.expert_bias is not None:
                 moe.expert_bias.zero_()
+
+
+def mixture_layers(model: nn.Module) -> dict[int, MoE]:
+    """The MoE layers of `model` by their index in the whole model (a pipeline rank's `Stages` keep the whole
+    model's indices), found through any wrapper applied from outside."""
+    return {int(plain_name(name).split(".")[1]): module for name, module in model.named_modules()
+            if isinstance(module, MoE)}
 
 
 def plain_name(name: str) -> str:

@@ -6,7 +6,10 @@ the plan see one model whatever the split.
 
 The loss is the trainer's (a sum over every token of the global batch divided by their count, times the
 data-parallel scale), computed by the last stage for each micro-batch; the schedule's own gradient scaling is off.
-Which layers each stage holds and which rank holds which stages come from the config (`trainer.core.stages`).
+A mixture's balancing loss trains where its layer runs (`MoE.balance_grad`), and each stage's statistics (balancing
+loss, expert loads) are collected after every forward through it and summed over the pipeline with the loss.
+Document positions reach every stage as the schedule's keyword arguments. Which layers each stage holds and which
+rank holds which stages come from the config (`trainer.core.stages`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
@@ -30,7 +34,7 @@ from torch.distributed.pipelining.schedules import (
 
 from trainer.core.config import PP_SCHEDULES, AnvilConfig
 from trainer.core.stages import rank_stages, stage_layers
-from trainer.train.model import MoE, Transformer
+from trainer.train.model import MoE, Transformer, mixture_layers
 from trainer.train.parallelize import Layout, build_model
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B,
@@ -70,6 +74,20 @@ class Pipeline:
         self.first, self.last = 0 in stage_ids, cfg.pp_stages - 1 in stage_ids
         self.scale = layout.dp_size
         self.global_tokens = 1
+        self.group, self.micro_batches = group, cfg.accumulation
+        self.layers, self.experts = (cfg.model.n_layers, cfg.model.moe.experts) if cfg.model.moe.experts else (0, 0)
+        self.batch_size = cfg.train.global_batch_size
+        self.seen: list[list[tuple[torch.Tensor, dict[int, torch.Tensor]]]] = [[] for _ in parts]
+        """Per stage, each forward's balancing loss (summed over its layers) and loads by layer, in order."""
+        for i, part in enumerate(parts if self.layers else []):
+            part.register_forward_hook(lambda module, args, out, i=i: self._collect(i, module))
+
+    def _collect(self, stage: int, part: Transformer) -> None:
+        """After a forward through a stage, its layers' statistics of that micro-batch (an activation-checkpointing
+        recompute runs the layers again in backward, not the stage: it adds nothing)."""
+        layers = mixture_layers(part)
+        self.seen[stage].append((sum(m.balance.detach() for m in layers.values()),
+                                 {index: m.load for index, m in layers.items()}))
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One micro-batch's share of the step's mean loss, times the data-parallel scale (as `step.micro_step`)."""
@@ -77,19 +95,37 @@ class Pipeline:
                                reduction="sum") / self.global_tokens * self.scale
 
     def step(self, micro_batches: list[dict[str, torch.Tensor]], global_tokens: int,
-             autocast: contextlib.AbstractContextManager) -> torch.Tensor:
-        """Forward and backward of the step's micro-batches (already on the device) through every stage. Returns this
-        rank's part of the step's mean loss: its last stage's micro-batch losses summed (zero on other ranks)."""
+             autocast: contextlib.AbstractContextManager
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of the step's micro-batches (already on the device) through every stage. Returns,
+        summed over the pipeline's ranks (one all-reduce): this data-parallel rank's part of the step's mean loss,
+        with experts its balancing loss (as `micro_step`'s, summed over the micro-batches) and the loads of every
+        MoE layer of the model (`[layers, experts]`, as the window logs them), else None."""
         self.global_tokens = global_tokens
+        device = micro_batches[0]["input_ids"].device
         tokens = torch.cat([mb["input_ids"] for mb in micro_batches])
         labels = torch.cat([mb["labels"] for mb in micro_batches])
+        kwargs = ({"positions": torch.cat([mb["positions"] for mb in micro_batches])}
+                  if "positions" in micro_batches[0] else {})
         losses: list[torch.Tensor] = []
+        for seen in self.seen:
+            seen.clear()
         with autocast:
             self.schedule.step(*((tokens,) if self.first else ()), target=labels if self.last else None,
-                               losses=losses)
-        if not losses:
-            return torch.zeros((), device=tokens.device)
-        return torch.stack([loss.detach() for loss in losses]).sum() / self.scale
+                               losses=losses, **kwargs)
+        loss = torch.stack([loss.detach().float() for loss in losses]).sum() / self.scale if losses else \
+            torch.zeros((), device=device)
+        load = torch.zeros(self.layers, self.experts, device=device, dtype=torch.float64)
+        balance = torch.zeros((), device=device)
+        for seen in self.seen:  # the first step's forward that infers the stages' shapes came first: not counted
+            for micro_balance, loads in seen[-self.micro_batches:]:
+                balance += micro_balance / (self.layers * self.batch_size)
+                for index, layer in loads.items():
+                    load[index] += layer
+        total = torch.cat([torch.stack([loss, balance]).double(), load.flatten()])
+        dist.all_reduce(total, group=self.group)
+        return (total[0].float(), total[1].float(),
+                total[2:].view(self.layers, self.experts).long() if self.layers else None)
 
 
 def build_pipeline(cfg: AnvilConfig, layout: Layout, device: torch.device, param_dtype: torch.dtype,

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from trainer.core.config import ModelConfig
 from trainer.train.model import Transformer
 from trainer.train.parallelize import Layout
 
@@ -42,12 +44,21 @@ class MicroResult:
     """Token-expert assignments per layer and expert, with experts."""
 
 
+def train_balance(model: nn.Module, cfg: ModelConfig, scale: float, batch_size: int) -> None:
+    """Every MoE layer of `model` (the whole model, or a pipeline rank's stages) sends its balancing loss's gradient
+    back through its output: the objective's `balance_coef` × the mean over the global batch's sequences and the
+    model's MoE layers of the sequence-wise balancing loss, times the loss's `scale` (as `micro_step`'s)."""
+    for moe in model.mixtures():
+        moe.balance_grad = cfg.moe.balance_coef * scale / (cfg.n_layers * batch_size)
+
+
 def micro_step(model: Transformer, micro: dict[str, torch.Tensor], global_tokens: int, scale: float,
-               autocast: contextlib.AbstractContextManager, balance_coef: float, batch_size: int) -> MicroResult:
+               autocast: contextlib.AbstractContextManager, batch_size: int) -> MicroResult:
     """Forward and backward of one micro-batch. The loss is a sum over every token of the global batch divided by
     their count (`global_tokens`): exact under gradient accumulation, uneven padding and any number of data-parallel
     ranks. `scale` multiplies what is differentiated (FSDP averages over data-parallel ranks; the gradients are to be
-    summed, and gloo cannot reduce with a custom divide factor, so the scale goes on the loss)."""
+    summed, and gloo cannot reduce with a custom divide factor, so the scale goes on the loss). With experts, the
+    balancing loss's gradient comes from the layers themselves (`train_balance`); its value is returned for the log."""
     tokens, labels, positions = micro["input_ids"], micro["labels"], micro.get("positions")
     with autocast:
         if model.fused_loss is not None:
@@ -57,11 +68,10 @@ def micro_step(model: Transformer, micro: dict[str, torch.Tensor], global_tokens
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                    reduction="sum") / global_tokens
             del logits
-    objective, balance, load = loss, None, None
+    balance, load = None, None
     mixtures = model.mixtures()
     if mixtures:  # the balancing loss: its per-sequence values averaged over the global batch and layers
-        balance = sum(m.balance for m in mixtures) / (len(mixtures) * batch_size)
-        objective = loss + balance_coef * balance
-        balance, load = balance.detach(), torch.stack([m.load for m in mixtures])
-    (objective * scale).backward()
+        balance = sum(m.balance.detach() for m in mixtures) / (len(mixtures) * batch_size)
+        load = torch.stack([m.load for m in mixtures])
+    (loss * scale).backward()
     return MicroResult(loss.detach(), balance, load)
