@@ -28,6 +28,7 @@ ROWS = [  # model, cluster, nodes, layout and batch
     ("Llama-3 70B", "LUMI", 64, ["parallel.activation_checkpoint=full"]),
     ("Llama-3 70B", "H100", 64, ["parallel.activation_checkpoint=full"]),
     ("Llama-3 70B", "H100", 64, ["parallel.activation_checkpoint=full", "parallel.tp=8"]),
+    ("Llama-3 70B", "H100", 64, ["parallel.activation_checkpoint=full", "parallel.tp=8", "parallel.pp=4"]),
     ("Qwen3-30B-A3B", "LUMI", 8, ["parallel.activation_checkpoint=full"]),
     ("Qwen3-30B-A3B", "H100", 8, []),
 ]

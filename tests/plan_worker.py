@@ -1,7 +1,9 @@
 """Run under torchrun by tests/test_plan.py: one training step of each job's config on real tensors, every rank, with
-the planner's tracker; rank 0 writes what it measured (a JSON list), to hold the planner's fake-tensor figures
-against, with the bytes its all-to-alls sent to other ranks (`all_to_all_bytes`, counted as the collectives run, in
-forward, backward and recomputation alike). The jobs share one world size (and this process group)."""
+the planner's tracker (a pipeline: the real schedule, sending and receiving); rank 0 writes what it measured (a JSON
+list; a pipeline's entry also holds its last pipeline rank's, `last_pipeline_rank`), to hold the planner's
+fake-tensor figures against, with the bytes its all-to-alls sent to other ranks (`all_to_all_bytes`, counted as the
+collectives run, in forward, backward and recomputation alike). The jobs share one world size (and this process
+group)."""
 
 from __future__ import annotations
 
@@ -43,7 +45,12 @@ def main(out: str, jobs: list[str]) -> None:
     configs = [JobDir(Path(job)).read_config() for job in jobs]
     ranks = init_distributed(configs[0])
     measured_ = [measured(cfg) for cfg in configs]
-    if ranks.rank == 0:
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, measured_)
+    if ranks.rank == 0:  # a pipeline's: also what the first rank of its last pipeline rank measured
+        for i, cfg in enumerate(configs):
+            if cfg.parallel.pp > 1:
+                measured_[i]["last_pipeline_rank"] = everyone[cfg.world_size - cfg.world_size // cfg.parallel.pp][i]
         Path(out).write_text(json.dumps(measured_))
     dist.destroy_process_group()
 

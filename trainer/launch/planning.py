@@ -78,15 +78,7 @@ def plan_jobs(cfgs: Sequence[AnvilConfig], memory: bool, alternatives: bool = Tr
             plan.memory_skipped = ("memory not planned: cluster.device_memory_gib is not set (a CPU profile); "
                                    "submit.py --plan measures it")
         return plans
-    piped = [cfg.parallel.pp > 1 for cfg in cfgs]
-    found_all = iter(measure([cfg for cfg, pp in zip(cfgs, piped, strict=True) if not pp], alternatives)
-                     if not all(piped) else [])
-    for plan, cfg, pp in zip(plans, cfgs, piped, strict=True):
-        if pp:
-            plan.memory_skipped = ("memory not planned: pipeline layouts (parallel.pp > 1) are not traced yet (a "
-                                   "stage holds the activations of the micro-batches its schedule keeps in flight)")
-            continue
-        found = next(found_all)
+    for plan, cfg, found in zip(plans, cfgs, measure(cfgs, alternatives), strict=True):
         if "memory" not in found:
             plan.memory_skipped = found.get("skipped") or f"memory not planned: {found.get('error')}"
             continue
@@ -134,8 +126,10 @@ def plan_table(plan: Plan) -> Table:
         at = m["at_peak"]
         limit = a.get("device_memory_gib")
         verdict = ("" if plan.fits is None else " — fits" if plan.fits else " — DOES NOT FIT")
+        which = (f" (pipeline rank {m['pp_rank']} of {len(plan.pipeline['ranks'])}: the higher peak)"
+                 if plan.pipeline is not None else "")
         table.add_row("memory / rank", f"parameters {_gib(r['parameters'])}, gradients {_gib(r['gradients'])}, "
-                                       f"optimizer {_gib(r['optimizer'])} at rest")
+                                       f"optimizer {_gib(r['optimizer'])} at rest{which}")
         table.add_row("", f"at the peak: activations {_gib(at['activations'])}, gathered {_gib(at['gathered'])}, "
                           f"temporary {_gib(at['temporary'])}; tracked peak {_gib(m['peak'])}")
         of = f" of {limit:g} GiB" if limit else " (no cluster.device_memory_gib: fit not checked)"

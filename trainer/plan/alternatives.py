@@ -32,6 +32,9 @@ def single_changes(cfg: AnvilConfig) -> Iterator[tuple[str, Changes]]:
     while tp <= c.devices_per_node:
         yield f"tensor parallelism over {tp} devices of a node", {"parallel.tp": tp, "parallel.dp_shard": -1}
         tp *= 2
+    if p.pp > 1:
+        yield f"a pipeline of {2 * p.pp} ranks (each holding half the layers it did)", {
+            "parallel.pp": 2 * p.pp, "parallel.dp_shard": -1}
     yield f"twice the nodes ({2 * c.nodes}), sharding over twice the ranks", {
         "cluster.nodes": 2 * c.nodes, "parallel.dp_shard": -1}
 
@@ -63,5 +66,5 @@ def as_overrides(base: AnvilConfig, alternative: AnvilConfig) -> list[str]:
 def _layout_fields(cfg: AnvilConfig) -> Changes:
     return {"parallel.activation_checkpoint": cfg.parallel.activation_checkpoint,
             "train.micro_batch_size": cfg.train.micro_batch_size, "parallel.dp_replicate": cfg.parallel.dp_replicate,
-            "parallel.dp_shard": cfg.parallel.dp_shard, "parallel.tp": cfg.parallel.tp,
+            "parallel.dp_shard": cfg.parallel.dp_shard, "parallel.tp": cfg.parallel.tp, "parallel.pp": cfg.parallel.pp,
             "cluster.nodes": cfg.cluster.nodes}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,13 @@ class Pipeline:
         for i, part in enumerate(parts if self.layers else []):
             part.register_forward_hook(lambda module, args, out, i=i: self._collect(i, module))
 
+    def receive_buffers(self) -> list[torch.Tensor]:
+        """What this rank's stages keep to receive every micro-batch's activations and gradients into (after the
+        first step, which makes them; torch's own fields: the planner's real measurement counts them)."""
+        return [info.buffer for stage in self.stages
+                for infos in (*stage.args_recv_info.values(), *stage.grad_recv_info.values())
+                for info in infos if isinstance(getattr(info, "buffer", None), torch.Tensor)]
+
     def _collect(self, stage: int, part: Transformer) -> None:
         """After a forward through a stage, its layers' statistics of that micro-batch (an activation-checkpointing
         recompute runs the layers again in backward, not the stage: it adds nothing)."""
@@ -111,8 +119,9 @@ class Pipeline:
         for seen in self.seen:
             seen.clear()
         with autocast:
+            # return_outputs=False: the last stage would keep every micro-batch's logits to hand them back
             self.schedule.step(*((tokens,) if self.first else ()), target=labels if self.last else None,
-                               losses=losses, **kwargs)
+                               losses=losses, return_outputs=False, **kwargs)
         loss = torch.stack([loss.detach().float() for loss in losses]).sum() / self.scale if losses else \
             torch.zeros((), device=device)
         load = torch.zeros(self.layers, self.experts, device=device, dtype=torch.float64)
@@ -126,6 +135,48 @@ class Pipeline:
         dist.all_reduce(total, group=self.group)
         return (total[0].float(), total[1].float(),
                 total[2:].view(self.layers, self.experts).long() if self.layers else None)
+
+
+@dataclass
+class _StageShape:
+    """What a schedule reads of a stage to lay out every rank's computations: no module, no process group."""
+
+    stage_index: int
+    num_stages: int
+    group_size: int
+    group_rank: int
+    submod: nn.Module = field(default_factory=nn.Module)
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+
+def schedule_order(cfg: AnvilConfig, pp_rank: int) -> list[tuple[str, int, int]]:
+    """The computations pipeline rank `pp_rank` runs in one step, in the order its schedule runs them:
+    `(kind, stage, micro-batch)`, kind `F` (forward), `B` (backward), `I` / `W` (a zero-bubble schedule's backward
+    for the input, then for the weights); overlapped pairs in turn. GPipe and 1F1B as their loops run (all forwards
+    first; or `pp − rank` of them, then a backward and a forward in turn); the others run the order torch lays out
+    for every rank from the stages' places alone, which these stand-ins carry."""
+    micro, schedule = cfg.accumulation, cfg.parallel.pp_schedule
+    if PP_SCHEDULES[schedule] == "single":
+        warm = micro if schedule == "gpipe" else min(micro, cfg.parallel.pp - pp_rank)
+        order = [("F", pp_rank, i) for i in range(warm)]
+        for i in range(micro):
+            order += [("B", pp_rank, i)] + ([("F", pp_rank, warm + i)] if warm + i < micro else [])
+        return order
+    stages = [_StageShape(i, cfg.pp_stages, cfg.parallel.pp, pp_rank) for i in rank_stages(cfg, pp_rank)]
+    schedule = SCHEDULES[schedule](stages, n_microbatches=micro, loss_fn=lambda out, target: out, scale_grads=False)
+    order = []
+    for action in schedule.pipeline_order[pp_rank]:
+        for part in (action.sub_actions or (action,)) if action is not None else ():
+            if part.computation_type.value in ("F", "B", "I", "W"):
+                order.append((part.computation_type.value, part.stage_index, part.microbatch_index))
+    return order
 
 
 def build_pipeline(cfg: AnvilConfig, layout: Layout, device: torch.device, param_dtype: torch.dtype,
