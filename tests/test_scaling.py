@@ -46,3 +46,30 @@ def test_a_law_of_another_form_is_caught_by_the_held_out_size() -> None:
     n, d, loss = grid(broken)
     _, predictions = predict_held_out(n, d, loss, n == SIZES[-1], replicates=40)
     assert all(p.measured < p.low for p in predictions), predictions
+
+
+def test_a_cooldown_branch_equals_a_run_decayed_from_the_start(tmp_path, corpus) -> None:
+    """A scaling study's economy: one warmup-stable-decay run per size, and each shorter budget's cooldown forked
+    from its checkpoint where that budget's decay begins (`checkpoint.init_from`, restoring model, optimizer,
+    schedule position, data and step). The branch's losses equal, to fp32's tolerance, those of a run configured
+    with that budget and decay from the start. Control: forked without the optimizer's moments, it differs."""
+    from tests.train_helpers import losses, make_job, run_trainer
+
+    common = ["train.mixed_precision=fp32", "optim.schedule=wsd", "optim.warmup_steps=2", "checkpoint.interval=8",
+              "checkpoint.keep=4", "metrics.log_every=1"]
+    stable = make_job(tmp_path, "stable", corpus, *common, "train.steps=32", "optim.decay_steps=8")
+    direct = make_job(tmp_path, "direct", corpus, *common, "train.steps=20", "optim.decay_steps=4")
+    fork = stable / "checkpoints" / "step-16"
+    restore = "checkpoint.init_restore=[model, optimizer, scheduler, data, step]"
+    branch = make_job(tmp_path, "branch", corpus, *common, "train.steps=20", "optim.decay_steps=4",
+                      f"checkpoint.init_from={fork}", restore)
+    control = make_job(tmp_path, "control", corpus, *common, "train.steps=20", "optim.decay_steps=4",
+                       f"checkpoint.init_from={fork}", "checkpoint.init_restore=[model, scheduler, data, step]")
+    for job in (stable, direct, branch, control):
+        done = run_trainer(job)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    want, got, without = losses(direct), losses(branch), losses(control)
+    assert sorted(got) == list(range(17, 21)), sorted(got)
+    assert all(abs(got[s] - want[s]) <= 1e-5 for s in got), (got, want)
+    assert all(abs(losses(stable)[s] - want[s]) <= 1e-5 for s in range(1, 17))  # the same run up to the fork
+    assert max(abs(without[s] - want[s]) for s in without) > 1e-3, (without, want)
