@@ -377,7 +377,7 @@ class Transformer(nn.Module):
 
     def mixtures(self) -> list[MoE]:
         """The MoE layers, in order (none in a dense model); found through any wrapper applied from outside."""
-        return [module for module in self.modules() if isinstance(module, MoE)]
+        return list(mixture_layers(self).values())
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0,

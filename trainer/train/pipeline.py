@@ -57,7 +57,7 @@ class Stages(nn.Module):
         object.__setattr__(self, "parts", parts)  # not submodules: their parameters are named above
 
     def mixtures(self) -> list[MoE]:
-        return [m for part in self.parts for m in part.mixtures()]
+        return list(mixture_layers(self).values())
 
 
 class Pipeline:
