@@ -48,6 +48,12 @@ def test_retention_and_interrupted_saves(tmp_path: Path) -> None:
     checkpoint.save(tmp_path, 50, {"model": m.state_dict()}, {}, keep=2)  # the same step again, after a restart
     assert [(s, c) for s, _, c in jobdir.list_steps(tmp_path)] == [(40, True), (50, True)]
     assert jobdir.latest_complete(tmp_path / "nothing") is None
+    # Pinned steps (checkpoint.keep_steps: forks of other jobs) outlive `keep`; control: unpinned, they go.
+    for step in (60, 70):
+        checkpoint.save(tmp_path, step, {"model": m.state_dict()}, {}, keep=1, pinned=[20, 40])
+    assert [s for s, _, _ in jobdir.list_steps(tmp_path)] == [40, 70]
+    checkpoint.save(tmp_path, 80, {"model": m.state_dict()}, {}, keep=1)
+    assert [s for s, _, _ in jobdir.list_steps(tmp_path)] == [80]
 
 
 def test_checkpoint_of_another_model_is_refused_clearly(tmp_path: Path) -> None:

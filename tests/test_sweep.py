@@ -54,6 +54,11 @@ skip:
     assert [p.values["model.n_heads"] for p in sweep.points[:2]] == [2, 2]  # zipped with n_layers
     assert read_sweep(path).points == sweep.points  # random draws are seeded: the same points, the same names
     assert sweep.base_overrides() == ["train.steps=7"]
+    # name_keys: names made of the keys that tell points apart (the head count follows the depth here).
+    path.write_text(path.read_text() + "name_keys: [model.n_layers, optim.lr, model.dim, optim.weight_decay]\n")
+    named = read_sweep(path)
+    assert [p.values for p in named.points] == [p.values for p in sweep.points]
+    assert named.points[0].name.startswith("lr-1e-4_dim-64_n_layers-2_weight_decay-")  # in the order swept
 
 
 @pytest.mark.parametrize(("value", "text"), [(3e-4, "3e-4"), (1e-2, "1e-2"), (0.1, "0.1"), (2.5, "2.5"),
@@ -78,6 +83,9 @@ BAD_SWEEPS = [
     ("axes: {optim.lr: [1e-3, -1]}\n", "point lr--1: optim.lr: input should be greater than 0"),
     ("axes: {job.name: [a, b]}\n", "job.name cannot be swept"),
     ("overrides: {job.name: x}\naxes: {optim.lr: [1e-3, 3e-3]}\n", "overrides: job.name cannot be set"),
+    ("axes: {optim.lr: [1e-3]}\nname_keys: [model.dim]\n", "name_keys: 'model.dim' is not a swept key"),
+    ("axes: {optim.lr: [1e-3], model.dim: [64, 128]}\nname_keys: [optim.lr]\n",
+     "two points are named lr-1e-3"),
 ]
 
 

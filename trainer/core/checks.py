@@ -267,6 +267,10 @@ def checkpoint_problems(cfg: AnvilConfig) -> list[str]:
     if c.init_from is None and c.init_restore != ["model"]:
         return [f"checkpoint.init_restore: {', '.join(c.init_restore)} from where? Set checkpoint.init_from to a job "
                 "directory or a checkpoints/step-N directory"]
+    beyond = sorted(step for step in set(c.keep_steps) if step > cfg.train.steps)
+    if beyond:
+        return [f"checkpoint.keep_steps: {', '.join(map(str, beyond))} beyond train.steps = {cfg.train.steps} "
+                "(the job would never save them)"]
     return []
 
 

@@ -592,6 +592,9 @@ class CheckpointConfig(Section):
     """Save every this many steps (and always on preemption and at the end)."""
     keep: int = Field(default=3, ge=1)
     """Complete checkpoints to keep; older ones are deleted."""
+    keep_steps: list[Annotated[int, Field(ge=1)]] = []
+    """Steps also saved at, whatever `interval`, and never deleted (beyond `keep`): the steps other jobs fork
+    from, e.g. a scaling study's cooldown branches (`checkpoint.init_from`)."""
     async_save: bool | None = None
     """Write checkpoints in the background while training goes on (None: on GPU only)."""
     init_from: str | None = None

@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,8 +167,8 @@ def _barrier() -> None:
 class PendingSave:
     """A checkpoint being written in the background; complete once `finish()` has returned."""
 
-    def __init__(self, root: Path, step: int, future, keep: int):
-        self.root, self.step, self.future, self.keep = root, step, future, keep
+    def __init__(self, root: Path, step: int, future, keep: int, pinned: Sequence[int] = ()):
+        self.root, self.step, self.future, self.keep, self.pinned = root, step, future, keep, pinned
 
     def done(self) -> bool:
         return self.future.done()
@@ -181,16 +181,17 @@ class PendingSave:
         """
         self.future.result()
         if _rank() == 0:
-            _mark_complete(self.root, self.step, self.keep)
+            _mark_complete(self.root, self.step, self.keep, self.pinned)
 
 
 def save(root: Path, step: int, state: dict[str, Any], loader_states: dict[int, dict], keep: int,
-         async_group: dist.ProcessGroup | None = None) -> PendingSave | None:
+         pinned: Sequence[int] = (), async_group: dist.ProcessGroup | None = None) -> PendingSave | None:
     """Collective: every rank passes its state (and the loader states of the DP ranks it speaks for).
 
     With `async_group` (a gloo group kept for checkpoints, so the background thread never shares a group
     with training collectives), tensors are staged to host memory and written in the background: the
-    returned `PendingSave` must be finished before the next save and before exiting.
+    returned `PendingSave` must be finished before the next save and before exiting. The newest `keep` complete
+    steps and the `pinned` ones stay; older ones are deleted.
     """
     path = step_dir(root, step)
     if _rank() == 0:
@@ -203,20 +204,20 @@ def save(root: Path, step: int, state: dict[str, Any], loader_states: dict[int, 
         payload[f"{LOADER_PREFIX}{dp_rank}"] = json.dumps(loader_state).encode()
     if async_group is not None:
         future = dcp.async_save(payload, checkpoint_id=str(path), process_group=async_group)
-        return PendingSave(root, step, future, keep)
+        return PendingSave(root, step, future, keep, pinned)
     dcp.save(payload, checkpoint_id=str(path))
     _barrier()  # every rank's shard is on disk before the checkpoint is declared complete
     if _rank() == 0:
-        _mark_complete(root, step, keep)
+        _mark_complete(root, step, keep, pinned)
     return None
 
 
-def _mark_complete(root: Path, step: int, keep: int) -> None:
+def _mark_complete(root: Path, step: int, keep: int, pinned: Sequence[int]) -> None:
     path = step_dir(root, step)
     mark_complete(path, {"step": step, "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                          "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                          "bytes": size_of(path)})
-    prune(root, keep)
+    prune(root, keep, pinned)
 
 
 def last_size(root: Path) -> int | None:
@@ -251,14 +252,16 @@ def remove_partial(root: Path, step: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete steps; drop older ones and incomplete leftovers older than the newest. The
-    newest whole step is never dropped, even when the kept ones have been damaged since they were written."""
+def prune(root: Path, keep: int, pinned: Sequence[int] = ()) -> None:
+    """Keep the newest `keep` complete steps and the `pinned` ones (steps other jobs fork from); drop the other
+    complete ones and incomplete leftovers older than the newest. The newest whole step is never dropped, even when
+    the kept ones have been damaged since they were written."""
     steps = list_steps(root)
     complete = [s for s, _, c in steps if c]
     keep_steps = set(complete[-keep:])
     if not any(damage(step_dir(root, s)) is None for s in keep_steps):
         keep_steps |= {next((s for s in reversed(complete) if damage(step_dir(root, s)) is None), -1)}
+    keep_steps |= set(pinned)
     newest = complete[-1] if complete else -1
     for step, path, whole in steps:
         if (whole and step not in keep_steps) or (not whole and step < newest):

@@ -114,6 +114,7 @@ class Trainer:
             checkpoint.check_space(root, self.step, state)
             with checkpoint.storage_errors(root, self.step):
                 self.pending = checkpoint.save(root, self.step, state, loader_states, keep=self.cfg.checkpoint.keep,
+                                               pinned=self.cfg.checkpoint.keep_steps,
                                                async_group=self.async_group)
             self.saved_step = self.step
             if self.pending is not None and wait:
@@ -293,5 +294,6 @@ class Trainer:
             self.metrics.log(self.window.row(self.step, out, self.tokens_seen, monitors))
         if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.train.steps):
             self.evaluate()
-        if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+        if (self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps
+                or self.step in cfg.checkpoint.keep_steps):
             self.save()

@@ -15,10 +15,11 @@ random:                           # `count` seeded draws (one more crossed axis)
 skip:                             # points matching every key of an entry are left out
   - {model.dim: 256, optim.lr: [1e-2]}
 skip_invalid: false               # true: leave out points that fail the config checks (listed) instead of refusing
+name_keys: [optim.lr, model.dim]  # the swept keys a point's name is made of (default: all of them)
 ```
 
-A point's name joins `<key>-<value>` for every swept key (the key's last component: `lr-3e-4_dim-256`); its job is
-`<sweep>.<point>`, so two sweeps never share a job directory.
+A point's name joins `<key>-<value>` for every swept key, or those of `name_keys` (the key's last component:
+`lr-3e-4_dim-256`); its job is `<sweep>.<point>`, so two sweeps never share a job directory.
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ class SweepFile(_Spec):
     random: RandomAxes | None = None
     skip: list[dict[str, Any]] = []
     skip_invalid: bool = False
+    name_keys: list[str] | None = None
+    """The swept keys a point's name is made of (default: all): leave out keys that follow from the others (a
+    width's head count), so that names stay short. Two points may not end with one name."""
 
 
 @dataclass(frozen=True)
@@ -296,10 +300,14 @@ def read_sweep(path: Path) -> Sweep:
         for key in rule:
             if key not in seen:
                 problems.append(f"{path}: skip.{i}: '{key}' is not a swept key (swept: {', '.join(swept) or 'none'})")
+    for key in spec.name_keys or []:
+        if key not in seen:
+            problems.append(f"{path}: name_keys: '{key}' is not a swept key (swept: {', '.join(swept) or 'none'})")
     if problems:
         raise ConfigError(problems, "invalid sweep file")
 
-    labels = _labels(swept)
+    naming = [key for key in swept if spec.name_keys is None or key in spec.name_keys]
+    labels = _labels(naming)
     name = spec.name or path.stem
     limit = NAME_LIMIT - len(name) - 1
     points, skipped, by_name = [], [], {}
@@ -307,14 +315,14 @@ def read_sweep(path: Path) -> Sweep:
              for rule in spec.skip]
     for combo in itertools.product(*grid):
         values = {k: v for part in combo for k, v in part.items()}
-        point = Point(point_name(values, labels, limit), values)
+        point = Point(point_name({k: values[k] for k in naming}, labels, limit), values)
         if any(_matches(rule, values) for rule in rules):
             skipped.append(point)
             continue
         if point.name in by_name:
             problems.append(f"{path}: two points are named {point.name}: {by_name[point.name]} and {values} "
-                            "(values that differ only beyond 6 significant digits, or an axis listing a value "
-                            "twice); make them differ")
+                            "(values that differ only beyond 6 significant digits, an axis listing a value "
+                            "twice, or name_keys leaving out a key that tells them apart); make them differ")
         by_name[point.name] = values
         points.append(point)
     if not re.fullmatch(NAME_PATTERN, name):
