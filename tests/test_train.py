@@ -11,12 +11,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import free_port, losses, make_job, run_trainer, trainer_command, trainer_env
+from tests.train_helpers import (
+    free_port,
+    logged_step,
+    losses,
+    make_job,
+    run_trainer,
+    trainer_command,
+    trainer_env,
+    wait_for,
+)
 from trainer.core import jobdir
 from trainer.core.processes import children
 
@@ -378,18 +386,6 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path, ranks: int, asyn
     assert sorted(losses(resumed)) == list(range(1, 25))
 
 
-def _wait(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
-    """Poll fast until `predicate` holds (True) or the trainer exits (False)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if predicate():
-            return True
-        time.sleep(0.002)
-    raise AssertionError("the trainer neither progressed nor finished")
-
-
 def _rank(pid: int) -> int | None:
     """The trainer rank a process of torchrun's is (its RANK), None if it is none or gone."""
     try:
@@ -401,11 +397,6 @@ def _rank(pid: int) -> int | None:
 
 def _saving(root: Path) -> bool:
     return any(path.is_dir() and not (path / jobdir.COMPLETE).exists() for path in root.glob("step-*"))
-
-
-def _logged_step(log: Path) -> int:
-    """The newest step this attempt has logged (log_every=1)."""
-    return max((int(s) for s in re.findall(r"step (\d+)/\d+  loss", log.read_text())), default=0)
 
 
 def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_checkpoint(
@@ -431,10 +422,10 @@ def test_kill_9_at_random_moments_loses_nothing_but_the_steps_since_the_last_che
             if attempt % 2 == 0:
                 target = rng.randint((saved_before or 0) + 1, (saved_before or 0) + 6)
                 moment = "during a step"
-                hit = _wait(lambda t=target, path=log: _logged_step(path) >= t, proc)
+                hit = wait_for(lambda t=target, path=log: logged_step(path) >= t, proc)
             else:
                 moment = "during a checkpoint write"
-                hit = _wait(lambda: _saving(root), proc)
+                hit = wait_for(lambda: _saving(root), proc)
             if not hit:
                 raise AssertionError(f"the run finished before the kill:\n{log.read_text()[-2000:]}")
             os.killpg(proc.pid, signal.SIGKILL)
@@ -516,7 +507,7 @@ def resharded_run(tmp_path: Path, corpus: Path, ranks: int, settings: list[str],
                                     env=trainer_env(), start_new_session=True)
             if attempt < len(layouts) - 1:
                 target = (saved_before or 0) + (1 if stop else 3)  # a checkpoint passed (kill -9: a step lost)
-                assert _wait(lambda t=target, path=log: _logged_step(path) >= t, proc), log.read_text()[-3000:]
+                assert wait_for(lambda t=target, path=log: logged_step(path) >= t, proc), log.read_text()[-3000:]
                 if stop:
                     sig, rank = stop
                     os.kill(next(pid for pid in children(proc.pid) if _rank(pid) == rank), sig)
@@ -527,7 +518,7 @@ def resharded_run(tmp_path: Path, corpus: Path, ranks: int, settings: list[str],
         if saved_before is not None:
             assert f"resumed from {root / f'step-{saved_before}'} (step {saved_before})" in text, text[-2000:]
         if stop:  # every rank agreed on one step, checkpointed it, and told the batch script why
-            reached = _logged_step(log)
+            reached = logged_step(log)
             assert f"preempted after step {reached} ({stop[0].name}); checkpoint saved" in text, text[-3000:]
             assert jobdir.latest_complete(root) == reached and reached >= target
     assert proc.returncode == 0, text[-3000:]

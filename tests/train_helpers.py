@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from trainer.core.layers import load_config
@@ -64,3 +66,20 @@ def losses(job: Path) -> dict[int, float]:
     """step -> loss from metrics.jsonl (the last line of a step wins)."""
     rows = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
+    """Poll fast until `predicate` holds (True) or the trainer exits (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if predicate():
+            return True
+        time.sleep(0.002)
+    raise AssertionError("the trainer neither progressed nor finished")
+
+
+def logged_step(log: Path) -> int:
+    """The newest step a run's log shows trained (metrics.log_every=1)."""
+    return max((int(s) for s in re.findall(r"step (\d+)/\d+  loss", log.read_text())), default=0)
