@@ -233,6 +233,7 @@ BAD_INPUTS = [
      "cluster.time: 3-00:00:00 is over partition standard-g's limit of 2-00:00:00"),
     (["job.name=x", "--cluster", "lumi"], {}, "cluster.account: profile lumi requires a SLURM account"),
     (["job.name=x", "data.datasets=[{path: /nonexistent/web}]"], {}, "data.datasets.0.path: '/nonexistent/web'"),
+    (["job.name=x", "eval.heldout=/nonexistent/val"], {}, "eval.heldout: '/nonexistent/val' does not exist"),
     (["job.name=x", "data.datasets=[{path: /x, weight: 0}]"], {}, "data.datasets.0.weight"),
     (["job.name=x", "data.tokenizer=/nonexistent/tokenizer.json"], {}, "data.tokenizer"),
     (["job.name=x", "cluster.env.HF_TOKEN=hf_abc"], {}, "HF_TOKEN look(s) like a secret"),

@@ -221,6 +221,10 @@ def filesystem_problems(cfg: AnvilConfig) -> list[str]:
             problems.append(f"data.tokenizer: '{cfg.data.tokenizer}' is not a file (expected a tokenizer.json)")
         else:
             problems += _tokenizer_problems(cfg)
+    if cfg.eval.heldout is not None:
+        problem = _dataset_problem(cfg.eval.heldout, _mtime(cfg.eval.heldout))
+        if problem:
+            problems.append(f"eval.heldout: {problem}")
     if cfg.checkpoint.init_from is not None and not Path(cfg.checkpoint.init_from).is_dir():
         problems.append(f"checkpoint.init_from: '{cfg.checkpoint.init_from}' is not a directory "
                         "(expected a job directory or one of its checkpoints/step-N directories)")
