@@ -29,7 +29,7 @@ from trainer.core.config import AnvilConfig
 from trainer.core.jobdir import CODE_DIR
 from trainer.core.layers import load_config
 from trainer.data.tools import machine_texts
-from trainer.research.figures import add_replot, replotted
+from trainer.research.figures import add_replot, replotted, save
 from trainer.train.distributed import process_group
 from trainer.train.model import MoE
 from trainer.train.optim import build_optimizer
@@ -318,12 +318,7 @@ def build_figure(results: Sequence[CoordResult], steps: Sequence[int] | None = N
 
 def figure(results: Sequence[CoordResult], out: Path, steps: Sequence[int] | None = None) -> Path:
     """The figure of `build_figure`, written to `out`."""
-    import matplotlib.pyplot as plt
-
-    fig = build_figure(results, steps)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(build_figure(results, steps), out)
 
 
 def shown_steps(steps: int) -> list[int]:

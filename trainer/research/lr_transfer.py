@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trainer.core.commands import command
-from trainer.core.jobdir import CODE_DIR
 from trainer.launch.sweep.results import history
 from trainer.launch.sweep.state import SweepState
-from trainer.research.figures import add_replot, replotted
+from trainer.research.figures import add_replot, add_sweep_options, ensure_corpus, replotted, save
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -248,12 +247,7 @@ def build_figure(verdict: Verdict) -> Figure:
 
 def figure(verdict: Verdict, out: Path) -> Path:
     """The figure of `build_figure`, written to `out`."""
-    import matplotlib.pyplot as plt
-
-    fig = build_figure(verdict)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(build_figure(verdict), out)
 
 
 def replot(saved: Path, out: Path) -> Path:
@@ -273,7 +267,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import time
 
     from trainer.core.states import PREEMPTED_EXIT
-    from trainer.data.tools import build_demo
     from trainer.launch.executors import executor_for
     from trainer.launch.sweep.cli import main as sweep_main
     from trainer.launch.sweep.state import read_state, sweep_path, sweeps_root
@@ -285,25 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=TransferSpec.steps)
     parser.add_argument("--seeds", type=int, default=TransferSpec.seeds)
     parser.add_argument("--name", default="lr-transfer", help="the sweep's name (sweeps/<name>/)")
-    parser.add_argument("--cluster", default="local", help="cluster profile for the points (default: local)")
-    parser.add_argument("--executor", choices=("auto", "local", "slurm"), default="local")
-    parser.add_argument("--wait", action="store_true", help="with SLURM: wait for the grid instead of exiting")
-    parser.add_argument("--corpus", type=Path, default=CODE_DIR / "data" / "lr-transfer",
-                        help="the text to train on (built from this machine's text if missing)")
-    parser.add_argument("--out", type=Path, default=CODE_DIR / "plots")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every point (e.g. cluster.account=...)")
+    add_sweep_options(parser, wait="with SLURM: wait for the grid instead of exiting")
     add_replot(parser, "plots/lr_transfer.json")
     args = parser.parse_args(argv)
     if replotted(args, replot):
         return 0
     spec = TransferSpec(tuple(sorted(args.widths)), tuple(sorted(args.lrs)), args.steps, seeds=args.seeds)
-    if not (args.corpus / "tokenizer.json").is_file():
-        build_demo(args.corpus, max_mb=4, vocab_size=512)
+    corpus = ensure_corpus(args.corpus)
     folder = sweep_path(sweeps_root(), args.name)
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / "source.yaml"  # inside the sweep's folder: generated, never tracked
     extra = [f"cluster.profile={args.cluster}", *args.overrides]
-    source.write_text(json.dumps(spec.sweep_file(args.name, args.corpus.resolve(), extra), indent=1) + "\n")
+    source.write_text(json.dumps(spec.sweep_file(args.name, corpus, extra), indent=1) + "\n")
     started = time.monotonic()
     code = sweep_main(["submit", str(source), "--executor", args.executor])
     if code not in (0, PREEMPTED_EXIT):  # stopped at a checkpoint: the grid goes on later

@@ -36,7 +36,7 @@ from trainer.core.costs import flops_per_token, num_params
 from trainer.core.files import write_atomic
 from trainer.core.jobdir import CODE_DIR, JobDir, is_complete, jobs_root, step_dir
 from trainer.launch.sweep.results import history
-from trainer.research.figures import add_replot, replotted
+from trainer.research.figures import add_replot, add_sweep_options, ensure_corpus, replotted, save
 from trainer.research.scaling_law import Fit, Law, Prediction, fit_with_bootstrap
 
 if TYPE_CHECKING:
@@ -411,12 +411,7 @@ def build_figure(verdict: Verdict) -> Figure:
 
 
 def figure(verdict: Verdict, out: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig = build_figure(verdict)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(build_figure(verdict), out)
 
 
 def replot(saved: Path, out: Path) -> Path:
@@ -474,7 +469,6 @@ def _study(argv: Sequence[str] | None) -> int:
     import argparse
 
     from trainer.core.layers import ConfigError
-    from trainer.data.tools import build_demo
     from trainer.launch.executors import executor_for
     from trainer.launch.sweep.cli import main as sweep_main
     from trainer.launch.sweep.state import read_state, sweep_path, sweeps_root
@@ -497,20 +491,12 @@ def _study(argv: Sequence[str] | None) -> int:
     parser.add_argument("--target-flops", type=float, help="the budget whose compute-optimal N, D and loss to "
                         "predict (default: 10 × the study's largest run)")
     parser.add_argument("--name", help="the sweep's name (default: scaling, or scaling-quick with --quick)")
-    parser.add_argument("--cluster", default="local", help="cluster profile for the runs (default: local)")
-    parser.add_argument("--executor", choices=("auto", "local", "slurm"), default="local")
-    parser.add_argument("--wait", action="store_true", help="with SLURM: stay, submitting branches as their forks "
-                        "appear, until the verdict (else: run the command again)")
+    add_sweep_options(parser, wait="with SLURM: stay, submitting branches as their forks appear, until the verdict "
+                      "(else: run the command again); the figure and verdict go to --out as <name>.png and .json")
     parser.add_argument("--poll", type=float, default=30.0, help="seconds between looks with --wait")
     parser.add_argument("--replicates", type=int, default=200, help="bootstrap replicates of the fit")
     parser.add_argument("--transfer", type=Path, default=CODE_DIR / "plots" / "lr_transfer.json",
                         help=argparse.SUPPRESS)
-    parser.add_argument("--corpus", type=Path, default=CODE_DIR / "data" / "lr-transfer",
-                        help="the text to train on (default: the one the transfer study tuned the learning rate on; "
-                        "built from this machine's text if missing)")
-    parser.add_argument("--out", type=Path, default=CODE_DIR / "plots",
-                        help="where <name>.png and <name>.json go (default: plots/)")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every run (e.g. cluster.account=...)")
     add_replot(parser, "plots/scaling.json")
     args = parser.parse_args(argv)
     if replotted(args, replot):
@@ -520,9 +506,7 @@ def _study(argv: Sequence[str] | None) -> int:
     if problems:
         raise ConfigError(problems, "invalid scaling study")
     name = args.name or ("scaling-quick" if args.quick else "scaling")
-    if not (args.corpus / "tokenizer.json").is_file():
-        build_demo(args.corpus, max_mb=4, vocab_size=spec.vocab_size)
-    corpus, jobs = args.corpus.resolve(), jobs_root()
+    corpus, jobs = ensure_corpus(args.corpus, spec.vocab_size), jobs_root()
     folder = sweep_path(sweeps_root(), name)
     folder.mkdir(parents=True, exist_ok=True)
     frozen = folder / PREDICTION
