@@ -7,10 +7,12 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
 
+from trainer.core.states import ACTIVE
 from trainer.launch.sweep.cli import main as sweep_main
 from trainer.research.scaling_law import Law, fit, predict_held_out
 
@@ -210,8 +212,13 @@ def test_a_study_runs_on_the_slurm_cluster_branches_from_its_forks_and_predicts_
     state = json.loads((sweeps / "st" / "sweep.json").read_text())
     names = {f"dim-{w}_steps-{t}" for w in (32, 64, 96) for t in (10, 20, 40)}
     assert set(state["points"]) == names
-    assert sweep_main(["status", "st", "--json"]) == 0
-    rows = {row["point"]: row for row in json.loads(capsys.readouterr().out)}
+    deadline = time.monotonic() + 60  # the verdict needs each run's final loss, not its exit: the last may be saving
+    while True:
+        assert sweep_main(["status", "st", "--json"]) == 0
+        rows = {row["point"]: row for row in json.loads(capsys.readouterr().out)}
+        if all(r["state"] not in ACTIVE for r in rows.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert {p: r["state"] for p, r in rows.items()} == {p: "COMPLETED" for p in names}
     for w in (32, 64, 96):
         stable = jobs / f"st.dim-{w}_steps-40"

@@ -448,13 +448,19 @@ def _spec(args: Any) -> StudySpec:
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     found = transferred_lr(args.transfer)
+    source = "--lr"
     if args.lr is not None:
         chosen["lr"] = args.lr
     elif found is not None:
         chosen["lr"], chosen["base_dim"] = found
+        source = f"muP's optimum in {args.transfer}"
+    else:
+        source = f"the default: {args.transfer} is missing or its verdict failed"
     if args.base_dim is not None:
         chosen["base_dim"] = args.base_dim
-    return StudySpec(**chosen)
+    spec = StudySpec(**chosen)
+    print(f"learning rate 2^{math.log2(spec.lr):.2f} = {spec.lr:.3g} at muP's base width {spec.base_dim} ({source})")
+    return spec
 
 
 def main(argv: Sequence[str] | None = None) -> int:
