@@ -562,6 +562,15 @@ def read_events(job: JobDir) -> list[dict[str, Any]]:
     return events
 
 
+def first_submission(job: JobDir) -> str | None:
+    """When the job was first submitted (ISO time, to the second: when sbatch or the local executor was called), or
+    None if it never was (or its submit.json cannot be read)."""
+    try:
+        return str(json.loads(job.submissions.read_text(encoding="utf-8"))["submissions"][0]["time"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 def known_job_ids(job: JobDir) -> list[str]:
     """Job ids this directory has run under, oldest first: the submission records and the script's own events
     (a resubmission with a plain `sbatch slurm.sh` appears in the events only)."""

@@ -34,7 +34,7 @@ from trainer.core.commands import command
 from trainer.core.config import ModelConfig
 from trainer.core.costs import flops_per_token, num_params
 from trainer.core.files import write_atomic
-from trainer.core.jobdir import CODE_DIR, JobDir, is_complete, jobs_root, step_dir
+from trainer.core.jobdir import CODE_DIR, JobDir, first_submission, is_complete, jobs_root, step_dir
 from trainer.launch.sweep.results import history
 from trainer.research.figures import add_replot, add_sweep_options, ensure_corpus, replotted, save
 from trainer.research.scaling_law import Fit, Law, Prediction, fit_with_bootstrap
@@ -206,15 +206,6 @@ def measure(spec: StudySpec, name: str, jobs: Path, run: Run) -> Point:
     loss = float(final[-1]) if final and math.isfinite(final[-1]) else None
     return Point(run.width, model.n_layers, run.steps, run.held_out, float(num_params(model, embeddings=False)),
                  float(tokens), flops_per_token(model, spec.seq_len) * tokens, loss, job.path.name)
-
-
-def first_submitted(job: JobDir) -> str | None:
-    """When the job was first submitted (its submit.json: the time sbatch or the local executor was called, to the
-    second), or None if it never was."""
-    try:
-        return str(json.loads(job.submissions.read_text())["submissions"][0]["time"])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
 
 
 def family_cost(spec: StudySpec) -> Callable[[float], float]:
@@ -570,7 +561,7 @@ def _study(argv: Sequence[str] | None) -> int:
               + f"; see {command('sweep')} status {folder}, then {command('sweep')} retry {folder} and run this "
               "again")
         return 1
-    times = [first_submitted(JobDir(jobs / f"{name}.{r.name}")) for r in plan if r.held_out]
+    times = [first_submission(JobDir(jobs / f"{name}.{r.name}")) for r in plan if r.held_out]
     verdict = analyse(spec, points, saved, None if None in times else min(times), args.target_flops)
     args.out.mkdir(parents=True, exist_ok=True)
     figure(verdict, args.out / f"{name}.png")  # named after the study: --quick never replaces the default's
