@@ -7,7 +7,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from trainer.core.states import ACTIVE
 from trainer.launch.sweep.cli import main as sweep_main
 from trainer.research.scaling_law import Law, fit, predict_held_out
 
+REPO = Path(__file__).resolve().parent.parent
 TRUE = Law(E=1.7, A=400.0, alpha=0.34, B=410.0, beta=0.28)
 """Chinchilla's fitted law (Hoffmann et al. 2022)."""
 SIZES = np.geomspace(1e6, 1e8, 5)
@@ -192,25 +195,30 @@ def test_the_verdict_fails_when_a_held_out_run_misses_or_was_run_before_its_pred
 
 @pytest.mark.slurm
 @pytest.mark.usefixtures("slurm_cluster")
-def test_a_study_runs_on_the_slurm_cluster_branches_from_its_forks_and_predicts_before_it_runs(
+def test_a_study_runs_locally_and_on_the_slurm_cluster_branches_from_its_forks_and_predicts_before_it_runs(
         roots, tmp_path, corpus, capsys) -> None:
-    """The whole workflow, small (3 widths × 3 budgets; the law's fit needs 5 runs, so 2 sizes are fitted here and
-    the third held out): plots/scaling.py submits the stable runs to SLURM, each branch once its fork is saved,
-    freezes the prediction, then runs the held-out size and judges. Every run is a sweep point that completed; each
-    branch restored everything from its fork, pinned in its stable run beyond `checkpoint.keep`; the prediction was
-    written before the held-out runs were submitted; the verdict's measurements are the runs' own. Run again, it
-    submits nothing and changes no prediction; given another grid under its name, it refuses."""
+    """The whole workflow, small: 4 widths × 3 budgets (3 sizes fitted, the fourth held out), at once with the local
+    executor (a process of its own) and on SLURM (in this one). plots/scaling.py submits the stable runs, each branch
+    once its fork is saved, freezes the prediction, then runs the held-out size and judges. Every run is a sweep
+    point that completed; each branch restored everything from its fork, pinned in its stable run beyond
+    `checkpoint.keep`; the prediction was written before the held-out runs were submitted; the verdict's
+    measurements are the runs' own, and the local study's every loss equals the cluster's. Run again, it submits
+    nothing and changes no prediction; given another grid under its name, it refuses."""
     from trainer.research.scaling import main as study
 
     jobs, sweeps = roots
-    argv = ["--widths", "32", "64", "96", "--budgets", "10", "20", "40", "--warmup", "2", "--lr", "3e-3",
-            "--base-dim", "32", "--replicates", "20", "--corpus", str(corpus), "--out", str(tmp_path / "plots"),
-            "--name", "st", "--executor", "slurm", "--wait", "--poll", "1"]
+    widths = (32, 64, 96, 128)
+    grid = ["--widths", *map(str, widths), "--budgets", "10", "20", "40", "--warmup", "2", "--lr", "3e-3",
+            "--base-dim", "32", "--replicates", "20", "--corpus", str(corpus), "--out", str(tmp_path / "plots")]
+    with (tmp_path / "local.log").open("w") as log:
+        local = subprocess.Popen([sys.executable, str(REPO / "plots" / "scaling.py"), *grid, "--name", "loc",
+                                  "--executor", "local"], stdout=log, stderr=subprocess.STDOUT)
+    argv = [*grid, "--name", "st", "--executor", "slurm", "--wait", "--poll", "1"]
     code = study(argv)
     out = capsys.readouterr().out
-    assert code in (0, 1) and "predicted before running it: width 96 at 40 steps" in out, out[-3000:]
+    assert code in (0, 1) and "predicted before running it: width 128 at 40 steps" in out, out[-3000:]
     state = json.loads((sweeps / "st" / "sweep.json").read_text())
-    names = {f"dim-{w}_steps-{t}" for w in (32, 64, 96) for t in (10, 20, 40)}
+    names = {f"dim-{w}_steps-{t}" for w in widths for t in (10, 20, 40)}
     assert set(state["points"]) == names
     deadline = time.monotonic() + 60  # the verdict needs each run's final loss, not its exit: the last may be saving
     while True:
@@ -220,7 +228,7 @@ def test_a_study_runs_on_the_slurm_cluster_branches_from_its_forks_and_predicts_
             break
         time.sleep(0.5)
     assert {p: r["state"] for p, r in rows.items()} == {p: "COMPLETED" for p in names}
-    for w in (32, 64, 96):
+    for w in widths:
         stable = jobs / f"st.dim-{w}_steps-40"
         assert sorted(int(p.name[5:]) for p in (stable / "checkpoints").glob("step-*")) == [8, 16, 32, 40]
         for t, fork in ((10, 8), (20, 16)):
@@ -228,17 +236,26 @@ def test_a_study_runs_on_the_slurm_cluster_branches_from_its_forks_and_predicts_
             assert (f"restored model, optimizer, scheduler, data, step from {stable / 'checkpoints' / f'step-{fork}'}"
                     in text), text[-2000:]
     prediction = json.loads((sweeps / "st" / "prediction.json").read_text())
-    held = [json.loads((jobs / f"st.dim-96_steps-{t}" / "submit.json").read_text())["submissions"][0]["time"]
+    held = [json.loads((jobs / f"st.dim-128_steps-{t}" / "submit.json").read_text())["submissions"][0]["time"]
             for t in (10, 20, 40)]
     assert prediction["time"] <= min(held)
     verdict = json.loads((tmp_path / "plots" / "st.json").read_text())
     assert verdict["checks"]["prediction frozen before the held-out runs were submitted"]
+    assert len(verdict["predictions"]) == 3
     for found in verdict["predictions"]:
-        final = [json.loads(line) for line in (jobs / f"st.dim-96_steps-{found['steps']}" / "metrics.jsonl")
+        final = [json.loads(line) for line in (jobs / f"st.dim-128_steps-{found['steps']}" / "metrics.jsonl")
                  .read_text().splitlines() if "heldout_bits_per_byte" in line][-1]
         assert final["step"] == found["steps"] and found["measured"] == final["heldout_bits_per_byte"]
         assert found["inside"] == (found["low"] <= found["measured"] <= found["high"])
     assert (tmp_path / "plots" / "st.png").stat().st_size > 10_000
+
+    assert local.wait(timeout=600) in (0, 1), (tmp_path / "local.log").read_text()[-3000:]
+    mine = json.loads((tmp_path / "plots" / "loc.json").read_text())
+    assert mine["checks"]["prediction frozen before the held-out runs were submitted"]
+    assert {(p["width"], p["steps"]): p["loss"] for p in mine["points"]} == {
+        (p["width"], p["steps"]): p["loss"] for p in verdict["points"]}  # the same runs, to the last bit
+    assert [p["predicted"] for p in mine["predictions"]] == [p["predicted"] for p in verdict["predictions"]]
+
     assert study(argv[:-3]) == code  # again, without --wait: judged again, nothing submitted
     assert json.loads((sweeps / "st" / "sweep.json").read_text())["points"] == state["points"]
     assert json.loads((sweeps / "st" / "prediction.json").read_text()) == prediction
